@@ -1,0 +1,68 @@
+"""Typed errors. Every message says what the user can do next."""
+from __future__ import annotations
+
+
+class EdgeClipError(Exception):
+    """Base class of every error edgeclip raises on purpose."""
+
+
+class MissingExtraError(EdgeClipError, ImportError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, module: str, extra: str, purpose: str = ""):
+        why = f" (needed for {purpose})" if purpose else ""
+        super().__init__(
+            f"'{module}' is not installed{why}. Install it with: pip install 'edgeclip[{extra}]'"
+        )
+        self.module, self.extra = module, extra
+
+
+class UnknownModelError(EdgeClipError, KeyError):
+    """A model URI or spec name that edgeclip does not know."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(EdgeClipError):
+    """A checkpoint is missing, unreadable or in an unknown layout."""
+
+
+class WeightShapeError(CheckpointError):
+    """A checkpoint tensor has a shape that disagrees with the spec."""
+
+
+class SpecError(EdgeClipError):
+    """A model spec is malformed."""
+
+
+class InputError(EdgeClipError, ValueError):
+    """Input of the wrong type, shape or range."""
+
+
+class ImageDecodeError(InputError):
+    """An image file or buffer could not be decoded."""
+
+
+class TokenizerError(EdgeClipError):
+    """Tokenizer files are missing or text cannot be tokenized."""
+
+
+class ArtifactError(EdgeClipError):
+    """An artifact folder is missing files, malformed or unsafe."""
+
+
+class ChecksumError(ArtifactError):
+    """A file of an artifact does not match the sha256 in its manifest."""
+
+
+class ValidationError(EdgeClipError):
+    """An exported artifact is outside the fidelity tolerance of its target."""
+
+    def __init__(self, message: str, failures: list | None = None):
+        super().__init__(message)
+        self.failures = failures or []
+
+
+class TextTooLongError(InputError):
+    """A text has more tokens than the model's context length."""
