@@ -1,0 +1,285 @@
+"""Our own export-friendly CLIP: vision and text towers built from a ModelSpec.
+
+Design notes:
+- Attention goes through `kernels.get_attention(name)` so targets can swap the implementation
+  on a deep copy (the export path never touches the caller's model).
+- Q, K and V share one packed projection (`qkv`), like OpenAI/open_clip checkpoints; HF's split
+  projections are concatenated by the loader.
+- `pooled_only_last` makes the last block compute only the token that is pooled (class token,
+  EOT token, last token). Earlier blocks must see every token, the last one need not: an exact
+  speed-up, not an approximation. It is off by default on the reference model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..kernels import get_attention
+from ..specs import ModelSpec, TextSpec, VisionSpec
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a packed QKV projection and a swappable kernel."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.impl = "reference"
+
+    def _split(self, x):  # (B, L, W) -> (B, H, L, D)
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, *, causal: bool = False, query=None, attn_mask=None):
+        """Self-attention over x; with `query` (B, Lq, W) only those queries are computed."""
+        w = self.qkv.weight.shape[1]
+        if query is None:
+            q, k, v = self.qkv(x).split(w, dim=-1)
+        else:
+            q = F.linear(query, self.qkv.weight[:w], self.qkv.bias[:w])
+            k, v = F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).split(w, dim=-1)
+        fn = get_attention(self.impl)
+        o = fn(self._split(q), self._split(k), self._split(v), causal=causal,
+               scale=self.head_dim**-0.5, attn_mask=attn_mask)
+        b, _, n, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, w))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+
+    def forward(self, x, *, causal: bool = False, pool_index=None, attn_mask=None):
+        """pool_index (B,) selects one query token per row: the block returns (B, 1, W)."""
+        h = self.ln_1(x)
+        if pool_index is None:
+            x = x + self.attn(h, causal=causal, attn_mask=attn_mask)
+        else:
+            x = _take(x, pool_index)
+            x = x + self.attn(h, query=_take(h, pool_index), attn_mask=attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _take(x, index):
+    """x (B, L, W), index (B,) -> (B, 1, W)."""
+    idx = index.reshape(-1, 1, 1).expand(-1, 1, x.shape[-1])
+    return torch.gather(x, 1, idx)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention pooling head (a learned probe attends over all tokens)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, width))
+        self.attn = Attention(width, heads)
+        self.ln = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+
+    def forward(self, x):
+        q = self.probe.expand(x.shape[0], -1, -1)
+        h = self.attn(x, query=q)
+        return (h + self.mlp(self.ln(h)))[:, 0]
+
+
+class VisionTower(nn.Module):
+    def __init__(self, spec: VisionSpec, embed_dim: int):
+        super().__init__()
+        self.spec = spec
+        w = spec.width
+        self.patch_embed = nn.Conv2d(3, w, spec.patch_size, spec.patch_size, bias=spec.patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(w)) if spec.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(spec.num_tokens, w))
+        self.ln_pre = nn.LayerNorm(w, eps=spec.ln_eps) if spec.pre_norm else None
+        self.blocks = nn.ModuleList(
+            Block(w, spec.heads, spec.mlp_dim, spec.act, spec.ln_eps) for _ in range(spec.layers)
+        )
+        self.ln_post = nn.LayerNorm(w, eps=spec.ln_eps)
+        self.attn_pool = (
+            AttentionPool(w, spec.heads, spec.mlp_dim, spec.act, spec.ln_eps) if spec.pool == "map" else None
+        )
+        self.proj = nn.Linear(w, embed_dim, bias=False) if spec.proj else None
+        self.pooled_only_last = False
+
+    def forward(self, pixels):
+        s = self.spec
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != s.image_size or pixels.shape[3] != s.image_size:
+            raise InputError(
+                f"expected pixels of shape (N, 3, {s.image_size}, {s.image_size}), got {tuple(pixels.shape)}; "
+                "preprocess images with the model's preprocessing first"
+            )
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.reshape(1, 1, -1).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls.to(x.dtype), x], dim=1)
+        x = x + self.pos_embed.to(x.dtype)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        # The class token is the only one read after the last block: compute just it there.
+        fast = self.pooled_only_last and s.pool == "cls"
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            if fast and i == last:
+                x = blk(x, pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+            else:
+                x = blk(x)
+        if s.pool == "cls":
+            x = self.ln_post(x[:, 0])
+        else:
+            x = self.attn_pool(self.ln_post(x))
+        return self.proj(x) if self.proj is not None else x
+
+
+class TextTower(nn.Module):
+    def __init__(self, spec: TextSpec, embed_dim: int):
+        super().__init__()
+        self.spec = spec
+        w = spec.width
+        self.token_embed = nn.Embedding(spec.vocab_size, w)
+        self.pos_embed = nn.Parameter(torch.zeros(spec.context_length, w))
+        self.blocks = nn.ModuleList(
+            Block(w, spec.heads, spec.mlp_dim, spec.act, spec.ln_eps) for _ in range(spec.layers)
+        )
+        self.ln_final = nn.LayerNorm(w, eps=spec.ln_eps)
+        self.proj = nn.Linear(w, embed_dim, bias=spec.proj_bias) if spec.proj else None
+        self.pooled_only_last = False
+
+    def pool_index(self, ids):
+        """Position of the pooled token per row, (B,) int64."""
+        s = self.spec
+        if s.pool == "last":
+            return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        if s.eot_token_id is None:
+            return ids.argmax(dim=-1)
+        # first occurrence of the end token (argmax returns the first maximum)
+        return (ids == s.eot_token_id).to(torch.int32).argmax(dim=-1).to(torch.long)
+
+    def forward(self, ids):
+        s = self.spec
+        if ids.dim() != 2 or ids.shape[1] > s.context_length:
+            raise InputError(
+                f"expected token ids of shape (N, L) with L <= {s.context_length}, got {tuple(ids.shape)}"
+            )
+        n = ids.shape[1]
+        x = self.token_embed(ids) + self.pos_embed[:n].to(self.token_embed.weight.dtype)
+        index = self.pool_index(ids)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            if self.pooled_only_last and i == last:
+                mask = None
+                if s.causal:  # the pooled query at position p may see keys 0..p only
+                    keys = torch.arange(n, device=ids.device).unsqueeze(0)
+                    blocked = keys > index.unsqueeze(1)
+                    mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device)
+                    mask = mask.masked_fill(blocked, float("-inf"))[:, None, None, :]
+                x = blk(x, pool_index=index, attn_mask=mask)[:, 0]
+                x = self.ln_final(x)
+                break
+            x = blk(x, causal=s.causal)
+        else:
+            x = _take(self.ln_final(x), index)[:, 0]
+        return self.proj(x) if self.proj is not None else x
+
+
+class ClipModel(nn.Module):
+    """A CLIP-family model: `encode_image`, `encode_text` (unnormalized features), logit scale/bias."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.visual = VisionTower(spec.vision, spec.embed_dim)
+        self.text = TextTower(spec.text, spec.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(spec.logit_scale)))
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(spec.logit_bias))) if spec.logit_bias is not None else None
+        )
+
+    def encode_image(self, pixels):
+        return self.visual(pixels)
+
+    def encode_text(self, ids):
+        return self.text(ids)
+
+    def forward(self, pixels, ids):
+        """Image-text logits (N_images, N_texts), as the model was trained to score them."""
+        img = F.normalize(self.encode_image(pixels), dim=-1)
+        txt = F.normalize(self.encode_text(ids), dim=-1)
+        logits = self.logit_scale.exp() * img @ txt.t()
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def set_attention(self, name: str) -> "ClipModel":
+        """Use attention implementation `name` (see kernels.attention_impls()) everywhere, in place."""
+        get_attention(name)  # fail early on an unknown name
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.impl = name
+        return self
+
+    def set_pooled_only_last(self, enabled: bool = True) -> "ClipModel":
+        self.visual.pooled_only_last = enabled
+        self.text.pooled_only_last = enabled
+        return self
+
+    def init_random(self, seed: int = 0) -> "ClipModel":
+        """CLIP-style random initialisation, deterministic for a seed."""
+        g = torch.Generator().manual_seed(seed)
+
+        def normal_(t, std):
+            with torch.no_grad():
+                t.copy_(torch.randn(t.shape, generator=g) * std)
+
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                normal_(m.weight, 0.1)
+                with torch.no_grad():
+                    m.weight.add_(1.0)
+                normal_(m.bias, 0.02)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                normal_(m.weight, m.weight[0].numel() ** -0.5)
+                if m.bias is not None:
+                    normal_(m.bias, 0.02)
+            elif isinstance(m, nn.Embedding):
+                normal_(m.weight, 0.02)
+        for p in (self.visual.class_embedding, self.visual.pos_embed, self.text.pos_embed):
+            if p is not None:
+                normal_(p, 0.02)
+        if self.visual.attn_pool is not None:
+            normal_(self.visual.attn_pool.probe, 0.02)
+        return self

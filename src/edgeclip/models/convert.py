@@ -1,0 +1,142 @@
+"""Map checkpoint state dicts (OpenAI / open_clip / transformers) onto our parameter names.
+
+Each layout is a list of regex rules `(source pattern, our name)`. Split Q/K/V projections are first
+packed into one tensor, Long-CLIP's two positional tables are folded into one, and projection
+matrices stored as `x @ P` are transposed into `nn.Linear` weights. Every converted tensor remembers
+its source key so shape errors can name the key the user has in their file.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import CheckpointError
+
+_BLOCK = [
+    (r"ln_1\.", "ln_1."), (r"ln_2\.", "ln_2."),
+    (r"attn\.in_proj_(weight|bias)", r"attn.qkv.\1"), (r"attn\.out_proj\.", "attn.out."),
+    (r"mlp\.c_fc\.", "mlp.fc1."), (r"mlp\.c_proj\.", "mlp.fc2."),
+]
+_HF_BLOCK = [
+    (r"layer_norm1\.", "ln_1."), (r"layer_norm2\.", "ln_2."),
+    (r"self_attn\.qkv_proj\.", "attn.qkv."), (r"self_attn\.out_proj\.", "attn.out."),
+    (r"mlp\.fc1\.", "mlp.fc1."), (r"mlp\.fc2\.", "mlp.fc2."),
+]
+
+
+def _block_rules(src_prefix: str, dst_prefix: str, inner):
+    return [(src_prefix + r"(\d+)\." + pat, dst_prefix + r"\1." + rep.replace(r"\1", r"\2")) for pat, rep in inner]
+
+
+OPENAI_RULES = [
+    (r"visual\.conv1\.weight", "visual.patch_embed.weight"),
+    (r"visual\.class_embedding", "visual.class_embedding"),
+    (r"visual\.positional_embedding", "visual.pos_embed"),
+    (r"visual\.ln_pre\.", "visual.ln_pre."),
+    (r"visual\.ln_post\.", "visual.ln_post."),
+    (r"visual\.proj", "visual.proj.weight"),
+    *_block_rules(r"visual\.transformer\.resblocks\.", "visual.blocks.", _BLOCK),
+    (r"token_embedding\.weight", "text.token_embed.weight"),
+    (r"positional_embedding", "text.pos_embed"),
+    *_block_rules(r"transformer\.resblocks\.", "text.blocks.", _BLOCK),
+    (r"ln_final\.", "text.ln_final."),
+    (r"text_projection", "text.proj.weight"),
+    (r"logit_scale", "logit_scale"),
+    (r"logit_bias", "logit_bias"),
+]
+# Entries of OpenAI/open_clip files that are not weights (TorchScript attributes, buffers).
+OPENAI_IGNORED = re.compile(
+    r"(input_resolution|context_length|vocab_size|attn_mask|mask1|mask2|positional_embedding_res)$"
+)
+OPENAI_TRANSPOSED = {"visual.proj.weight", "text.proj.weight"}
+
+HF_RULES = [
+    (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
+    (r"vision_model\.embeddings\.patch_embedding\.", "visual.patch_embed."),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "visual.pos_embed"),
+    (r"vision_model\.pre_layrnorm\.", "visual.ln_pre."),
+    (r"vision_model\.post_layernorm\.", "visual.ln_post."),
+    *_block_rules(r"vision_model\.encoder\.layers\.", "visual.blocks.", _HF_BLOCK),
+    (r"vision_model\.head\.probe", "visual.attn_pool.probe"),
+    (r"vision_model\.head\.attention\.in_proj_(weight|bias)", r"visual.attn_pool.attn.qkv.\1"),
+    (r"vision_model\.head\.attention\.out_proj\.", "visual.attn_pool.attn.out."),
+    (r"vision_model\.head\.layernorm\.", "visual.attn_pool.ln."),
+    (r"vision_model\.head\.mlp\.", "visual.attn_pool.mlp."),
+    (r"visual_projection\.weight", "visual.proj.weight"),
+    (r"text_model\.embeddings\.token_embedding\.weight", "text.token_embed.weight"),
+    (r"text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
+    *_block_rules(r"text_model\.encoder\.layers\.", "text.blocks.", _HF_BLOCK),
+    (r"text_model\.final_layer_norm\.", "text.ln_final."),
+    (r"text_model\.head\.", "text.proj."),
+    (r"text_projection\.weight", "text.proj.weight"),
+    (r"logit_scale", "logit_scale"),
+    (r"logit_bias", "logit_bias"),
+]
+HF_IGNORED = re.compile(r"(position_ids)$")
+
+LONG_CLIP_KEEP = 20  # Long-CLIP keeps CLIP's first 20 positions and learns the rest in a residual table
+
+
+def unwrap_state_dict(obj) -> dict:
+    """Accept {'state_dict': ...}, {'model': ...}, DDP 'module.' prefixes."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            "the checkpoint does not hold a state dict of tensors; save one with "
+            "torch.save(model.state_dict(), path)"
+        )
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _rename(sd: dict, rules, ignored) -> tuple[dict, dict]:
+    compiled = [(re.compile(p + r"$" if not p.endswith(".") else p + r"(.*)$"), r) for p, r in rules]
+    out, origin, unknown = {}, {}, []
+    for key, value in sd.items():
+        for pat, rep in compiled:
+            m = pat.fullmatch(key)
+            if m:
+                new = m.expand(rep + (r"\g<%d>" % pat.groups if rep.endswith(".") else ""))
+                out[new], origin[new] = value, key
+                break
+        else:
+            if not ignored.search(key):
+                unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"{len(unknown)} checkpoint entries have no place in the model, e.g. {', '.join(unknown[:5])}; "
+            "is this the right loader (hf:/openai:/open_clip:) for this file?"
+        )
+    return out, origin
+
+
+def from_openai(sd: dict) -> tuple[dict, dict]:
+    """OpenAI CLIP / open_clip CLIP / Long-CLIP layout -> (our state dict, our key -> source key)."""
+    sd = dict(sd)
+    if "positional_embedding_res" in sd:
+        pos, res = sd["positional_embedding"], sd["positional_embedding_res"]
+        folded = res.clone()
+        folded[:LONG_CLIP_KEEP] = pos[:LONG_CLIP_KEEP]
+        sd["positional_embedding"] = folded
+    out, origin = _rename(sd, OPENAI_RULES, OPENAI_IGNORED)
+    for k in OPENAI_TRANSPOSED & out.keys():
+        out[k] = out[k].t().contiguous()
+    return out, origin
+
+
+def from_hf(sd: dict) -> tuple[dict, dict]:
+    """transformers CLIPModel / SiglipModel layout -> (our state dict, our key -> source key)."""
+    sd = dict(sd)
+    origin_qkv = {}
+    for key in [k for k in sd if ".self_attn.q_proj." in k]:
+        parts = [sd.pop(key.replace(".q_proj.", f".{n}_proj.")) for n in "qkv"]
+        fused = key.replace(".q_proj.", ".qkv_proj.")
+        sd[fused] = torch.cat(parts, dim=0)
+        origin_qkv[fused] = key.replace(".q_proj.", ".{q,k,v}_proj.")
+    out, origin = _rename(sd, HF_RULES, HF_IGNORED)
+    origin = {k: origin_qkv.get(v, v) for k, v in origin.items()}
+    return out, origin
