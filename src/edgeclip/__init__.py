@@ -1,6 +1,6 @@
 """edgeclip: deploy CLIP-family models to the edge.
 
-`import edgeclip` stays light (numpy only); torch is imported when a model is loaded.
+`import edgeclip` stays light (numpy only); torch is imported when a model is loaded or exported.
 """
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def load_model(uri: str, **kwargs):
     from .models.loaders import load_model as _load
 
     return _load(uri, **kwargs)
+
+
+
+# `edgeclip.export(...)` exports; `edgeclip.export` is also the package of targets (a callable module).
+from . import export  # noqa: E402,F401

@@ -1,0 +1,92 @@
+"""Export a ClipModel to a verified artifact folder for a target runtime.
+
+    art = edgeclip.export(model, target="onnx", precision="fp32", labels=["cat", "dog"], out="cat-dog")
+
+Targets are small registered classes (`export/targets/<name>.py`); `targets()` lists them.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from ..errors import EdgeClipError
+from .artifact import Artifact  # noqa: F401
+
+_TARGETS: dict[str, type] = {}
+_TARGET_MODULES = {"onnx": "onnx", "ort-mobile": "onnx"}
+
+
+def register_target(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        cls.name = name
+        _TARGETS[name] = cls
+        return cls
+
+    return deco
+
+
+def targets() -> list[str]:
+    return sorted(_TARGET_MODULES)
+
+
+def get_target(name: str):
+    if name not in _TARGET_MODULES:
+        raise EdgeClipError(f"unknown export target '{name}'; available targets: {', '.join(targets())}")
+    importlib.import_module(f"{__name__}.targets.{_TARGET_MODULES[name]}")
+    return _TARGETS[name]()
+
+
+@dataclass
+class ExportOptions:
+    """What to export and which exact speed-ups to apply (all on by default)."""
+
+    target: str = "onnx"
+    precision: str = "fp32"
+    labels: list = field(default_factory=list)   # bake a zero-shot head for these labels
+    templates: list | None = None                # prompt templates, each with '{}'
+    trim_text: bool = True        # runtime feeds tokens only up to the batch's last end token
+    pooled_only_last: bool = True  # last block computes only the pooled token
+    validate: bool = True         # compare with the torch reference; fail outside tolerance
+    opset: int | None = None
+    overwrite: bool = False
+    attention: str = "reference"  # attention implementation used while tracing
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "ExportOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = set(kw) - names
+        if unknown:
+            raise EdgeClipError(f"unknown export option(s): {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(names))}")
+        return cls(**kw)
+
+
+def export(model, target: str = "onnx", precision: str = "fp32", out=None, **options) -> Artifact:
+    """Export `model` (a ClipModel or a model URI) into the folder `out`. Never mutates `model`."""
+    from .._lazy import require
+
+    require("torch", "exporting models")
+    if out is None:
+        raise EdgeClipError("export needs out=DIR, the artifact folder to write")
+    if isinstance(model, str):
+        from .. import load_model
+
+        model = load_model(model)
+    opts = ExportOptions.from_kwargs(target=target, precision=precision, **options)
+    tgt = get_target(target)
+    if precision not in tgt.precisions:
+        raise EdgeClipError(f"target '{target}' supports precisions {', '.join(tgt.precisions)}, not '{precision}'")
+    return tgt.export(model, model.spec, opts, out)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `edgeclip.export(model, ...)` call `export` while `edgeclip.export` stays a package."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

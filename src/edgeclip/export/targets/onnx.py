@@ -1,0 +1,177 @@
+"""ONNX target (ONNX Runtime on CPU and servers) and ORT-format target (Android/iOS mobile builds)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings, parse_labels
+from ...runtime.backends.ort import Backend as OrtBackend
+from ...runtime.pipeline import trim
+from ...runtime.tokenizer import load_tokenizer
+from ...errors import TokenizerError
+from .. import register_target
+from ..artifact import Artifact, ArtifactWriter, tool_versions
+from ..graphs import (DTYPES, ImageGraph, TextGraph, Tolerance, compare, io_spec, prepare, raise_if_failed,
+                      reference_inputs, reference_outputs, trim_supported)
+
+VOCAB = Path(__file__).resolve().parents[2] / "runtime" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@register_target("onnx")
+class OnnxTarget:
+    precisions = ("fp32", "fp16")
+    tolerances = {"fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
+                  "fp16": Tolerance(max_abs=1e-2, min_cosine=0.999)}
+    graph_ext = ".onnx"
+    default_opset = 18
+
+    def export(self, model, spec, opts, out) -> Artifact:
+        labels = parse_labels(opts.labels)
+        templates = check_templates(opts.templates or default_templates(spec)) if labels else []
+        head = zero_shot_head(model, spec, labels, templates) if labels else None
+        m = prepare(model, opts)
+        dtype = DTYPES[opts.precision]
+        trim = opts.trim_text and trim_supported(spec)
+        with ArtifactWriter(out, overwrite=opts.overwrite) as w:
+            decl = io_spec(spec, len(labels))
+            self.write_graph(ImageGraph(m, head, dtype), "image", decl["image"], spec, w, opts, dynamic_length=False)
+            self.write_graph(TextGraph(m, dtype), "text", decl["text"], spec, w, opts, dynamic_length=trim)
+            graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
+            tokenizer = write_tokenizer(spec, w)
+            fidelity = validate(w.staging, graphs, model, spec, head, trim, self.tolerances[opts.precision])
+            if opts.validate:
+                raise_if_failed(fidelity, f"the {self.name} {opts.precision} export of '{spec.name}'")
+            manifest = {
+                "target": self.name, "precision": opts.precision, "backend": "ort",
+                "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
+                          "spec": spec.to_dict()},
+                "preprocess": spec.preprocess_config(),
+                "tokenizer": tokenizer,
+                "text": {"trim": trim, "pool": spec.text.pool, "eot_token_id": spec.text.eot_token_id,
+                         "context_length": spec.text.context_length},
+                "graphs": graphs,
+                "head": head_manifest(spec, labels, templates) if labels else None,
+                "logit_scale": float(model.logit_scale.detach().exp()),
+                "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
+                "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("labels",)},
+                "fidelity": fidelity,
+                "tools": tool_versions(),
+            }
+            return w.finish(manifest)
+
+    def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
+        path = w.path(f"{name}.onnx")
+        to_onnx(module.eval(), name, decl, spec, path, opts.opset or self.default_opset, dynamic_length)
+
+
+@register_target("ort-mobile")
+class OrtMobileTarget(OnnxTarget):
+    """The same graphs saved in ONNX Runtime's ORT format, for its mobile (Android/iOS) packages."""
+
+    graph_ext = ".ort"
+
+    def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
+        onnx_path = w.staging / f".{name}.tmp.onnx"
+        to_onnx(module.eval(), name, decl, spec, onnx_path, opts.opset or self.default_opset, dynamic_length)
+        to_ort_format(onnx_path, w.path(f"{name}.ort"))
+        onnx_path.unlink()
+
+
+def to_onnx(module, name, decl, spec, path, opset: int, dynamic_length: bool) -> None:
+    example = reference_inputs(spec, n=2, seed=7)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if name == "image":
+        args = (torch.from_numpy(example["pixel_values"]),)
+        dynamic = {"pixel_values": {0: batch}}
+    else:
+        args = (torch.from_numpy(example["input_ids"]),)
+        axes = {0: batch}
+        if dynamic_length:
+            axes[1] = torch.export.Dim("length", min=2, max=spec.text.context_length)
+        dynamic = {"input_ids": axes}
+    # The exporter narrates every step on stdout and warns about optional packages: keep it quiet.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=list(decl["inputs"]),
+                              output_names=list(decl["outputs"]), dynamic_shapes=dynamic, dynamo=True,
+                              external_data=False, optimize=True, opset_version=opset, verbose=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def to_ort_format(onnx_path: Path, ort_path: Path) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Basic (hardware-independent) optimizations only: the file must run on any phone's CPU.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(ort_path)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- shared by all targets
+
+def default_templates(spec) -> list[str]:
+    if spec.name == "tiny":
+        from ...builtin import prompt_templates
+
+        return prompt_templates()
+    return list(DEFAULT_TEMPLATES)
+
+
+def model_tokenizer(spec):
+    cfg = spec.tokenizer_config()
+    if cfg["kind"] == "hf" and not cfg.get("path"):
+        raise TokenizerError(f"model '{spec.name}' has no tokenizer.json (a random or spec-only SigLIP model); "
+                             "load it from a folder with tokenizer.json to embed text")
+    return load_tokenizer(cfg["kind"], cfg["context_length"], cfg.get("path"))
+
+
+def zero_shot_head(model, spec, labels, templates) -> np.ndarray:
+    """Class embeddings computed once with the float32 torch reference."""
+    tok = model_tokenizer(spec)
+
+    def encode(prompts):
+        ids = torch.from_numpy(tok(prompts, truncate=True))
+        with torch.no_grad():
+            return model.encode_text(ids).float().numpy()
+
+    return class_embeddings(encode, labels, templates)
+
+
+def head_manifest(spec, labels, templates) -> dict:
+    return {"kind": "zero_shot", "labels": labels, "templates": templates, "output": "logits",
+            "activation": "sigmoid" if spec.family == "siglip" else "softmax"}
+
+
+def write_tokenizer(spec, w) -> dict:
+    cfg = spec.tokenizer_config()
+    out = {"kind": cfg["kind"], "context_length": cfg["context_length"], "file": None}
+    if cfg["kind"] == "clip_bpe":
+        out["file"] = w.copy(VOCAB, f"tokenizer/{VOCAB.name}")
+    elif cfg.get("path"):
+        out["file"] = w.copy(cfg["path"], "tokenizer/tokenizer.json")
+    return out
+
+
+def validate(root: Path, graphs: dict, model, spec, head, trimmed: bool, tol: Tolerance) -> dict:
+    """Run the written graphs with the runtime backend on fixed inputs; compare with the reference."""
+    inputs = reference_inputs(spec)
+    ref = reference_outputs(model, inputs, head)
+    image = OrtBackend(root / graphs["image"]["file"]).run({"pixel_values": inputs["pixel_values"]})
+    ids = trim(inputs["input_ids"], spec.text.eot_token_id) if trimmed else inputs["input_ids"]
+    text = OrtBackend(root / graphs["text"]["file"]).run({"input_ids": ids})
+    got = {**image, **text}
+    return compare(got, ref, tol)

@@ -1,0 +1,1 @@
+"""Adapter heads as data: zero-shot prompt ensembles (more heads to come)."""

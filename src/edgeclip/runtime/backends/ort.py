@@ -1,0 +1,35 @@
+"""ONNX Runtime backend (CPU), for `.onnx` and `.ort` graphs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..._lazy import require
+from ...errors import ArtifactError
+
+
+class Backend:
+    name = "ort"
+
+    def __init__(self, path, threads: int | None = None, providers=None):
+        ort = require("onnxruntime", "running ONNX artifacts")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(Path(path)), so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for unreadable graphs
+            raise ArtifactError(f"ONNX Runtime cannot load {path}: {e}") from e
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.info = {"backend": "ort", "version": ort.__version__, "providers": self.session.get_providers(),
+                     "threads": threads}
+
+    def run(self, feeds: dict) -> dict:
+        # InferenceSession.run is safe to call from several threads at once.
+        outs = self.session.run(self.output_names, feeds)
+        return {n: np.asarray(o) for n, o in zip(self.output_names, outs)}

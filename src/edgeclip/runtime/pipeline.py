@@ -1,0 +1,217 @@
+"""`Pipeline`: an artifact folder -> embeddings, similarities and labels. numpy + one backend."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError, InputError, TokenizerError
+from .backends import backend_for_target, get_backend
+from .manifest import read_manifest, safe_path
+from .preprocess import Preprocessor
+from .tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top label of one image, with the score of every label (same order as `labels`)."""
+
+    label: str
+    score: float
+    index: int
+    labels: tuple
+    scores: np.ndarray
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-self.scores)[:k]
+        return [(self.labels[i], float(self.scores[i])) for i in order]
+
+    def to_dict(self, k: int = 5) -> dict:
+        return {"label": self.label, "score": self.score, "top": [{"label": lb, "score": s} for lb, s in self.top(k)]}
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _is_batch(images: Any) -> bool:
+    if isinstance(images, (list, tuple)):
+        return True
+    return isinstance(images, np.ndarray) and images.ndim == 4
+
+
+class Pipeline:
+    """Run an exported artifact. Safe to share between threads.
+
+        p = Pipeline.load("artifact/")
+        p.encode_image(["cat.jpg"]); p.encode_text(["a photo of a cat"])
+        p.classify("cat.jpg", labels=["cat", "dog"])
+    """
+
+    def __init__(self, root: Path, manifest: dict, backend: str, threads: int | None):
+        self.root, self.manifest, self.threads = root, manifest, threads
+        self.backend_name = backend
+        self.preprocessor = Preprocessor.from_config(manifest["preprocess"])
+        self._backend_cls = get_backend(backend)
+        self._graphs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._text_cache: dict[tuple, np.ndarray] = {}
+        self.head = manifest.get("head")
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Pipeline":
+        """Open an artifact folder, verifying every file's checksum (verify=False skips hashing)."""
+        root = Path(path)
+        manifest = read_manifest(root, verify=verify)
+        if backend == "auto":
+            backend = manifest.get("backend") or backend_for_target(manifest["target"])
+        p = cls(root, manifest, backend, threads)
+        p._graph("image")  # compile now: load errors surface at load time, not at first call
+        return p
+
+    # ------------------------------------------------------------------------------------- parts
+
+    def _graph(self, name: str):
+        g = self._graphs.get(name)
+        if g is None:
+            with self._lock:
+                g = self._graphs.get(name)
+                if g is None:
+                    info = self.manifest["graphs"].get(name)
+                    if info is None:
+                        raise ArtifactError(f"this artifact has no {name} graph")
+                    g = self._backend_cls(safe_path(self.root, info["file"]), threads=self.threads)
+                    self._graphs[name] = g
+        return g
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            cfg = self.manifest["tokenizer"]
+            if not cfg.get("file"):
+                raise TokenizerError("this artifact carries no tokenizer; pass token ids to encode_text instead")
+            tok = load_tokenizer(cfg["kind"], cfg["context_length"], safe_path(self.root, cfg["file"]))
+            with self._lock:
+                self._tokenizer = self._tokenizer or tok
+        return self._tokenizer
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels of the zero-shot head baked into the artifact (empty if none)."""
+        return list(self.head["labels"]) if self.head else []
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["model"]["embed_dim"])
+
+    # ---------------------------------------------------------------------------------- features
+
+    def preprocess(self, images) -> np.ndarray:
+        """float32 NCHW pixels, exactly what the image graph receives."""
+        return self.preprocessor(images)
+
+    def _run_image(self, images) -> dict:
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32 \
+                and images.shape[1] == 3:
+            pixels = np.ascontiguousarray(images)  # already preprocessed NCHW
+        else:
+            pixels = self.preprocess(images if _is_batch(images) else [images])
+        return self._graph("image").run({"pixel_values": pixels})
+
+    def encode_image(self, images) -> np.ndarray:
+        """(N, E) float32 L2-normalized image embeddings. One image in, one row out."""
+        return _normalize(self._run_image(images)["image_embeds"])
+
+    def tokenize(self, texts, truncate: bool = False) -> np.ndarray:
+        return self.tokenizer(texts, truncate=truncate)
+
+    def encode_text(self, texts, truncate: bool = False) -> np.ndarray:
+        """(N, E) float32 L2-normalized text embeddings, from strings or int64 token ids (N, L)."""
+        if isinstance(texts, np.ndarray) and texts.dtype.kind in "iu":
+            ids = texts.astype(np.int64)
+            if ids.ndim != 2:
+                raise InputError(f"token ids must be 2-D (N, L), got shape {ids.shape}")
+        else:
+            ids = self.tokenize(texts, truncate=truncate)
+        text = self.manifest["text"]
+        if ids.shape[1] > text["context_length"]:
+            raise InputError(f"token ids have {ids.shape[1]} positions, the model's context is {text['context_length']}")
+        if text["trim"]:
+            ids = trim(ids, text["eot_token_id"])
+        return _normalize(self._graph("text").run({"input_ids": ids})["text_embeds"])
+
+    def similarity(self, images, texts) -> np.ndarray:
+        """(N_images, N_texts) cosine similarities."""
+        img = self.encode_image(images)
+        txt = self.encode_text([texts] if isinstance(texts, str) else texts)
+        return img @ txt.T
+
+    # ----------------------------------------------------------------------------- classification
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        from ..heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings
+
+        templates = check_templates(templates or (self.head or {}).get("templates") or DEFAULT_TEMPLATES)
+        key = (tuple(labels), tuple(templates))
+        cached = self._text_cache.get(key)
+        if cached is None:
+            cached = class_embeddings(lambda prompts: self.encode_text(prompts, truncate=True), list(labels),
+                                      list(templates))
+            self._text_cache[key] = cached
+        return cached
+
+    def classify(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None):
+        """Zero-shot labels. Without `labels` the baked head is used (no text encoder runs).
+
+        Returns a Prediction for one image, a list of them for a batch.
+        """
+        from ..heads.zero_shot import parse_labels
+
+        labels = parse_labels(labels) if labels is not None else None
+        use_head = self.head is not None and (labels is None or list(labels) == self.labels) and templates is None
+        if labels is None and self.head is None:
+            raise InputError("this artifact has no baked zero-shot head: pass labels=[...] "
+                             "(or export with --labels to bake them in)")
+        out = self._run_image(images)
+        if use_head:
+            labels, logits = self.labels, out["logits"]
+        else:
+            emb = _normalize(out["image_embeds"])
+            logits = self.manifest["logit_scale"] * emb @ self.class_embeddings(labels, templates).T
+            logits = logits + (self.manifest.get("logit_bias") or 0.0)
+        probs = _activate(logits, self._activation())
+        preds = [Prediction(labels[i], float(p[i]), int(i), tuple(labels), p)
+                 for p in probs for i in [int(np.argmax(p))]]
+        return preds if _is_batch(images) else preds[0]
+
+    def _activation(self) -> str:
+        return "sigmoid" if self.manifest["model"].get("family") == "siglip" else "softmax"
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Pipeline({str(self.root)!r}, model={m['model']['name']}, target={m['target']}, " \
+               f"precision={m['precision']}, backend={self.backend_name})"
+
+
+def trim(ids: np.ndarray, eot_token_id: int | None) -> np.ndarray:
+    """Keep columns up to the batch's last end token: later positions cannot change pooled features
+    under a causal mask, so this is exact and cuts text-encoder work for short prompts."""
+    if eot_token_id is None:
+        ends = ids.argmax(axis=1)
+    else:
+        hit = ids == eot_token_id
+        ends = np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
+    return np.ascontiguousarray(ids[:, : max(2, int(ends.max()) + 1)])
+
+
+def _activate(logits: np.ndarray, kind: str) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    if kind == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
