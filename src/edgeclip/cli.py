@@ -1,0 +1,266 @@
+"""`edgeclip` command line: models | export | run | inspect | bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import EdgeClipError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _step(msg: str, quiet: bool = False) -> float:
+    if not quiet:
+        print(f"• {msg}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def cmd_models(args) -> int:
+    from .specs import get_spec, list_specs
+
+    rows = []
+    for name in list_specs():
+        s = get_spec(name)
+        rows.append({"name": s.name, "family": s.family, "image_size": s.vision.image_size,
+                     "patch_size": s.vision.patch_size, "vision": f"{s.vision.layers}x{s.vision.width}",
+                     "text": f"{s.text.layers}x{s.text.width}", "context": s.text.context_length,
+                     "embed_dim": s.embed_dim, "act": s.vision.act, "tokenizer": s.tokenizer_config()["kind"],
+                     "description": s.description})
+    if args.json:
+        _print_json(rows)
+        return 0
+    cols = ["name", "family", "image_size", "patch_size", "vision", "text", "context", "embed_dim", "act", "tokenizer"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    print("\nLoad with: builtin:tiny (trained, shipped) | random:NAME | hf:DIR | openai:FILE | "
+          "open_clip:NAME --checkpoint FILE")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export
+
+def cmd_export(args) -> int:
+    import edgeclip
+
+    quiet = args.json
+    t0 = _step(f"loading {args.model}", quiet)
+    kw = {}
+    if args.checkpoint:
+        kw["checkpoint"] = args.checkpoint
+    if args.spec:
+        kw["spec"] = args.spec
+    if args.model.startswith("random:"):
+        kw["seed"] = args.seed
+    model = edgeclip.load_model(args.model, **kw)
+    t1 = _step(f"exporting {model.spec.name} -> {args.target} {args.precision} (loaded in {time.perf_counter() - t0:.1f} s)", quiet)
+    art = edgeclip.export(
+        model, target=args.target, precision=args.precision, out=args.out,
+        labels=args.labels or [], templates=args.templates, trim_text=not args.no_trim,
+        pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
+    )
+    elapsed = time.perf_counter() - t1
+    if args.json:
+        _print_json({"path": str(art.path), "seconds": elapsed, **_summary(art.manifest)})
+        return 0
+    print(f"\nwrote {art.path}  ({_mb(art.size_bytes())}, {elapsed:.1f} s)")
+    _print_fidelity(art.manifest)
+    return 0
+
+
+def _summary(m: dict) -> dict:
+    return {"model": m["model"]["name"], "target": m["target"], "precision": m["precision"],
+            "files": {k: v["size"] for k, v in m["files"].items()}, "text_trim": m["text"]["trim"],
+            "head": m.get("head"), "fidelity": m.get("fidelity"), "options": m.get("options")}
+
+
+def _print_fidelity(m: dict) -> None:
+    fid = m.get("fidelity") or {}
+    if not fid:
+        return
+    print("fidelity vs the float32 torch reference:")
+    for name, r in fid.items():
+        mark = "ok" if r["ok"] else "FAIL"
+        print(f"  {name:<13} max abs {r['max_abs']:.2e} (≤ {r['max_abs_bound']:.1e})   "
+              f"min cosine {r['min_cosine']:.6f} (≥ {r['min_cosine_bound']})   {mark}")
+
+
+# ------------------------------------------------------------------------------------------ run
+
+def cmd_run(args) -> int:
+    from .runtime import Pipeline
+
+    p = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads)
+    labels = args.labels or None
+    result = {"artifact": str(args.artifact), "images": []}
+    if args.image:
+        if labels is not None or p.head is not None:
+            preds = p.classify(list(args.image), labels=labels)
+            for path, pred in zip(args.image, preds):
+                result["images"].append({"image": path, **pred.to_dict(args.top_k)})
+        else:
+            emb = p.encode_image(list(args.image))
+            for path, e in zip(args.image, emb):
+                result["images"].append({"image": path, "embedding": [round(float(x), 6) for x in e]})
+    if args.text:
+        emb = p.encode_text(list(args.text), truncate=args.truncate)
+        result["texts"] = [{"text": t, "embedding": [round(float(x), 6) for x in e]} for t, e in zip(args.text, emb)]
+        if args.image:
+            sims = p.encode_image(list(args.image)) @ emb.T
+            result["similarity"] = [[round(float(x), 6) for x in row] for row in sims]
+    if args.json:
+        _print_json(result)
+        return 0
+    for r in result["images"]:
+        if "label" in r:
+            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"][1:])
+            print(f"{r['image']}: {r['label']} ({r['score']:.3f})" + (f"   [{others}]" if others else ""))
+        else:
+            print(f"{r['image']}: embedding[{len(r['embedding'])}] {r['embedding'][:4]}…")
+    if "similarity" in result:
+        for img, row in zip(args.image, result["similarity"]):
+            print(f"{img}: " + ", ".join(f"{t!r} {s:.4f}" for t, s in zip(args.text, row)))
+    elif args.text:
+        for t in result["texts"]:
+            print(f"{t['text']!r}: embedding[{len(t['embedding'])}] {t['embedding'][:4]}…")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+def cmd_inspect(args) -> int:
+    from .runtime.manifest import read_manifest
+
+    m = read_manifest(args.artifact, verify=True)
+    if args.json:
+        _print_json(m)
+        return 0
+    s = m["model"]["spec"]
+    print(f"artifact   {args.artifact}   (format v{m['format_version']}, created {m.get('created')}, checksums ok)")
+    print(f"model      {m['model']['name']} ({m['model']['family']}), embed {m['model']['embed_dim']}, "
+          f"image {s['vision']['image_size']} px / patch {s['vision']['patch_size']}, "
+          f"text context {s['text']['context_length']}")
+    print(f"target     {m['target']} {m['precision']}  (backend {m.get('backend')})")
+    for name, g in m["graphs"].items():
+        ins = ", ".join(f"{k}{v['shape']}" for k, v in g["inputs"].items())
+        outs = ", ".join(f"{k}{v['shape']}" for k, v in g["outputs"].items())
+        print(f"graph      {name}: {g['file']}  {ins} -> {outs}")
+    print(f"text       trim after end token: {m['text']['trim']}; pooled-only last block: "
+          f"{m.get('options', {}).get('pooled_only_last')}")
+    if m.get("head"):
+        h = m["head"]
+        print(f"head       zero-shot, {len(h['labels'])} labels ({', '.join(h['labels'][:8])}"
+              f"{'…' if len(h['labels']) > 8 else ''}), {len(h['templates'])} templates, {h['activation']}")
+    print(f"tokenizer  {m['tokenizer']['kind']} ({m['tokenizer'].get('file')})")
+    total = sum(v["size"] for v in m["files"].values())
+    print(f"files      {len(m['files'])}, {_mb(total)}: " + ", ".join(f"{k} {_mb(v['size'])}" for k, v in m["files"].items()))
+    _print_fidelity(m)
+    tools = m.get("tools", {})
+    print("tools      " + ", ".join(f"{k} {v}" for k, v in tools.items()))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+def cmd_bench(args) -> int:
+    from .bench.quick import quick_bench
+
+    rows = [quick_bench(a, batch=b, threads=args.threads, seconds=args.seconds)
+            for a in args.artifacts for b in args.batch]
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'artifact':<28} {'graph':<6} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'items/s':>9} {'size':>9}")
+    for r in rows:
+        for g in r["graphs"]:
+            print(f"{Path(r['artifact']).name[:28]:<28} {g['graph']:<6} {r['batch']:>5} {g['p50_ms']:>8.2f} "
+                  f"{g['p90_ms']:>8.2f} {g['p99_ms']:>8.2f} {g['items_per_s']:>9.1f} {_mb(r['size_bytes']):>9}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    from .export import targets
+
+    ap = argparse.ArgumentParser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
+    ap.add_argument("--version", action="version", version=f"edgeclip {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model specs edgeclip knows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("export", help="export a model to a verified artifact folder")
+    p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH")
+    p.add_argument("--target", default="onnx", choices=targets())
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 (per target)")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels or a file, one per line")
+    p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
+    p.add_argument("--checkpoint", help="checkpoint file for open_clip:ARCH")
+    p.add_argument("--spec", help="spec name or .json to use instead of the inferred one")
+    p.add_argument("--seed", type=int, default=0, help="seed for random:SPEC")
+    p.add_argument("--no-trim", action="store_true", help="feed text padded to the full context")
+    p.add_argument("--no-pooled-last", action="store_true", help="compute every token in the last block")
+    p.add_argument("--no-validate", action="store_true", help="keep the artifact even outside tolerance")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="embed or classify images/texts with an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--image", nargs="+", help="image files")
+    p.add_argument("--text", nargs="+", help="texts to embed (and compare with the images)")
+    p.add_argument("--labels", help="labels for zero-shot classification (default: the baked head)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest (checksums verified)")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="latency of artifacts (quick; full reports come with --report)")
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seconds", type=float, default=2.0, help="time budget per graph and batch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "run" and not (args.image or args.text):
+        print("error: run needs --image and/or --text", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except EdgeClipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
