@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -74,7 +75,9 @@ def read_state_dict(path: Path) -> dict:
     if _is_torchscript(path):
         # OpenAI's released .pt files are TorchScript archives: read their parameters, run no code.
         try:
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # torch.jit is deprecated, but these files exist in the wild
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except Exception as e:
             raise CheckpointError(f"cannot read TorchScript archive {path}: {e}") from e
     try:
@@ -236,8 +239,7 @@ def spec_from_hf_config(cfg: dict, folder: Path | None = None) -> ModelSpec:
     siglip = kind == "siglip"
     base = get_spec("SigLIP-B-16" if siglip else "ViT-B-32").to_dict()
     tc, vc = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
-    # transformers writes only non-default values: fall back to its defaults (= our base specs).
-    defaults = {"vision": {"patch_size": 16 if siglip else 32}, "text": {}}
+    # transformers may omit values equal to its defaults: fall back to those.
     for tower, c in (("vision", vc), ("text", tc)):
         t = base[tower]
         t["width"] = c.get("hidden_size", 768 if tower == "vision" or siglip else 512)
@@ -248,7 +250,7 @@ def spec_from_hf_config(cfg: dict, folder: Path | None = None) -> ModelSpec:
         t["ln_eps"] = c.get("layer_norm_eps", 1e-6 if siglip else 1e-5)
     v, t = base["vision"], base["text"]
     v["image_size"] = _int(vc.get("image_size", 224))
-    v["patch_size"] = _int(vc.get("patch_size", defaults["vision"]["patch_size"]))
+    v["patch_size"] = _int(vc.get("patch_size", 16 if siglip else 32))
     t["vocab_size"] = tc.get("vocab_size", 32000 if siglip else 49408)
     t["context_length"] = tc.get("max_position_embeddings", 64 if siglip else 77)
     if siglip:
