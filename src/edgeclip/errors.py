@@ -66,3 +66,7 @@ class ValidationError(EdgeClipError):
 
 class TextTooLongError(InputError):
     """A text has more tokens than the model's context length."""
+
+
+class CalibrationError(EdgeClipError):
+    """Calibration data is missing, empty or unusable."""

@@ -1,0 +1,1 @@
+"""Calibration data, observers, SmoothQuant, INT8 recipes and the accuracy guard."""

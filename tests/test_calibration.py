@@ -1,0 +1,143 @@
+"""Observers on known distributions; calibration data readers on real files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeclip.calibration.data import list_images, load_images, read_captions
+from edgeclip.calibration.observers import (make_observer, quantize_weight_per_channel, scale_zero_point)
+from edgeclip.errors import CalibrationError, EdgeClipError
+from edgeclip.runtime.preprocess import Preprocessor
+
+RNG = np.random.default_rng(0)
+GAUSS = [RNG.normal(scale=2.0, size=50_000).astype(np.float32) for _ in range(8)]
+UNIFORM = [RNG.uniform(-3.0, 3.0, size=50_000).astype(np.float32) for _ in range(8)]
+
+
+def _observe(name, batches, **kw):
+    o = make_observer(name, **kw)
+    for b in batches:
+        o.observe(b)
+    return o
+
+
+def test_minmax_is_exact_and_includes_zero():
+    o = _observe("minmax", [np.array([0.5, 2.0]), np.array([1.0, 3.0])])
+    assert o.range() == (0.0, 3.0)
+    o = _observe("minmax", UNIFORM)
+    lo, hi = o.range()
+    assert lo == min(b.min() for b in UNIFORM) and hi == max(b.max() for b in UNIFORM)
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "mse"])
+def test_uniform_range_is_its_support(name):
+    lo, hi = _observe(name, UNIFORM).range()
+    assert lo == -hi and hi == pytest.approx(3.0, rel=0.03)
+
+
+def test_gaussian_percentile_matches_the_normal_quantile():
+    _, t = _observe("percentile", GAUSS, percentile=99.99).range()
+    assert t == pytest.approx(2.0 * 3.8906, rel=0.03)  # two-sided 99.99% of |N(0, σ=2)|
+    _, t99 = _observe("percentile", GAUSS, percentile=99.0).range()
+    assert t99 == pytest.approx(2.0 * 2.5758, rel=0.03)
+
+
+def test_gaussian_mse_clips_inside_the_tail():
+    _, t = _observe("mse", GAUSS).range()
+    amax = max(np.abs(b).max() for b in GAUSS)
+    assert 3.0 * 2.0 < t < 5.0 * 2.0 and t < amax
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy"])
+def test_outliers_do_not_stretch_robust_observers(name):
+    batches = [b.copy() for b in GAUSS]
+    batches[3][:4] = 400.0  # four huge values among 400k
+    _, robust = _observe(name, batches).range()
+    _, hi = _observe("minmax", batches).range()
+    assert hi == 400.0 and robust < 0.1 * hi
+
+
+def test_histogram_growth_keeps_the_answer():
+    """Ranges grow over batches: the rebinned histogram must give what one pass over all data gives."""
+    growing = [b * s for b, s in zip(GAUSS, (0.25, 0.5, 1, 1, 2, 2, 4, 4))]
+    one = _observe("percentile", [np.concatenate(growing)]).range()[1]
+    many = _observe("percentile", growing).range()[1]
+    assert many == pytest.approx(one, rel=0.02)
+
+
+def test_unknown_observer_and_empty_observer():
+    with pytest.raises(EdgeClipError, match="minmax"):
+        make_observer("median")
+    with pytest.raises(EdgeClipError, match="no data"):
+        make_observer("entropy").range()
+
+
+def test_per_channel_weights():
+    w = RNG.normal(size=(16, 32)).astype(np.float32) * np.linspace(0.01, 5.0, 16, dtype=np.float32)[:, None]
+    q, scale = quantize_weight_per_channel(w, axis=0)
+    assert q.dtype == np.int8 and scale.shape == (16,)
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    err = np.abs(q * scale[:, None] - w)
+    assert np.all(err <= scale[:, None] / 2 + 1e-7)
+    assert np.abs(q).max() == 127
+
+
+def test_scale_zero_point():
+    assert scale_zero_point(-2.0, 1.0) == pytest.approx((2.0 / 127, 0))
+    s, zp = scale_zero_point(-1.0, 3.0, "uint8")
+    assert s == pytest.approx(4.0 / 255) and zp == 64
+
+
+# ------------------------------------------------------------------------------------ data readers
+
+def _digits(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(RNG.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_folder_with_broken_files_still_calibrates(tmp_path):
+    _digits(tmp_path / "a", 3)
+    _digits(tmp_path / "b" / "deep", 2)
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tmp_path / "b" / "text.png").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("ignored: not an image extension")
+    pre = Preprocessor.from_config({"image_size": 8})
+    data = load_images(tmp_path, pre)
+    assert data.pixels.shape == (5, 3, 8, 8) and data.pixels.dtype == np.float32
+    assert sorted(p.split("/")[-1] for p, _ in data.skipped) == ["broken.jpg", "text.png"]
+    np.testing.assert_array_equal(data.pixels[0], pre(data.files[0])[0])  # same preprocessing as the runtime
+    cal, held = data.split(0.4, seed=1)
+    assert len(cal) == 3 and len(held) == 2
+
+
+def test_sampling_is_seeded(tmp_path):
+    _digits(tmp_path, 20)
+    a, b = list_images(tmp_path, limit=5, seed=3), list_images(tmp_path, limit=5, seed=3)
+    assert a == b and len(a) == 5 and a != list_images(tmp_path, limit=5, seed=4)
+
+
+def test_unusable_folders(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no images"):
+        list_images(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+    with pytest.raises(CalibrationError, match="none of the 1 images"):
+        load_images(tmp_path / "bad", Preprocessor.from_config({"image_size": 8}))
+
+
+def test_captions_txt_and_jsonl(tmp_path):
+    (tmp_path / "c.txt").write_text("a photo of a cat\n\n  a dog on grass  \n")
+    assert read_captions(tmp_path / "c.txt") == ["a photo of a cat", "a dog on grass"]
+    (tmp_path / "c.jsonl").write_text('{"caption": "one"}\n{"text": "two"}\n"three"\n')
+    assert read_captions(tmp_path / "c.jsonl") == ["one", "two", "three"]
+    (tmp_path / "bad.jsonl").write_text('{"caption": \n')
+    with pytest.raises(CalibrationError, match="bad.jsonl:1"):
+        read_captions(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(CalibrationError, match="no captions"):
+        read_captions(tmp_path / "empty.txt")
