@@ -48,13 +48,16 @@ class TextGraph(nn.Module):
         return self.text(input_ids).float()
 
 
-def io_spec(spec, head_classes: int = 0) -> dict:
-    """Declared inputs/outputs of both graphs (names, dtypes, shapes with symbolic axes)."""
+def io_spec(spec, head_classes: int = 0, trim: bool | None = None) -> dict:
+    """Declared inputs/outputs of both graphs (names, dtypes, shapes with symbolic axes).
+
+    `trim`: whether the text graph takes a variable length (default: whenever the spec allows it)."""
     s = spec.vision.image_size
     image_out = {"image_embeds": {"dtype": "float32", "shape": ["batch", spec.embed_dim]}}
     if head_classes:
         image_out["logits"] = {"dtype": "float32", "shape": ["batch", head_classes]}
-    text_len = "length" if trim_supported(spec) else spec.text.context_length
+    trim = trim_supported(spec) if trim is None else (trim and trim_supported(spec))
+    text_len = "length" if trim else spec.text.context_length
     return {
         "image": {"inputs": {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, s, s]}},
                   "outputs": image_out},

@@ -69,4 +69,8 @@ def read_manifest(root, verify: bool = True) -> dict:
     for graph in manifest.get("graphs", {}).values():
         if graph.get("file") not in files:
             raise ArtifactError(f"graph file {graph.get('file')!r} is not listed with a checksum in the manifest")
+    tok = manifest.get("tokenizer") or {}
+    if tok.get("file") is not None and (not isinstance(tok["file"], str) or tok["file"] not in files):
+        raise ArtifactError(f"tokenizer file {tok['file']!r} is not listed with a checksum in the manifest; "
+                            "the manifest is corrupt or was tampered with, re-export the artifact")
     return manifest

@@ -119,9 +119,20 @@ class Pipeline:
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32 \
                 and images.shape[1] == 3:
             pixels = np.ascontiguousarray(images)  # already preprocessed NCHW
+            self._check_pixels(pixels)
         else:
             pixels = self.preprocess(images if _is_batch(images) else [images])
         return self._graph("image").run({"pixel_values": pixels})
+
+    def _check_pixels(self, pixels: np.ndarray) -> None:
+        """Preprocessed input must match the graph's (N, 3, H, W); say so before the backend does."""
+        declared = self.manifest["graphs"]["image"]["inputs"]["pixel_values"]["shape"]
+        want = tuple(d if isinstance(d, int) else None for d in declared)
+        if len(want) != pixels.ndim or any(w is not None and w != g for w, g in zip(want, pixels.shape)):
+            shape = "(N, " + ", ".join(str(d) for d in want[1:]) + ")"
+            raise InputError(f"preprocessed pixels must have shape {shape} for this model, got {pixels.shape}; "
+                             "pass the images themselves (paths, PIL images, uint8 arrays) to resize them, "
+                             "or prepare arrays with pipeline.preprocess(images)")
 
     def encode_image(self, images) -> np.ndarray:
         """(N, E) float32 L2-normalized image embeddings. One image in, one row out."""
@@ -140,7 +151,9 @@ class Pipeline:
             ids = self.tokenize(texts, truncate=truncate)
         text = self.manifest["text"]
         if ids.shape[1] > text["context_length"]:
-            raise InputError(f"token ids have {ids.shape[1]} positions, the model's context is {text['context_length']}")
+            raise InputError(f"token ids have {ids.shape[1]} positions, the model's context is {text['context_length']}; "
+                             f"pass at most {text['context_length']} columns (tokenize(texts, truncate=True) cuts "
+                             "longer texts)")
         if text["trim"]:
             ids = trim(ids, text["eot_token_id"])
         return _normalize(self._graph("text").run({"input_ids": ids})["text_embeds"])

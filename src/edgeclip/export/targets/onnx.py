@@ -40,7 +40,7 @@ class OnnxTarget:
         dtype = DTYPES[opts.precision]
         trim = opts.trim_text and trim_supported(spec)
         with ArtifactWriter(out, overwrite=opts.overwrite) as w:
-            decl = io_spec(spec, len(labels))
+            decl = io_spec(spec, len(labels), trim=trim)
             self.write_graph(ImageGraph(m, head, dtype), "image", decl["image"], spec, w, opts, dynamic_length=False)
             self.write_graph(TextGraph(m, dtype), "text", decl["text"], spec, w, opts, dynamic_length=trim)
             graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
