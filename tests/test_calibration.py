@@ -141,3 +141,62 @@ def test_captions_txt_and_jsonl(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(CalibrationError, match="no captions"):
         read_captions(tmp_path / "empty.txt")
+
+
+# ----------------------------------------------------------------------------------- QDQ quantizer
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory):
+    import edgeclip
+    from edgeclip.builtin import calib_dir, digit_labels, heldout_dir
+
+    out = tmp_path_factory.mktemp("qdq") / "tiny"
+    art = edgeclip.export("builtin:tiny", out=out, labels=digit_labels())
+    pre = Preprocessor.from_config(art.manifest["preprocess"])
+    held = load_images(heldout_dir(), pre, limit=None)
+    truth = np.array([digit_labels().index(digit_labels()[int(p.parent.name)]) for p in held.files])
+    return out, load_images(calib_dir(), pre), held, truth
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "entropy", "mse"])
+def test_qdq_int8_keeps_builtin_accuracy_and_fuses(tmp_path, tiny_digits, observer):
+    import onnx
+    import onnxruntime as ort
+
+    from edgeclip.calibration import qdq
+
+    art, cal, held, truth = tiny_digits
+    model = onnx.load(art / "image.onnx")
+    targets = qdq.find_targets(model)
+    # 4 linears in each of the first two blocks; the pooled-only last block reads its Q and K/V
+    # projections from slices of the packed QKV weight (not initializers), so 3 of its linears count
+    assert len(targets) == 3 * 4 - 1 and all(t.layer.startswith("visual.blocks.") for t in targets)
+    batches = [{"pixel_values": cal.pixels[i:i + 32]} for i in range(0, len(cal.pixels), 32)]
+    quant = qdq.quantize(model, targets, qdq.collect_ranges(model, targets, batches, observer))
+    onnx.checker.check_model(quant)
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    int8 = ort.InferenceSession(quant.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert fused.count("MatMulIntegerToFloat") == len(targets)  # every quantized GEMM runs in integer
+
+    fp32 = ort.InferenceSession(str(art / "image.onnx"), providers=["CPUExecutionProvider"])
+    top1 = {name: float(np.mean(s.run(["logits"], {"pixel_values": held.pixels})[0].argmax(1) == truth))
+            for name, s in (("fp32", fp32), ("int8", int8))}
+    assert top1["fp32"] >= 0.9
+    assert top1["int8"] >= top1["fp32"] - 0.01, top1
+
+
+def test_qdq_exclude_keeps_layers_float(tiny_digits):
+    import onnx
+
+    from edgeclip.calibration import qdq
+
+    art, cal, _, _ = tiny_digits
+    model = onnx.load(art / "image.onnx")
+    targets = qdq.find_targets(model)
+    ranges = qdq.collect_ranges(model, targets, [{"pixel_values": cal.pixels}])
+    quant = qdq.quantize(model, targets, ranges, exclude={"visual.blocks.0.mlp.fc1", "visual.blocks.2.mlp.fc2"})
+    weight_dq = [n for n in quant.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
+    assert len(weight_dq) == len(targets) - 2
