@@ -76,6 +76,11 @@ def prepare(model: ClipModel, opts) -> ClipModel:
     m = copy.deepcopy(model).eval().float()
     m.set_attention(opts.attention)
     m.set_pooled_only_last(opts.pooled_only_last)
+    if opts.pooled_only_last:
+        for blocks in (m.visual.blocks, m.text.blocks):
+            blocks[-1].attn.split_qkv()
+    if m.visual.attn_pool is not None:
+        m.visual.attn_pool.attn.split_qkv()
     for p in m.parameters():
         p.requires_grad_(False)
     return m.to(DTYPES[opts.precision])

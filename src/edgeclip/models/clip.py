@@ -58,6 +58,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
         self.impl = "reference"
+        self.q_proj = self.kv_proj = None  # set by split_qkv() for export
+
+    def split_qkv(self) -> None:
+        """Separate Q and KV projections for the pooled-query path, so exported graphs hold them as
+        plain weights (quantizable, no per-call slicing) instead of slices of the packed weight."""
+        w = self.qkv.weight.shape[1]
+        self.q_proj, self.kv_proj = nn.Linear(w, w), nn.Linear(w, 2 * w)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(self.qkv.weight[:w])
+            self.q_proj.bias.copy_(self.qkv.bias[:w])
+            self.kv_proj.weight.copy_(self.qkv.weight[w:])
+            self.kv_proj.bias.copy_(self.qkv.bias[w:])
 
     def _split(self, x):  # (B, L, W) -> (B, H, L, D)
         b, n, _ = x.shape
@@ -68,6 +80,9 @@ class Attention(nn.Module):
         w = self.qkv.weight.shape[1]
         if query is None:
             q, k, v = self.qkv(x).split(w, dim=-1)
+        elif self.q_proj is not None:
+            q = self.q_proj(query)
+            k, v = self.kv_proj(x).split(w, dim=-1)
         else:
             q = F.linear(query, self.qkv.weight[:w], self.qkv.bias[:w])
             k, v = F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).split(w, dim=-1)
