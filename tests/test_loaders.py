@@ -143,7 +143,8 @@ def test_openai_torchscript_archive(tmp_path):
     _assert_parity(edgeclip.load_model(f"openai:{path}"), ref, *_inputs(ref))
 
 
-def test_long_clip_checkpoint(tmp_path):
+@pytest.mark.parametrize("loader", ["openai", "open_clip"])
+def test_long_clip_checkpoint(tmp_path, loader):
     ref = _hf_clip(tmp_path / "hf", seed=6, **{**CLIP_SHAPES["openai-heads"], "context": 248})
     sd = hf_to_openai(ref.state_dict())
     # Long-CLIP stores CLIP's first 20 positions and a residual table for the rest; each table's
@@ -154,7 +155,11 @@ def test_long_clip_checkpoint(tmp_path):
     sd["positional_embedding_res"] = torch.cat([junk[:20], pos[20:]])
     path = tmp_path / "longclip-custom.pt"
     torch.save(sd, path)
-    ours = edgeclip.load_model(f"openai:{path}")
+    if loader == "openai":
+        ours = edgeclip.load_model(f"openai:{path}")
+    else:  # open_clip: the arch's spec supplies what weights cannot say (here: QuickGELU, head counts)
+        spec = edgeclip.load_model(f"hf:{tmp_path / 'hf'}").spec
+        ours = edgeclip.load_model("open_clip:Long-CLIP-custom-quickgelu", checkpoint=path, spec=spec)
     assert ours.spec.text.context_length == 248
     pixels, _ = _inputs(ref)
     ids = clip_ids(3, 248, seed=2)
