@@ -200,3 +200,64 @@ def test_qdq_exclude_keeps_layers_float(tiny_digits):
     quant = qdq.quantize(model, targets, ranges, exclude={"visual.blocks.0.mlp.fc1", "visual.blocks.2.mlp.fc2"})
     weight_dq = [n for n in quant.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
     assert len(weight_dq) == len(targets) - 2
+
+
+# -------------------------------------------------------------------------------------- SmoothQuant
+
+def _outlier_tiny():
+    """random:tiny with CLIP-like outliers: 3 LayerNorm output channels x80 in every block, the
+    following linear compensated so the float function keeps its shape."""
+    import torch
+
+    import edgeclip
+
+    m = edgeclip.load_model("random:tiny", seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in m.visual.blocks:
+            for ln, lin in ((blk.ln_1, blk.attn.qkv), (blk.ln_2, blk.mlp.fc1)):
+                ch = torch.randperm(ln.weight.numel(), generator=g)[:3]
+                ln.weight[ch] *= 80
+                ln.bias[ch] *= 80
+                lin.weight[:, ch] /= 80
+    return m
+
+
+def _smooth_images(n, seed):
+    r = np.random.default_rng(seed)
+    coarse = r.normal(size=(n, 3, 4, 4)).astype(np.float32)
+    up = np.kron(coarse, np.ones((1, 1, 8, 8), np.float32))
+    return up + 0.1 * r.normal(size=up.shape).astype(np.float32)
+
+
+def test_smoothquant_is_exact_in_float_and_rescues_int8(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    import edgeclip
+    from edgeclip.calibration import qdq, smoothquant
+
+    edgeclip.export(_outlier_tiny(), out=tmp_path / "a", validate=True)
+    model = onnx.load(tmp_path / "a" / "image.onnx")
+    cal = [{"pixel_values": _smooth_images(32, s)} for s in range(4)]
+    held = _smooth_images(64, 99)
+
+    def run(m):
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(["image_embeds"], {"pixel_values": held})[0]
+
+    ref = run(model)
+
+    def min_cos(m):
+        y = run(m)
+        return float(np.min((y * ref).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)))
+
+    targets = qdq.find_targets(model)
+    pairs = smoothquant.smoothable_pairs(model, targets)
+    assert len(pairs) == 6  # every LayerNorm -> linear pair, the pooled last block's Q through its Gather
+    plain = min_cos(qdq.quantize(model, targets, qdq.collect_ranges(model, targets, cal, "minmax")))
+    smoothed = smoothquant.smooth(model, targets, cal, alpha=0.5)
+    np.testing.assert_allclose(run(smoothed), ref, rtol=1e-4, atol=1e-4)  # scale migration is exact
+    rescued = min_cos(qdq.quantize(smoothed, targets, qdq.collect_ranges(smoothed, targets, cal, "minmax")))
+    assert plain < 0.9, plain            # the outliers wreck plain min-max INT8
+    assert rescued > 0.975 and rescued > plain + 0.2, (plain, rescued)
