@@ -261,3 +261,29 @@ def test_smoothquant_is_exact_in_float_and_rescues_int8(tmp_path):
     rescued = min_cos(qdq.quantize(smoothed, targets, qdq.collect_ranges(smoothed, targets, cal, "minmax")))
     assert plain < 0.9, plain            # the outliers wreck plain min-max INT8
     assert rescued > 0.975 and rescued > plain + 0.2, (plain, rescued)
+
+
+# ---------------------------------------------------------------------------------- accuracy guard
+
+def test_guard_returns_sensitive_layers_to_float_until_it_passes(tmp_path):
+    import onnx
+
+    import edgeclip
+    from edgeclip.calibration import qdq, smoothquant
+    from edgeclip.calibration.guard import guarded_quantize
+
+    edgeclip.export(_outlier_tiny(), out=tmp_path / "a")
+    model = onnx.load(tmp_path / "a" / "image.onnx")
+    cal = [{"pixel_values": _smooth_images(32, s)} for s in range(4)]
+    held = {"pixel_values": _smooth_images(64, 99)}
+    targets = qdq.find_targets(model)
+    for m in (model, smoothquant.smooth(model, targets, cal, alpha=0.5)):
+        ranges = qdq.collect_ranges(m, targets, cal, "minmax")
+        quant, report = guarded_quantize(m, targets, ranges, held, "image_embeds", max_drop=0.005)
+        assert report.drop_all_int8 > 0.005           # without the guard the bound is missed
+        assert report.ok and report.drop <= 0.005     # min cosine >= 0.995 on held-out images
+        assert 0 < len(report.float_layers) < len(targets)
+        # the layer returned first is the one that hurts most on its own
+        assert report.float_layers[0] == max(report.sensitivity, key=report.sensitivity.get)
+        weight_dq = [n for n in quant.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
+        assert len(weight_dq) == len(targets) - len(report.float_layers)

@@ -1,0 +1,69 @@
+"""The accuracy guard: quantize, measure on held-out inputs, and if the cosine drop is too large,
+return the most sensitive layers to float, greedily, until it passes or nothing is left."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._lazy import require
+from ..errors import ValidationError
+from . import qdq
+
+
+@dataclass
+class GuardReport:
+    bound: float                       # max allowed cosine drop (1 - min cosine)
+    drop_all_int8: float               # drop with every target quantized
+    drop: float                        # drop of the returned model
+    float_layers: list = field(default_factory=list)  # layers returned to float, in order
+    sensitivity: dict = field(default_factory=dict)   # layer -> drop with only that layer quantized
+
+    @property
+    def ok(self) -> bool:
+        return self.drop <= self.bound
+
+
+def _session(model):
+    ort = require("onnxruntime", "the accuracy guard")
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def cosine_drop(model, reference: np.ndarray, feeds: dict, output: str) -> float:
+    """1 - the minimum cosine between `model`'s output and the float reference over held-out rows."""
+    y = _session(model).run([output], feeds)[0].astype(np.float64)
+    r = reference.astype(np.float64)
+    cos = (y * r).sum(-1) / (np.linalg.norm(y, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-12)
+    return float(1.0 - cos.min())
+
+
+def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_drop: float = 0.005,
+                     act_type: str = "uint8"):
+    """(quantized model, GuardReport). Raises ValidationError when even all-float-but-one fails."""
+    reference = _session(model).run([output], held_out)[0]
+    quant = qdq.quantize(model, targets, ranges, act_type)
+    drop_all = cosine_drop(quant, reference, held_out, output)
+    report = GuardReport(max_drop, drop_all, drop_all)
+    if report.ok:
+        return quant, report
+    layers = list(dict.fromkeys(t.layer for t in targets))
+    # Sensitivity of a layer: the drop when it alone is quantized (cheap, one session per layer).
+    for layer in layers:
+        others = set(layers) - {layer}
+        report.sensitivity[layer] = cosine_drop(qdq.quantize(model, targets, ranges, act_type, exclude=others),
+                                                reference, held_out, output)
+    excluded: list[str] = []
+    for layer in sorted(layers, key=lambda name: -report.sensitivity[name]):
+        excluded.append(layer)
+        quant = qdq.quantize(model, targets, ranges, act_type, exclude=set(excluded))
+        report.drop = cosine_drop(quant, reference, held_out, output)
+        if report.ok:
+            break
+    report.float_layers = excluded
+    if not report.ok:
+        raise ValidationError(
+            f"INT8 misses the accuracy bound even with every layer returned to float: cosine drop "
+            f"{report.drop:.4f} > {max_drop}; try another recipe (int8-smoothquant, w8a16) or fp16",
+            failures=[{"output": output, "cosine_drop": report.drop, "bound": max_drop}],
+        )
+    return quant, report
