@@ -47,20 +47,25 @@ def find_targets(model) -> list[QuantTarget]:
     return out
 
 
-def collect_ranges(model, targets, batches, observer: str = "minmax", **observer_kw) -> dict:
-    """Run the float graph on calibration batches; {activation tensor: (lo, hi)}."""
+def probe_session(model, names):
+    """An ORT session over a copy of `model` that also outputs the intermediate tensors `names`."""
     onnx = require("onnx", "INT8 calibration")
     ort = require("onnxruntime", "INT8 calibration")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    names = sorted({t.activation for t in targets})
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor visible
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def collect_ranges(model, targets, batches, observer: str = "minmax", **observer_kw) -> dict:
+    """Run the float graph on calibration batches; {activation tensor: (lo, hi)}."""
+    names = sorted({t.activation for t in targets})
+    sess = probe_session(model, names)
     observers = {n: make_observer(observer, **observer_kw) for n in names}
     for feeds in batches:
         outs = sess.run(names, feeds)

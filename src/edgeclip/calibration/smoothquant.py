@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._lazy import require
+from .qdq import probe_session
 
 
 def _producers(graph) -> dict:
@@ -53,17 +54,7 @@ def smoothable_pairs(model, targets) -> dict:
 
 def channel_absmax(model, activations, batches) -> dict:
     """Per-channel max |x| (over all but the last axis) of the named tensors on calibration batches."""
-    onnx = require("onnx", "SmoothQuant")
-    ort = require("onnxruntime", "SmoothQuant")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in activations:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = probe_session(model, activations)
     out: dict[str, np.ndarray] = {}
     for feeds in batches:
         for name, v in zip(activations, sess.run(list(activations), feeds)):
