@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -158,9 +159,15 @@ def _spec_dir():
 
 def list_specs() -> list[str]:
     """Names of the specs shipped with edgeclip, sorted."""
-    return sorted(p.name[:-5] for p in _spec_dir().iterdir() if p.name.endswith(".json"))
+    return list(_spec_names())
 
 
+@functools.lru_cache(maxsize=1)
+def _spec_names() -> tuple[str, ...]:
+    return tuple(sorted(p.name[:-5] for p in _spec_dir().iterdir() if p.name.endswith(".json"))
+
+
+@functools.lru_cache(maxsize=1)  # shipped specs do not change while running: read them once
 def _alias_table() -> dict[str, str]:
     table = {}
     for name in list_specs():
