@@ -164,7 +164,7 @@ def list_specs() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _spec_names() -> tuple[str, ...]:
-    return tuple(sorted(p.name[:-5] for p in _spec_dir().iterdir() if p.name.endswith(".json"))
+    return tuple(sorted(p.name[:-5] for p in _spec_dir().iterdir() if p.name.endswith(".json")))
 
 
 @functools.lru_cache(maxsize=1)  # shipped specs do not change while running: read them once
