@@ -71,20 +71,49 @@ def cmd_export(args) -> int:
         model, target=args.target, precision=args.precision, out=args.out,
         labels=args.labels or [], templates=args.templates, trim_text=not args.no_trim,
         pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
+        fuse=not args.no_fuse, **_int8_options(args),
     )
     elapsed = time.perf_counter() - t1
     if args.json:
         _print_json({"path": str(art.path), "seconds": elapsed, **_summary(art.manifest)})
         return 0
     print(f"\nwrote {art.path}  ({_mb(art.size_bytes())}, {elapsed:.1f} s)")
+    _print_quantization(art.manifest)
     _print_fidelity(art.manifest)
     return 0
+
+
+def _int8_options(args) -> dict:
+    """INT8 flags, passed only when given so that other precisions can reject them clearly."""
+    kw = {"recipe": args.recipe, "calib": args.calib, "calib_captions": args.calib_captions}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if args.precision == "int8":
+        kw.update(calib_size=args.calib_size, observer=args.observer, smoothquant_alpha=args.smoothquant_alpha,
+                  max_cosine_drop=args.max_cosine_drop)
+    return kw
 
 
 def _summary(m: dict) -> dict:
     return {"model": m["model"]["name"], "target": m["target"], "precision": m["precision"],
             "files": {k: v["size"] for k, v in m["files"].items()}, "text_trim": m["text"]["trim"],
-            "head": m.get("head"), "fidelity": m.get("fidelity"), "options": m.get("options")}
+            "head": m.get("head"), "fidelity": m.get("fidelity"), "quantization": m.get("quantization"),
+            "options": m.get("options")}
+
+
+def _print_quantization(m: dict) -> None:
+    q = m.get("quantization")
+    if not q:
+        return
+    print(f"quantization: recipe {q['recipe']}, accuracy guard: cosine drop ≤ {q['max_cosine_drop']} "
+          "on held-out calibration samples")
+    for name, r in q["graphs"].items():
+        data = r.get("data", {})
+        held = f"{data.get('held_out', '?')} held-out of {data.get('source', '?')}"
+        skipped = f", {data['skipped']} unreadable file(s) skipped" if data.get("skipped") else ""
+        floats = r["float_layers"]
+        kept = f"; kept in float: {', '.join(floats)}" if floats else ""
+        print(f"  {name:<5} {r['int8_layers']}/{r['quantizable_layers']} layers int8, min cosine "
+              f"{r['min_cosine']:.5f} ({held}{skipped}); all-int8 drop {r['cosine_drop_all_int8']:.5f}{kept}")
 
 
 def _print_fidelity(m: dict) -> None:
@@ -165,8 +194,12 @@ def cmd_inspect(args) -> int:
         print(f"head       zero-shot, {len(h['labels'])} labels ({', '.join(h['labels'][:8])}"
               f"{'…' if len(h['labels']) > 8 else ''}), {len(h['templates'])} templates, {h['activation']}")
     print(f"tokenizer  {m['tokenizer']['kind']} ({m['tokenizer'].get('file')})")
+    if m.get("fusions"):
+        print("fusions    " + "; ".join(f"{g}: " + (", ".join(f"{k} {v}" for k, v in c.items()) or "none")
+                                        for g, c in m["fusions"].items()))
     total = sum(v["size"] for v in m["files"].values())
     print(f"files      {len(m['files'])}, {_mb(total)}: " + ", ".join(f"{k} {_mb(v['size'])}" for k, v in m["files"].items()))
+    _print_quantization(m)
     _print_fidelity(m)
     tools = m.get("tools", {})
     print("tools      " + ", ".join(f"{k} {v}" for k, v in tools.items()))
@@ -194,6 +227,7 @@ def cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibration.recipes import RECIPES, recipes_help
     from .export import targets
 
     ap = argparse.ArgumentParser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
@@ -207,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to a verified artifact folder")
     p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH")
     p.add_argument("--target", default="onnx", choices=targets())
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 (per target)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 (per target)")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels or a file, one per line")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
@@ -218,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pooled-last", action="store_true", help="compute every token in the last block")
     p.add_argument("--no-validate", action="store_true", help="keep the artifact even outside tolerance")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-fuse", action="store_true", help="keep attention unfused (for comparisons)")
+    g = p.add_argument_group("INT8 (--precision int8)")
+    g.add_argument("--recipe", choices=list(RECIPES),
+                   help="quantization recipe (default int8). " + recipes_help().replace("%", "%%"))
+    g.add_argument("--calib", help="folder of calibration images (recursive; jpg/png/webp/bmp); "
+                                   "builtin:tiny ships its own")
+    g.add_argument("--calib-captions", help="captions for the text tower: .txt (one per line) or .jsonl")
+    g.add_argument("--calib-size", type=int, default=256, help="at most this many images and captions (seeded sample)")
+    g.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="activation range estimation for static recipes")
+    g.add_argument("--smoothquant-alpha", type=float, default=0.5, help="migration strength for int8-smoothquant")
+    g.add_argument("--max-cosine-drop", type=float, default=0.005,
+                   help="accuracy guard: most allowed 1 - cosine to FP32 on held-out calibration samples; "
+                        "layers go back to float until it holds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 

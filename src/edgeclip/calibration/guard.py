@@ -39,31 +39,42 @@ def cosine_drop(model, reference: np.ndarray, feeds: dict, output: str) -> float
 
 def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_drop: float = 0.005,
                      act_type: str = "uint8"):
-    """(quantized model, GuardReport). Raises ValidationError when even all-float-but-one fails."""
+    """(QDQ-quantized model, GuardReport). Raises ValidationError when even all-float-but-one fails."""
+    return guard(model, lambda exclude: qdq.quantize(model, targets, ranges, act_type, exclude=exclude),
+                 [t.layer for t in targets], held_out, output, max_drop)
+
+
+def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005):
+    """Run `quantize_fn(exclude=set of layers kept float)` under the accuracy bound.
+
+    Returns (quantized model, GuardReport); raises ValidationError when returning every layer to
+    float still misses the bound (the float model itself then differs from its reference)."""
     reference = _session(model).run([output], held_out)[0]
-    quant = qdq.quantize(model, targets, ranges, act_type)
+    quant = quantize_fn(set())
     drop_all = cosine_drop(quant, reference, held_out, output)
     report = GuardReport(max_drop, drop_all, drop_all)
     if report.ok:
         return quant, report
-    layers = list(dict.fromkeys(t.layer for t in targets))
+    layers = list(dict.fromkeys(layers))
     # Sensitivity of a layer: the drop when it alone is quantized (cheap, one session per layer).
     for layer in layers:
-        others = set(layers) - {layer}
-        report.sensitivity[layer] = cosine_drop(qdq.quantize(model, targets, ranges, act_type, exclude=others),
-                                                reference, held_out, output)
+        report.sensitivity[layer] = cosine_drop(quantize_fn(set(layers) - {layer}), reference, held_out, output)
     excluded: list[str] = []
     for layer in sorted(layers, key=lambda name: -report.sensitivity[name]):
         excluded.append(layer)
-        quant = qdq.quantize(model, targets, ranges, act_type, exclude=set(excluded))
+        quant = quantize_fn(set(excluded))
         report.drop = cosine_drop(quant, reference, held_out, output)
         if report.ok:
             break
     report.float_layers = excluded
     if not report.ok:
+        worst = sorted(report.sensitivity.items(), key=lambda kv: -kv[1])[:5]
         raise ValidationError(
             f"INT8 misses the accuracy bound even with every layer returned to float: cosine drop "
-            f"{report.drop:.4f} > {max_drop}; try another recipe (int8-smoothquant, w8a16) or fp16",
-            failures=[{"output": output, "cosine_drop": report.drop, "bound": max_drop}],
+            f"{report.drop:.4f} > {max_drop} on {output} (with every layer INT8: {drop_all:.4f}; most sensitive: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in worst)
+            + "); try another recipe (int8-smoothquant, w8a16) or fp16",
+            failures=[{"output": output, "cosine_drop": report.drop, "bound": max_drop,
+                       "drop_all_int8": drop_all, "sensitivity": report.sensitivity}],
         )
     return quant, report

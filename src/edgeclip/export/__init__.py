@@ -53,6 +53,16 @@ class ExportOptions:
     opset: int | None = None
     overwrite: bool = False
     attention: str = "reference"  # attention implementation used while tracing
+    fuse: bool = True             # fused attention ops for the target runtime (fp32/int8 on ORT)
+    # INT8 (precision="int8"): recipe, calibration data and the accuracy guard
+    recipe: str | None = None     # int8 (default) | int8-dynamic | int8-smoothquant | w8a16
+    calib: str | None = None      # folder of calibration images (recursive)
+    calib_captions: str | None = None  # .txt (one per line) or .jsonl captions for the text tower
+    calib_size: int = 256         # at most this many images/captions, a seeded sample
+    calib_seed: int = 0
+    observer: str = "minmax"      # activation range: minmax | percentile | entropy | mse
+    smoothquant_alpha: float = 0.5
+    max_cosine_drop: float = 0.005  # guard: 1 - min cosine to FP32 on held-out calibration samples
 
     @classmethod
     def from_kwargs(cls, **kw) -> "ExportOptions":
@@ -79,6 +89,10 @@ def export(model, target: str = "onnx", precision: str = "fp32", out=None, **opt
     tgt = get_target(target)
     if precision not in tgt.precisions:
         raise EdgeClipError(f"target '{target}' supports precisions {', '.join(tgt.precisions)}, not '{precision}'")
+    if precision != "int8":
+        given = [k for k in ("recipe", "calib", "calib_captions") if getattr(opts, k) is not None]
+        if given:
+            raise EdgeClipError(f"{', '.join(given)} only apply to precision='int8' (got '{precision}')")
     return tgt.export(model, model.spec, opts, out)
 
 

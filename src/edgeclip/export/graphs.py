@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..errors import ValidationError
 from ..models.clip import ClipModel
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: float graph, then quantized
 
 
 class ImageGraph(nn.Module):

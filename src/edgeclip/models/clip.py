@@ -152,6 +152,19 @@ class VisionTower(nn.Module):
         )
         self.proj = nn.Linear(w, embed_dim, bias=False) if spec.proj else None
         self.pooled_only_last = False
+        self.patch_as_matmul = False  # see embed_patches
+
+    def embed_patches(self, pixels):
+        """(N, 3, H, W) -> (N, L, width). With `patch_as_matmul` the stride-p convolution is written
+        as a patchify reshape + one GEMM: the same sums, and runtimes whose convolutions are slower
+        than their GEMMs (ONNX Runtime on CPU) run it as the latter."""
+        if not self.patch_as_matmul:
+            return self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        p, g = self.spec.patch_size, self.spec.image_size // self.spec.patch_size
+        conv = self.patch_embed
+        x = pixels.reshape(pixels.shape[0], 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+        x = x.reshape(pixels.shape[0], g * g, 3 * p * p)
+        return torch.nn.functional.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
     def forward(self, pixels):
         s = self.spec
@@ -160,7 +173,7 @@ class VisionTower(nn.Module):
                 f"expected pixels of shape (N, 3, {s.image_size}, {s.image_size}), got {tuple(pixels.shape)}; "
                 "preprocess images with the model's preprocessing first"
             )
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = self.embed_patches(pixels)
         if self.class_embedding is not None:
             cls = self.class_embedding.reshape(1, 1, -1).expand(x.shape[0], 1, -1)
             x = torch.cat([cls.to(x.dtype), x], dim=1)

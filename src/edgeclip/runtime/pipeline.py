@@ -85,7 +85,8 @@ class Pipeline:
                     info = self.manifest["graphs"].get(name)
                     if info is None:
                         raise ArtifactError(f"this artifact has no {name} graph")
-                    g = self._backend_cls(safe_path(self.root, info["file"]), threads=self.threads)
+                    g = self._backend_cls(safe_path(self.root, info["file"]), threads=self.threads,
+                                          **_backend_kwargs(info))
                     self._graphs[name] = g
         return g
 
@@ -209,6 +210,10 @@ class Pipeline:
         m = self.manifest
         return f"Pipeline({str(self.root)!r}, model={m['model']['name']}, target={m['target']}, " \
                f"precision={m['precision']}, backend={self.backend_name})"
+
+
+def _backend_kwargs(info: dict) -> dict:
+    return {"config": info["session_config"]} if info.get("session_config") else {}
 
 
 def trim(ids: np.ndarray, eot_token_id: int | None) -> np.ndarray:

@@ -15,22 +15,28 @@ from ...heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddi
 from ...runtime.backends.ort import Backend as OrtBackend
 from ...runtime.pipeline import trim
 from ...runtime.tokenizer import load_tokenizer
-from ...errors import TokenizerError
+from ...calibration.recipes import get_recipe, image_calibration, quantize_graph, text_calibration
+from ...errors import CalibrationError, TokenizerError
 from .. import register_target
 from ..artifact import Artifact, ArtifactWriter, tool_versions
 from ..graphs import (DTYPES, ImageGraph, TextGraph, Tolerance, compare, io_spec, prepare, raise_if_failed,
                       reference_inputs, reference_outputs, trim_supported)
 
+log = logging.getLogger(__name__)
 VOCAB = Path(__file__).resolve().parents[2] / "runtime" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @register_target("onnx")
 class OnnxTarget:
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
+    # INT8 is guarded on held-out calibration samples (--max-cosine-drop); the fixed synthetic inputs
+    # of this check are only a sanity bound.
     tolerances = {"fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
-                  "fp16": Tolerance(max_abs=1e-2, min_cosine=0.999)}
+                  "fp16": Tolerance(max_abs=1e-2, min_cosine=0.999),
+                  "int8": Tolerance(max_abs=0.25, min_cosine=0.98)}
     graph_ext = ".onnx"
     default_opset = 18
+    lower_int8 = True  # MatMulIntegerToFloat with the bias inside; ORT-format files keep portable QDQ
 
     def export(self, model, spec, opts, out) -> Artifact:
         labels = parse_labels(opts.labels)
@@ -39,11 +45,18 @@ class OnnxTarget:
         m = prepare(model, opts)
         dtype = DTYPES[opts.precision]
         trim = opts.trim_text and trim_supported(spec)
+        self.fusions, self.quantization, self.calibration = {}, {}, None
+        if opts.precision == "int8":
+            recipe = get_recipe(opts.recipe)
+            self.calibration = calibration_sets(model, spec, opts, recipe, labels, templates, trim)
         with ArtifactWriter(out, overwrite=opts.overwrite) as w:
             decl = io_spec(spec, len(labels), trim=trim)
             self.write_graph(ImageGraph(m, head, dtype), "image", decl["image"], spec, w, opts, dynamic_length=False)
             self.write_graph(TextGraph(m, dtype), "text", decl["text"], spec, w, opts, dynamic_length=trim)
             graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
+            for name, report in self.quantization.items():
+                if report["activations"] == "float":  # fold the weight dequantization once, at load
+                    graphs[name]["session_config"] = {"session.disable_quant_qdq": "1"}
             tokenizer = write_tokenizer(spec, w)
             fidelity = validate(w.staging, graphs, model, spec, head, trim, self.tolerances[opts.precision])
             if opts.validate:
@@ -60,15 +73,39 @@ class OnnxTarget:
                 "head": head_manifest(spec, labels, templates) if labels else None,
                 "logit_scale": float(model.logit_scale.detach().exp()),
                 "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
-                "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("labels",)},
+                "options": {k: str(v) if isinstance(v, Path) else v
+                            for k, v in dataclasses.asdict(opts).items() if k not in ("labels",)},
                 "fidelity": fidelity,
+                "fusions": self.fusions,
+                "quantization": quantization_manifest(opts, self.quantization),
                 "tools": tool_versions(),
             }
             return w.finish(manifest)
 
     def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
-        path = w.path(f"{name}.onnx")
-        to_onnx(module.eval(), name, decl, spec, path, opts.opset or self.default_opset, dynamic_length)
+        self.build_graph(module, name, decl, spec, w, opts, dynamic_length, w.path(f"{name}.onnx"))
+
+    def build_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool, path: Path) -> None:
+        """Export the float graph, fuse it for ONNX Runtime, quantize it when asked; write `path`."""
+        import onnx
+
+        from ...kernels.onnx_fusions import fuse
+
+        raw = w.staging / f".{name}.export.onnx"
+        to_onnx(module.eval(), name, decl, spec, raw, opts.opset or self.default_opset, dynamic_length)
+        fusing = opts.fuse and opts.precision in ("fp32", "int8")  # ORT's CPU MultiHeadAttention is float32
+        if not fusing and opts.precision != "int8":
+            raw.replace(path)
+            return
+        graph = onnx.load(str(raw))
+        raw.unlink()
+        if fusing:
+            self.fusions[name] = fuse(graph)
+        if opts.precision == "int8":
+            graph, self.quantization[name] = quantize_graph(
+                graph, get_recipe(opts.recipe), self.calibration[name], observer=opts.observer,
+                alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop, lower=self.lower_int8)
+        onnx.save(graph, str(path))
 
 
 @register_target("ort-mobile")
@@ -76,10 +113,11 @@ class OrtMobileTarget(OnnxTarget):
     """The same graphs saved in ONNX Runtime's ORT format, for its mobile (Android/iOS) packages."""
 
     graph_ext = ".ort"
+    lower_int8 = False
 
     def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
         onnx_path = w.staging / f".{name}.tmp.onnx"
-        to_onnx(module.eval(), name, decl, spec, onnx_path, opts.opset or self.default_opset, dynamic_length)
+        self.build_graph(module, name, decl, spec, w, opts, dynamic_length, onnx_path)
         to_ort_format(onnx_path, w.path(f"{name}.ort"))
         onnx_path.unlink()
 
@@ -170,8 +208,71 @@ def validate(root: Path, graphs: dict, model, spec, head, trimmed: bool, tol: To
     """Run the written graphs with the runtime backend on fixed inputs; compare with the reference."""
     inputs = reference_inputs(spec)
     ref = reference_outputs(model, inputs, head)
-    image = OrtBackend(root / graphs["image"]["file"]).run({"pixel_values": inputs["pixel_values"]})
+
+    def backend(name):
+        return OrtBackend(root / graphs[name]["file"], config=graphs[name].get("session_config"))
+
+    image = backend("image").run({"pixel_values": inputs["pixel_values"]})
     ids = trim(inputs["input_ids"], spec.text.eot_token_id) if trimmed else inputs["input_ids"]
-    text = OrtBackend(root / graphs["text"]["file"]).run({"input_ids": ids})
+    text = backend("text").run({"input_ids": ids})
     got = {**image, **text}
     return compare(got, ref, tol)
+
+
+# ------------------------------------------------------------------------------------- INT8
+
+def calibration_sets(model, spec, opts, recipe, labels, templates, trim: bool) -> dict:
+    """Calibration and held-out data for both towers, preprocessed exactly as the runtime does.
+
+    Images: --calib DIR (the built-in model ships its own). Captions: --calib-captions FILE, else the
+    built-in model's, else the zero-shot prompts when --labels is given. Recipes that need no
+    calibration (int8-dynamic, w8a16) fall back to synthetic inputs for the accuracy guard."""
+    from ...calibration.data import load_images, read_captions
+    from ...runtime.preprocess import Preprocessor
+
+    builtin = spec.name == "tiny" and model.spec.name == "tiny"
+    if builtin:
+        from ... import builtin as shipped
+    folder = opts.calib or (shipped.calib_dir() if builtin else None)
+    if folder is not None:
+        images = load_images(folder, Preprocessor.from_config(spec.preprocess_config()), limit=opts.calib_size,
+                             seed=opts.calib_seed)
+        image_info = {"source": "builtin" if not opts.calib else str(folder), "images": len(images.files),
+                      "skipped": len(images.skipped), "skipped_files": [f for f, _ in images.skipped[:20]]}
+        if images.skipped:
+            log.warning("calibration: skipped %d unreadable file(s) under %s (first: %s)", len(images.skipped),
+                        folder, images.skipped[0][1])
+        pixels = images.pixels
+    elif recipe.needs_calibration:
+        raise CalibrationError(
+            f"recipe '{recipe.name}' needs calibration images: pass --calib DIR (a few hundred images like "
+            "the ones you will deploy on), or use --recipe int8-dynamic or w8a16, which need none")
+    else:
+        pixels, image_info = reference_inputs(spec, n=16)["pixel_values"], {"source": "synthetic"}
+    if opts.calib_captions:
+        captions, text_info = read_captions(opts.calib_captions, limit=opts.calib_size, seed=opts.calib_seed), \
+            {"source": str(opts.calib_captions)}
+    elif builtin:
+        captions, text_info = shipped.calib_captions(), {"source": "builtin"}
+    elif labels:
+        captions, text_info = [t.format(label) for label in labels for t in templates], {"source": "prompts"}
+    elif recipe.needs_calibration:
+        raise CalibrationError(
+            f"recipe '{recipe.name}' calibrates the text tower on captions: pass --calib-captions FILE "
+            "(.txt, one per line, or .jsonl), or --labels to calibrate on the zero-shot prompts")
+    else:
+        captions, text_info = None, {"source": "synthetic"}
+    if captions is not None:
+        ids = model_tokenizer(spec)(captions, truncate=True)
+        text_info["captions"] = len(captions)
+    else:
+        ids = reference_inputs(spec, n=3)["input_ids"]
+    return {"image": image_calibration(pixels, image_info, seed=opts.calib_seed),
+            "text": text_calibration(ids, spec.text.eot_token_id, trim, text_info, seed=opts.calib_seed)}
+
+
+def quantization_manifest(opts, reports: dict) -> dict | None:
+    if not reports:
+        return None
+    first = next(iter(reports.values()))
+    return {"recipe": first["recipe"], "max_cosine_drop": opts.max_cosine_drop, "graphs": reports}

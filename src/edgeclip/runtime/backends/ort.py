@@ -12,10 +12,14 @@ from ...errors import ArtifactError
 class Backend:
     name = "ort"
 
-    def __init__(self, path, threads: int | None = None, providers=None):
+    def __init__(self, path, threads: int | None = None, providers=None, config: dict | None = None):
+        """`config`: ONNX Runtime session config entries the artifact asks for (its manifest's
+        `graphs.<name>.session_config`), e.g. folding weight-only dequantization at load."""
         ort = require("onnxruntime", "running ONNX artifacts")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in (config or {}).items():
+            so.add_session_config_entry(str(key), str(value))
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1

@@ -1,0 +1,144 @@
+"""Named INT8 recipes and the one entry point that applies them to an exported float graph.
+
+    model, report = quantize_graph(float_model, get_recipe("int8"), calibration_set)
+
+Every recipe quantizes the same layers: the linear layers inside the transformer blocks. The patch
+embedding, LayerNorms, softmax, GELU, residual adds, the final projections and baked heads stay
+float. Every recipe runs under the accuracy guard: layers that cost too much accuracy go back to
+float, and the report says which.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CalibrationError, EdgeClipError
+from . import qdq
+from .guard import guard
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    activations: str          # "static" (calibrated ranges) | "dynamic" (ranges at run time) | "float"
+    smoothquant: bool = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations == "static"
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("int8", "static INT8 (QDQ): int8 weights per output channel, uint8 activations per tensor "
+                   "with ranges from the calibration images/captions (default)", "static"),
+    Recipe("int8-dynamic", "int8 weights per output channel, activations quantized per call from their "
+                           "own range; needs no calibration data", "dynamic"),
+    Recipe("int8-smoothquant", "int8 after SmoothQuant moves activation outliers into the weights "
+                               "(--smoothquant-alpha, default 0.5); for towers with outlier channels",
+           "static", smoothquant=True),
+    Recipe("w8a16", "int8 weights only, float activations and arithmetic: ~4x smaller linear "
+                    "weights at FP32 speed and accuracy", "float"),
+)}
+DEFAULT_RECIPE = "int8"
+
+
+def recipes() -> list[Recipe]:
+    return list(RECIPES.values())
+
+
+def get_recipe(name: str | None) -> Recipe:
+    name = name or DEFAULT_RECIPE
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise EdgeClipError(f"unknown quantization recipe '{name}'; available: {', '.join(RECIPES)}") from None
+
+
+def recipes_help() -> str:
+    return "; ".join(f"{r.name}: {r.summary}" for r in recipes())
+
+
+@dataclass
+class CalibrationSet:
+    """What one graph is calibrated and guarded on."""
+
+    graph: str                 # "image" | "text"
+    output: str                # the output whose cosine the guard measures
+    batches: list              # feed dicts for range collection
+    held_out: dict             # one feed dict, never used for ranges
+    info: dict = field(default_factory=dict)  # source, counts, skipped files: goes to the manifest
+
+
+def image_calibration(pixels: np.ndarray, info: dict, batch: int = 8, holdout: float = 0.2,
+                      seed: int = 0) -> CalibrationSet:
+    from .data import _split
+
+    calib, held = _split(pixels, holdout, seed)
+    batches = [{"pixel_values": calib[i:i + batch]} for i in range(0, len(calib), batch)]
+    return CalibrationSet("image", "image_embeds", batches, {"pixel_values": held},
+                          {**info, "calibration": int(len(calib)), "held_out": int(len(held))})
+
+
+def text_calibration(ids: np.ndarray, eot_token_id, trim: bool, info: dict, batch: int = 16,
+                     holdout: float = 0.2, seed: int = 0) -> CalibrationSet:
+    from ..runtime.pipeline import trim as trim_ids
+    from .data import _split
+
+    calib, held = _split(ids, holdout, seed)
+    fit = (lambda x: trim_ids(x, eot_token_id)) if trim else (lambda x: x)
+    batches = [{"input_ids": fit(calib[i:i + batch])} for i in range(0, len(calib), batch)]
+    return CalibrationSet("text", "text_embeds", batches, {"input_ids": fit(held)},
+                          {**info, "calibration": int(len(calib)), "held_out": int(len(held))})
+
+
+def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str = "minmax",
+                   alpha: float = 0.5, max_drop: float = 0.005, lower: bool = True):
+    """(quantized ONNX model, report for the manifest). Raises ValidationError when the accuracy
+    guard cannot meet `max_drop` even with every layer back in float.
+
+    `lower`: rewrite static QDQ pairs into ONNX Runtime's fused MatMulIntegerToFloat (bias inside);
+    keep False for graphs other runtimes will read (QDQ is the portable form)."""
+    targets = qdq.find_targets(model)
+    if not targets:
+        raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
+    if not 0.0 < max_drop < 1.0:
+        raise CalibrationError(f"max cosine drop must be in (0, 1), got {max_drop}")
+    report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
+              "quantizable_layers": len(targets)}
+    if recipe.smoothquant:
+        from .smoothquant import smooth, smoothable_pairs
+
+        if not 0.0 <= alpha <= 1.0:
+            raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+        report["smoothquant"] = {"alpha": alpha, "layernorms": len(smoothable_pairs(model, targets))}
+        model = smooth(model, targets, data.batches, alpha)
+    if recipe.activations == "static":
+        if not data.batches:
+            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
+        ranges = qdq.collect_ranges(model, targets, data.batches, observer)
+        report["observer"] = observer
+
+        def quantize_fn(exclude):
+            return qdq.quantize(model, targets, ranges, exclude=exclude)
+    elif recipe.activations == "dynamic":
+        def quantize_fn(exclude):
+            return qdq.quantize_dynamic(model, targets, exclude)
+    else:
+        def quantize_fn(exclude):
+            return qdq.quantize_weights(model, targets, exclude)
+    quant, g = guard(model, quantize_fn, [t.layer for t in targets], data.held_out, data.output, max_drop)
+    if lower and recipe.activations == "static":
+        qdq.lower_for_ort(quant)
+    float_layers = list(g.float_layers)
+    report.update({
+        "max_cosine_drop": max_drop,
+        "cosine_drop": g.drop,
+        "min_cosine": 1.0 - g.drop,
+        "cosine_drop_all_int8": g.drop_all_int8,
+        "float_layers": float_layers,
+        "int8_layers": len({t.layer for t in targets} - set(float_layers)),
+        "sensitivity": {k: round(v, 6) for k, v in g.sensitivity.items()},
+    })
+    return quant, report

@@ -1,0 +1,223 @@
+"""Graph fusions for ONNX Runtime: patterns of our exported graphs replaced by fused contrib ops.
+
+Each fusion is a small class: `match(graph, anchor)` finds one instance of its pattern around an
+anchor node (or returns None), `fuse(model)` rewrites every instance and returns how many it fused.
+A pattern that does not match is logged and skipped; the graph stays valid either way.
+
+    counts = fuse(model)            # {"attention": 24}
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MS = "com.microsoft"
+
+
+class Graph:
+    """Producer/consumer indexes and constant lookup over an onnx GraphProto."""
+
+    def __init__(self, graph):
+        self.g = graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.g.node for o in n.output if o}
+        self.consumers: dict[str, list] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.outputs = {o.name for o in self.g.output}
+
+    def op(self, tensor: str, op_type: str):
+        n = self.producer.get(tensor)
+        return n if n is not None and n.op_type == op_type else None
+
+    def only_consumer(self, tensor: str, op_type: str):
+        cs = self.consumers.get(tensor, [])
+        if len(cs) == 1 and cs[0].op_type == op_type and tensor not in self.outputs:
+            return cs[0]
+        return None
+
+    def const(self, tensor: str):
+        """The value of an initializer or Constant node output, else None."""
+        from onnx import numpy_helper
+
+        if tensor in self.inits:
+            return numpy_helper.to_array(self.inits[tensor])
+        n = self.producer.get(tensor)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name in ("value_float", "value_int"):
+                    return np.array(a.f if a.name == "value_float" else a.i)
+        return None
+
+    def trailing_shape(self, tensor: str):
+        """Known trailing entries of a shape tensor (a constant, or a Concat ending in constants)."""
+        c = self.const(tensor)
+        if c is not None:
+            return [int(v) for v in np.ravel(c)]
+        n = self.producer.get(tensor)
+        if n is None or n.op_type != "Concat":
+            return []
+        tail: list[int] = []
+        for i in reversed(n.input):
+            c = self.const(i)
+            if c is None:
+                break
+            tail = [int(v) for v in np.ravel(c)] + tail
+        return tail
+
+
+def perm(node) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(a.ints)
+    return None
+
+
+def remove_dead(model) -> int:
+    """Drop nodes whose outputs nothing reads (iteratively) and initializers nothing reads."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    removed = len(g.node) - len(keep)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return removed
+
+
+def ensure_opset(model, domain: str, version: int = 1) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+@dataclass
+class _Attention:
+    q: str
+    k: str
+    v: str
+    out: str
+    heads: int
+    scale: float
+    causal: bool
+    bias: str | None  # additive attention bias (B|1, N|1, Lq, Lk)
+
+
+class AttentionFusion:
+    """softmax(QKᵀ·scale [+mask]) V with head split/merge → com.microsoft.MultiHeadAttention.
+
+    Matches what our model exports: Reshape(B,L,N,H) → Transpose → Mul(scale) → MatMul(Kᵀ) →
+    [Where(causal, -inf) | Add(bias)] → Softmax → MatMul(V) → Transpose → Reshape(B,L,D).
+    Causal masks become `unidirectional=1`; additive masks become `attention_bias`."""
+
+    name = "attention"
+
+    def match(self, g: Graph, softmax) -> _Attention | None:
+        scores = softmax.input[0]
+        causal, bias = False, None
+        where = g.op(scores, "Where")
+        add = g.op(scores, "Add")
+        if where is not None:
+            fill = g.const(where.input[1])
+            cond = g.producer.get(where.input[0])
+            if fill is None or not np.all(np.isneginf(fill)) or cond is None or cond.op_type != "Greater":
+                return None
+            causal, scores = True, where.input[2]
+        elif add is not None:
+            for a, b in ((0, 1), (1, 0)):
+                if g.op(add.input[a], "MatMul") is not None:
+                    scores, bias = add.input[a], add.input[b]
+                    break
+            else:
+                return None
+        qk = g.op(scores, "MatMul")
+        if qk is None or len(g.consumers.get(scores, [])) != 1:
+            return None
+        scale = 1.0
+        q_side = qk.input[0]
+        mul = g.op(q_side, "Mul")
+        if mul is not None:
+            c = g.const(mul.input[1])
+            if c is None or c.size != 1:
+                return None
+            scale, q_side = float(np.ravel(c)[0]), mul.input[0]
+        q3, heads = self._heads(g, q_side, [0, 2, 1, 3])
+        k3, _ = self._heads(g, qk.input[1], [0, 2, 3, 1])
+        av = g.only_consumer(softmax.output[0], "MatMul")
+        if av is None or av.input[0] != softmax.output[0]:
+            return None
+        v3, _ = self._heads(g, av.input[1], [0, 2, 1, 3])
+        merge = g.only_consumer(av.output[0], "Transpose")
+        if merge is None or perm(merge) != [0, 2, 1, 3]:
+            return None
+        out = g.only_consumer(merge.output[0], "Reshape")
+        if None in (q3, k3, v3, out) or not heads:
+            return None
+        return _Attention(q3, k3, v3, out.output[0], heads, scale, causal, bias)
+
+    @staticmethod
+    def _heads(g: Graph, tensor: str, expected_perm):
+        """(the 3-D tensor before the head split, heads) for Transpose(Reshape(x, [.., N, H]))."""
+        t = g.op(tensor, "Transpose")
+        if t is None or perm(t) != expected_perm:
+            return None, 0
+        r = g.op(t.input[0], "Reshape")
+        if r is None:
+            return None, 0
+        tail = g.trailing_shape(r.input[1])
+        return r.input[0], (tail[-2] if len(tail) >= 2 and tail[-2] > 0 else 0)
+
+    def fuse(self, model) -> int:
+        from onnx import helper
+
+        g = Graph(model.graph)
+        found = []
+        for n in list(model.graph.node):
+            if n.op_type == "Softmax":
+                m = self.match(g, n)
+                if m is None:
+                    log.info("attention fusion: no match at %s", n.name)
+                else:
+                    found.append((n, m))
+        if not found:
+            return 0
+        ensure_opset(model, MS)
+        for i, (sm, m) in enumerate(found):
+            inputs = [m.q, m.k, m.v, "", "", m.bias or ""]
+            while inputs[-1] == "":
+                inputs.pop()
+            node = helper.make_node("MultiHeadAttention", inputs, [m.out], name=f"{sm.name}_mha",
+                                    domain=MS, num_heads=m.heads, scale=m.scale, unidirectional=int(m.causal))
+            node.metadata_props.extend(sm.metadata_props)
+            # The fused node takes the place of the final Reshape, which produced m.out.
+            old = g.producer[m.out]
+            idx = list(model.graph.node).index(old)
+            model.graph.node.remove(old)
+            model.graph.node.insert(idx, node)
+        remove_dead(model)
+        return len(found)
+
+
+FUSIONS = {"attention": AttentionFusion}
+
+
+def fuse(model, names=("attention",)) -> dict[str, int]:
+    """Apply the named fusions in place; {fusion: instances fused}."""
+    return {name: FUSIONS[name]().fuse(model) for name in names}
