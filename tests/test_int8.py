@@ -100,9 +100,15 @@ def test_recipes_produce_their_own_graph_forms(tiny_artifacts):
     ops = _ops(w8.path / "image.onnx")
     assert ops["DequantizeLinear"] == 13 and ops["MatMulIntegerToFloat"] == 0 and ops["QuantizeLinear"] == 0
     assert w8.manifest["graphs"]["image"]["session_config"] == {"session.disable_quant_qdq": "1"}
-    # weight-only: the image graph's linear weights take a quarter of the bytes
-    fp32_size = (tiny_artifacts["fp32"].path / "image.onnx").stat().st_size
-    assert (w8.path / "image.onnx").stat().st_size < 0.45 * fp32_size
+    # weight-only: the block linears' weights take a quarter of their float bytes
+    from edgeclip.calibration.qdq import find_targets
+
+    fp32_path = tiny_artifacts["fp32"].path / "image.onnx"
+    fp32 = onnx.load(str(fp32_path))
+    inits = {i.name: i for i in fp32.graph.initializer}
+    linear_bytes = sum(len(inits[t.weight].raw_data) for t in find_targets(fp32))
+    saved = fp32_path.stat().st_size - (w8.path / "image.onnx").stat().st_size
+    assert saved >= 0.6 * linear_bytes, (saved, linear_bytes)  # 3/4 of them, less the scales
 
 
 def test_inspect_shows_recipe_float_layers_and_fidelity(tiny_artifacts):
@@ -218,7 +224,7 @@ def test_outliers_break_plain_int8_and_smoothquant_or_the_guard_fix_it(tmp_path)
         return art.manifest["quantization"]["graphs"]["image"], fresh_cos
 
     # Plain min-max INT8 with the guard out of the way: the outliers wreck it.
-    plain, plain_fresh = export("plain", recipe="int8", max_cosine_drop=0.9)
+    plain, plain_fresh = export("plain", recipe="int8", max_cosine_drop=0.9, validate=False)
     assert plain["float_layers"] == [] and plain["min_cosine"] < 0.98 and plain_fresh < 0.98, (plain, plain_fresh)
     # The guard alone: sensitive layers back to float until held-out cosine >= 0.995.
     guarded, guarded_fresh = export("guarded", recipe="int8")

@@ -41,6 +41,7 @@ def load_model(uri: str, *, spec=None, checkpoint=None, seed: int = 0) -> ClipMo
         model = ClipModel(get_spec(spec if spec is not None else rest)).init_random(seed)
     else:
         model = load_builtin(rest)
+    model.source = str(uri)  # where the weights came from (export uses a built-in model's own data)
     return model.float().eval()
 
 

@@ -230,7 +230,7 @@ def calibration_sets(model, spec, opts, recipe, labels, templates, trim: bool) -
     from ...calibration.data import load_images, read_captions
     from ...runtime.preprocess import Preprocessor
 
-    builtin = spec.name == "tiny" and model.spec.name == "tiny"
+    builtin = getattr(model, "source", None) == "builtin:tiny"
     if builtin:
         from ... import builtin as shipped
     folder = opts.calib or (shipped.calib_dir() if builtin else None)
