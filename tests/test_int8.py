@@ -84,11 +84,15 @@ def test_int8_manifest_records_recipe_layers_and_fidelity(tiny_artifacts):
         assert 0 <= r["cosine_drop"] <= 0.005 and r["min_cosine"] == pytest.approx(1 - r["cosine_drop"])
         assert r["data"]["held_out"] > 0 and r["data"]["calibration"] > 0 and r["data"]["source"] == "builtin"
         assert r["observer"] == "minmax"
-    # static INT8 runs as ONNX Runtime's fused integer GEMM with the bias inside, nothing left as QDQ
+    # static INT8 runs as ONNX Runtime's fused integer kernels, nothing left as QDQ: GEMMs with the
+    # bias inside, and packed-QKV projections fused with their attention (the pooled-only last block
+    # keeps its separate Q and KV projections and a float MultiHeadAttention)
     image = _ops(tiny_artifacts["int8"].path / "image.onnx")
-    assert image["MatMulIntegerToFloat"] == q["graphs"]["image"]["int8_layers"]
-    assert image["DequantizeLinear"] == 0 and 0 < image["QuantizeLinear"] <= q["graphs"]["image"]["int8_layers"]
-    assert image["MultiHeadAttention"] == 3 and image["Softmax"] == 0
+    int8_layers = q["graphs"]["image"]["int8_layers"]
+    assert image["MatMulIntegerToFloat"] + image["QAttention"] == int8_layers
+    assert image["QAttention"] == 2 and image["MultiHeadAttention"] == 1 and image["Softmax"] == 0
+    assert image["DequantizeLinear"] == 0 and 0 < image["QuantizeLinear"] <= int8_layers
+    assert image["SkipLayerNormalization"] > 0
 
 
 def test_recipes_produce_their_own_graph_forms(tiny_artifacts):
@@ -277,4 +281,5 @@ def test_vit_b32_int8_image_and_text_cosine(b32):
     q = art.manifest["quantization"]["graphs"]
     assert q["image"]["int8_layers"] >= 44 and q["text"]["int8_layers"] >= 44  # nearly every linear is INT8
     ops = _ops(art.path / "image.onnx")
-    assert ops["MultiHeadAttention"] == 12 and ops["MatMulIntegerToFloat"] == q["image"]["int8_layers"]
+    assert ops["QAttention"] == 11 and ops["MultiHeadAttention"] == 1 and ops["Softmax"] == 0
+    assert ops["MatMulIntegerToFloat"] + ops["QAttention"] == q["image"]["int8_layers"]

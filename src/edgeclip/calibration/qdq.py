@@ -128,7 +128,8 @@ def _toposort(graph, extra) -> None:
     all_nodes = list(graph.node) + list(extra)
     for n in all_nodes:
         for o in n.output:
-            produced_by[o] = n
+            if o:  # "" marks an omitted optional output
+                produced_by[o] = n
     order, seen = [], set()
 
     def visit(n):
@@ -191,6 +192,41 @@ def lower_for_ort(model) -> int:
         count += 1
     if count:
         ensure_opset(model, MS)
+        remove_dead(model)
+        count += _lower_attention(model)
+    return count
+
+
+def _lower_attention(model) -> int:
+    """INT8 packed-QKV projection -> Split -> MultiHeadAttention  ==>  one `com.microsoft.QAttention`
+    (the integer QKV GEMM, its bias and the attention in one kernel). Only self-attention without an
+    additive mask qualifies; causal masks carry over as `unidirectional`."""
+    from onnx import helper
+
+    from ..kernels.onnx_fusions import Graph, remove_dead
+
+    g = Graph(model.graph)
+    count = 0
+    for mha in list(model.graph.node):
+        if mha.op_type != "MultiHeadAttention" or len(mha.input) != 3:
+            continue
+        split = g.producer.get(mha.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(mha.input):
+            continue
+        mm = g.op(split.input[0], "MatMulIntegerToFloat")
+        if mm is None or len(mm.input) < 7 or len(g.consumers.get(mm.output[0], [])) != 1:
+            continue
+        a, w, a_scale, w_scale, a_zp, w_zp, bias = mm.input[:7]
+        attrs = {x.name: helper.get_attribute_value(x) for x in mha.attribute}
+        node = helper.make_node("QAttention", [a, w, bias, a_scale, w_scale, "", a_zp, w_zp], [mha.output[0]],
+                                name=f"{mha.name}_int8", domain="com.microsoft", num_heads=attrs["num_heads"],
+                                unidirectional=attrs.get("unidirectional", 0), scale=attrs.get("scale", 0.0))
+        node.metadata_props.extend(mm.metadata_props)
+        idx = list(model.graph.node).index(mha)
+        model.graph.node.insert(idx, node)
+        model.graph.node.remove(mha)
+        count += 1
+    if count:
         remove_dead(model)
     return count
 

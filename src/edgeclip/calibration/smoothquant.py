@@ -20,6 +20,7 @@ def _producers(graph) -> dict:
 
 
 PASS_THROUGH = ("Gather", "GatherElements")  # select tokens, keep channels: scaling commutes
+LN_PARAMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (scale, bias) inputs
 
 
 def smoothable_pairs(model, targets) -> dict:
@@ -34,7 +35,10 @@ def smoothable_pairs(model, targets) -> dict:
     target_of = {t.node: t for t in targets}
     pairs = {}
     for ln in model.graph.node:
-        if ln.op_type != "LayerNormalization" or len(ln.input) < 3 or not {ln.input[1], ln.input[2]} <= inits:
+        if ln.op_type not in LN_PARAMS:
+            continue
+        si, bi = LN_PARAMS[ln.op_type]
+        if len(ln.input) <= bi or not {ln.input[si], ln.input[bi]} <= inits:
             continue
         found, ok, frontier = [], True, [ln.output[0]]
         while frontier and ok:
@@ -86,7 +90,7 @@ def smooth(model, targets, batches, alpha: float = 0.5):
         s = np.clip(s, 1e-5, 1e5).astype(np.float32)
         for t, w in zip(ts, weights):
             _replace(m, inits, shared, t.weight, w * s[:, None])
-        for idx in (1, 2):  # LayerNorm scale and bias
+        for idx in LN_PARAMS[ln.op_type]:  # LayerNorm scale and bias
             name = ln.input[idx]
             _replace(m, inits, shared, name, numpy_helper.to_array(inits[name]) / s, node=ln, index=idx)
     return m

@@ -215,9 +215,47 @@ class AttentionFusion:
         return len(found)
 
 
-FUSIONS = {"attention": AttentionFusion}
+class SkipLayerNormFusion:
+    """Residual add + LayerNorm → com.microsoft.SkipLayerNormalization (the sum stays available as
+    its fourth output for the next residual)."""
+
+    name = "skip_layernorm"
+
+    def fuse(self, model) -> int:
+        from onnx import helper
+
+        g = Graph(model.graph)
+        count = 0
+        for ln in list(model.graph.node):
+            if ln.op_type != "LayerNormalization" or len(ln.input) < 3 or len(ln.output) != 1:
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in ln.attribute}
+            if attrs.get("axis", -1) != -1:
+                continue
+            add = g.op(ln.input[0], "Add")
+            if add is None or any(g.const(i) is not None for i in add.input):
+                continue
+            others = [c for c in g.consumers.get(add.output[0], []) if c is not ln]
+            keep_sum = bool(others) or add.output[0] in g.outputs
+            outputs = [ln.output[0], "", "", add.output[0]] if keep_sum else [ln.output[0]]
+            node = helper.make_node("SkipLayerNormalization", [add.input[0], add.input[1], ln.input[1], ln.input[2]],
+                                    outputs, name=f"{ln.name}_skip", domain=MS, epsilon=attrs.get("epsilon", 1e-5))
+            node.metadata_props.extend(ln.metadata_props)
+            # Where the Add was: everything reading its sum comes after it.
+            idx = list(model.graph.node).index(add)
+            model.graph.node.insert(idx, node)
+            model.graph.node.remove(add)
+            model.graph.node.remove(ln)
+            g.refresh()
+            count += 1
+        if count:
+            ensure_opset(model, MS)
+        return count
 
 
-def fuse(model, names=("attention",)) -> dict[str, int]:
+FUSIONS = {"attention": AttentionFusion, "skip_layernorm": SkipLayerNormFusion}
+
+
+def fuse(model, names=("attention", "skip_layernorm")) -> dict[str, int]:
     """Apply the named fusions in place; {fusion: instances fused}."""
     return {name: FUSIONS[name]().fuse(model) for name in names}
