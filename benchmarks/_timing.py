@@ -21,10 +21,15 @@ _COLLECTED: dict[str, dict] = {}
 
 
 class Interleaved:
-    """Time named callables alternately; `round()` runs each once (usable as a pedantic target)."""
+    """Time named callables alternately; `round()` runs each once (usable as a pedantic target).
 
-    def __init__(self, fns: dict[str, Callable[[], object]]):
+    With `block`/`warm`, each variant's turn in a round is `warm` untimed calls, then `block` timed
+    calls whose median is the round's time: runtimes with spinning thread pools (ONNX Runtime) keep
+    a core busy for a moment after a call, which would otherwise bill the next variant."""
+
+    def __init__(self, fns: dict[str, Callable[[], object]], block: int = 1, warm: int = 0):
         self.fns = dict(fns)
+        self.block, self.warm = max(1, block), max(0, warm)
         self.times: dict[str, list[float]] = {name: [] for name in self.fns}
         self._rounds = 0
 
@@ -35,9 +40,14 @@ class Interleaved:
         self._rounds += 1
         for name in names:
             fn = self.fns[name]
-            t = time.perf_counter()
-            fn()
-            self.times[name].append(time.perf_counter() - t)
+            for _ in range(self.warm):
+                fn()
+            calls = []
+            for _ in range(self.block):
+                t = time.perf_counter()
+                fn()
+                calls.append(time.perf_counter() - t)
+            self.times[name].append(statistics.median(calls))
 
     def warmup(self, rounds: int = 5) -> "Interleaved":
         for _ in range(rounds):

@@ -26,6 +26,7 @@ from edgeclip.calibration.recipes import RECIPES  # noqa: E402
 from edgeclip.errors import CalibrationError, EdgeClipError, ValidationError  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
+from synthetic import captions, write_images  # noqa: E402
 
 ALL_RECIPES = ["int8", "int8-dynamic", "int8-smoothquant", "w8a16"]
 
@@ -185,38 +186,13 @@ def _outlier_tiny():
     return m
 
 
-def _write_images(folder: Path, n: int, size: int, seed: int) -> list[Path]:
-    """Smooth random colour images (blobs plus grain), like photos at low resolution."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    r = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        coarse = r.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), np.float32)
-        img = np.clip(img + r.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-        paths.append(folder / f"{seed}_{i:03d}.png")
-        Image.fromarray(img).save(paths[-1])
-    return paths
-
-
-WORDS = ("red", "small", "old", "bright", "wooden", "striped", "cat", "dog", "car", "house", "tree",
-         "boat", "street", "beach", "table", "mountain", "bird", "flower", "on", "near", "under")
-
-
-def _captions(n: int, seed: int) -> list[str]:
-    r = np.random.default_rng(seed)
-    return ["a photo of a " + " ".join(r.choice(WORDS, size=int(r.integers(2, 9)))) for _ in range(n)]
-
-
 def test_outliers_break_plain_int8_and_smoothquant_or_the_guard_fix_it(tmp_path):
     model = _outlier_tiny()
     size = model.spec.vision.image_size
-    _write_images(tmp_path / "calib", 96, size, seed=0)
-    fresh = _write_images(tmp_path / "fresh", 32, size, seed=1)
+    write_images(tmp_path / "calib", 96, size, seed=0)
+    fresh = write_images(tmp_path / "fresh", 32, size, seed=1)
     caps = tmp_path / "caps.txt"
-    caps.write_text("\n".join(_captions(64, 0)))
+    caps.write_text("\n".join(captions(64, 0)))
     pre = Preprocessor.from_config(model.spec.preprocess_config())
     with torch.no_grad():
         ref = model.encode_image(torch.from_numpy(pre([str(p) for p in fresh]))).numpy()
@@ -244,7 +220,7 @@ def test_outliers_break_plain_int8_and_smoothquant_or_the_guard_fix_it(tmp_path)
 
 def test_guard_failure_is_a_validation_error_with_a_report(tmp_path):
     model = _outlier_tiny()
-    _write_images(tmp_path / "calib", 24, model.spec.vision.image_size, seed=0)
+    write_images(tmp_path / "calib", 24, model.spec.vision.image_size, seed=0)
     with pytest.raises(ValidationError, match="misses the accuracy bound") as e:
         # no quantized model can be within 1e-9 of float: the guard returns everything and still fails
         edgeclip.export(model, precision="int8", calib=tmp_path / "calib", labels=["a", "b"],
@@ -259,12 +235,12 @@ def test_guard_failure_is_a_validation_error_with_a_report(tmp_path):
 def b32(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8-b32")
     model = edgeclip.load_model("random:ViT-B-32", seed=0)
-    _write_images(root / "calib", 48, 224, seed=0)
-    held = _write_images(root / "held", 12, 224, seed=1)
-    (root / "caps.txt").write_text("\n".join(_captions(96, 0)))
+    write_images(root / "calib", 48, 224, seed=0)
+    held = write_images(root / "held", 12, 224, seed=1)
+    (root / "caps.txt").write_text("\n".join(captions(96, 0)))
     art = edgeclip.export(model, precision="int8", calib=root / "calib", calib_captions=root / "caps.txt",
                           out=root / "int8")
-    return model, art, held, _captions(16, 1)
+    return model, art, held, captions(16, 1)
 
 
 @pytest.mark.slow

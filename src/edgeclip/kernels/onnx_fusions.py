@@ -200,7 +200,23 @@ class AttentionFusion:
             return 0
         ensure_opset(model, MS)
         for i, (sm, m) in enumerate(found):
-            inputs = [m.q, m.k, m.v, "", "", m.bias or ""]
+            new_nodes = []
+            bias = ""
+            if m.bias:
+                # MultiHeadAttention wants the bias as (B|1, N|1, Lq, Lk) with no broadcast over queries:
+                # expand it to the scores' trailing shape, read from the q and k tensors at run time.
+                p = f"{sm.name}_bias"
+                ones = f"{p}_ones"
+                model.graph.initializer.append(helper.make_tensor(ones, 7, [2], [1, 1]))
+                new_nodes += [
+                    helper.make_node("Shape", [m.q], [f"{p}_lq"], start=1, end=2, name=f"{p}_lq"),
+                    helper.make_node("Shape", [m.k], [f"{p}_lk"], start=1, end=2, name=f"{p}_lk"),
+                    helper.make_node("Concat", [ones, f"{p}_lq", f"{p}_lk"], [f"{p}_shape"], axis=0,
+                                     name=f"{p}_shape"),
+                    helper.make_node("Expand", [m.bias, f"{p}_shape"], [f"{p}_full"], name=f"{p}_expand"),
+                ]
+                bias = f"{p}_full"
+            inputs = [m.q, m.k, m.v, "", "", bias]
             while inputs[-1] == "":
                 inputs.pop()
             node = helper.make_node("MultiHeadAttention", inputs, [m.out], name=f"{sm.name}_mha",
@@ -210,7 +226,8 @@ class AttentionFusion:
             old = g.producer[m.out]
             idx = list(model.graph.node).index(old)
             model.graph.node.remove(old)
-            model.graph.node.insert(idx, node)
+            for k, n in enumerate(new_nodes + [node]):
+                model.graph.node.insert(idx + k, n)
         remove_dead(model)
         return len(found)
 
