@@ -93,7 +93,7 @@ def test_int8_manifest_records_recipe_layers_and_fidelity(tiny_artifacts):
     assert image["MatMulIntegerToFloat"] + image["QAttention"] == int8_layers
     assert image["QAttention"] == 2 and image["MultiHeadAttention"] == 1 and image["Softmax"] == 0
     assert image["DequantizeLinear"] == 0 and 0 < image["QuantizeLinear"] <= int8_layers
-    assert image["SkipLayerNormalization"] > 0
+    assert image["SkipLayerNormalization"] == 0  # measured slower than Add + LayerNorm on ORT's CPU
 
 
 def test_recipes_produce_their_own_graph_forms(tiny_artifacts):

@@ -156,7 +156,7 @@ def _toposort(graph, extra) -> None:
     graph.node.extend(order)
 
 
-def lower_for_ort(model) -> int:
+def lower_for_ort(model, attention: bool = True) -> int:
     """Rewrite `DQ(x) -> MatMul <- DQ(W)` [+ bias Add] into ONNX Runtime's fused
     `com.microsoft.MatMulIntegerToFloat` with the bias inside, in place; returns how many.
 
@@ -193,7 +193,8 @@ def lower_for_ort(model) -> int:
     if count:
         ensure_opset(model, MS)
         remove_dead(model)
-        count += _lower_attention(model)
+        if attention:
+            count += _lower_attention(model)
     return count
 
 

@@ -134,6 +134,24 @@ class AttentionPool(nn.Module):
         return (h + self.mlp(self.ln(h)))[:, 0]
 
 
+class PatchLinear(nn.Module):
+    """A Conv2d with kernel = stride = p, as patchify + linear: (N, 3, H, W) -> (N, (H/p)(W/p), C)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.p = conv.kernel_size[0]
+        self.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous(),
+                                   requires_grad=False)  # (3 p p, C), rows in (channel, y, x) order
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, pixels):
+        n, c, h, w = pixels.shape
+        p = self.p
+        x = pixels.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p)
+        x = x @ self.weight
+        return x if self.bias is None else x + self.bias
+
+
 class VisionTower(nn.Module):
     def __init__(self, spec: VisionSpec, embed_dim: int):
         super().__init__()
@@ -152,19 +170,18 @@ class VisionTower(nn.Module):
         )
         self.proj = nn.Linear(w, embed_dim, bias=False) if spec.proj else None
         self.pooled_only_last = False
-        self.patch_as_matmul = False  # see embed_patches
+        self.patch_linear = None  # set_patch_as_matmul
+
+    def set_patch_as_matmul(self, on: bool = True) -> None:
+        """Run the stride-p patch convolution as a patchify reshape + one GEMM (`PatchLinear`): the
+        same sums, and runtimes whose GEMMs beat their convolutions (ONNX Runtime on CPU) gain."""
+        self.patch_linear = PatchLinear(self.patch_embed) if on else None
 
     def embed_patches(self, pixels):
-        """(N, 3, H, W) -> (N, L, width). With `patch_as_matmul` the stride-p convolution is written
-        as a patchify reshape + one GEMM: the same sums, and runtimes whose convolutions are slower
-        than their GEMMs (ONNX Runtime on CPU) run it as the latter."""
-        if not self.patch_as_matmul:
-            return self.patch_embed(pixels).flatten(2).transpose(1, 2)
-        p, g = self.spec.patch_size, self.spec.image_size // self.spec.patch_size
-        conv = self.patch_embed
-        x = pixels.reshape(pixels.shape[0], 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
-        x = x.reshape(pixels.shape[0], g * g, 3 * p * p)
-        return torch.nn.functional.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+        """(N, 3, H, W) -> (N, L, width)."""
+        if self.patch_linear is not None:
+            return self.patch_linear(pixels)
+        return self.patch_embed(pixels).flatten(2).transpose(1, 2)
 
     def forward(self, pixels):
         s = self.spec

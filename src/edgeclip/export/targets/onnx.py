@@ -43,7 +43,7 @@ class OnnxTarget:
         templates = check_templates(opts.templates or default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
         m = prepare(model, opts)
-        m.visual.patch_as_matmul = True  # ORT's CPU GEMM beats its convolution for stride-p patches
+        m.visual.set_patch_as_matmul(True)  # ORT's CPU GEMM beats its convolution for stride-p patches
         dtype = DTYPES[opts.precision]
         trim = opts.trim_text and trim_supported(spec)
         self.fusions, self.quantization, self.calibration = {}, {}, None
