@@ -74,3 +74,12 @@ def sdpa_attention(q, k, v, *, causal=False, scale=None, attn_mask=None):
         causal_add = causal_add.masked_fill(_causal_mask(q.shape[-2], k.shape[-2], q), float("-inf"))
         mask = causal_add if mask is None else mask + causal_add
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@register_attention("triton")
+def triton_attention(q, k, v, *, causal=False, scale=None, attn_mask=None):
+    """The Triton flash-attention kernel (`kernels.triton_attention`): NVIDIA GPUs, or Triton's CPU
+    interpreter under TRITON_INTERPRET=1."""
+    from .triton_attention import triton_attention as run
+
+    return run(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
