@@ -423,3 +423,31 @@ def test_export_refuses_to_overwrite_without_asking(exports, tmp_path):
     with pytest.raises(edgeclip.EdgeClipError, match="overwrite"):
         edgeclip.export(exports.model("tiny"), target="onnx", out=out)
     assert (out / "manifest.json").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------ fusions
+
+@pytest.mark.parametrize("name", ["tiny", "ViT-B-32", pytest.param("ViT-B-16", marks=pytest.mark.slow),
+                                  pytest.param("Long-CLIP-B", marks=pytest.mark.slow),
+                                  pytest.param("SigLIP-B-16", marks=pytest.mark.slow),
+                                  pytest.param("ViT-L-14-336", marks=pytest.mark.slow)])
+@needs(lambda p: key(p["name"], "fp32"))
+def test_ort_graphs_have_no_unfused_attention(exports, name):
+    """Every attention of both towers is one MultiHeadAttention, in the file and after ONNX Runtime's
+    own optimizations (which must not undo it)."""
+    import onnxruntime as ort
+    from collections import Counter
+
+    from edgeclip.specs import get_spec
+
+    spec = get_spec(name)
+    path = exports.get(name, "fp32")
+    expected = {"image": spec.vision.layers + int(spec.vision.pool == "map"), "text": spec.text.layers}
+    for graph, count in expected.items():
+        ops = Counter(n.op_type for n in onnx.load(str(path / f"{graph}.onnx")).graph.node)
+        assert ops["MultiHeadAttention"] == count and ops["Softmax"] == 0, (graph, dict(ops))
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(path.parent / f"{name}-{graph}-optimized.onnx")
+        ort.InferenceSession(str(path / f"{graph}.onnx"), so, providers=["CPUExecutionProvider"])
+        optimized = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        assert optimized["MultiHeadAttention"] == count and optimized["Softmax"] == 0, (graph, dict(optimized))

@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edgeclip.kernels.onnx_fusions import AttentionFusion, SkipLayerNormFusion, fuse  # noqa: E402
+from edgeclip.kernels.onnx_fusions import AttentionFusion, QuickGeluFusion, SkipLayerNormFusion, fuse  # noqa: E402
 
 B, L, N, H = 2, 7, 4, 8
 D = N * H
@@ -142,6 +142,35 @@ def test_skip_layernorm_fusion_golden(reuse_sum):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _quick_gelu_graph(alpha=1.702, const_first=False):
+    inits = [_const("a", np.array(alpha, np.float32))]
+    mul_in = ["a", "x"] if const_first else ["x", "a"]
+    nodes = [helper.make_node("Mul", mul_in, ["ax"]), helper.make_node("Sigmoid", ["ax"], ["s"]),
+             helper.make_node("Mul", ["s", "x"], ["y"])]
+    return helper.make_model(helper.make_graph(
+        nodes, "qg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, L, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, L, D])], inits),
+        opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("alpha,const_first", [(1.702, False), (1.0, True)])
+def test_quick_gelu_fusion_golden(alpha, const_first):
+    model = _quick_gelu_graph(alpha, const_first)
+    x = {"x": np.random.default_rng(3).normal(size=(B, L, D)).astype(np.float32) * 3}
+    before = _run(model, x)
+    assert QuickGeluFusion().fuse(model) == 1
+    onnx.checker.check_model(model)
+    (node,) = model.graph.node
+    assert node.op_type == "QuickGelu" and helper.get_attribute_value(node.attribute[0]) == pytest.approx(alpha)
+    np.testing.assert_allclose(_run(model, x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_quick_gelu_fusion_leaves_other_gates_alone():
+    model = _quick_gelu_graph()
+    model.graph.node[2].input[1] = "ax"  # sigmoid(ax) * ax: not x * sigmoid(a x)
+    assert QuickGeluFusion().fuse(model) == 0
+
+
 # ------------------------------------------------------------------------------ exported models
 
 @pytest.fixture(scope="module")
@@ -160,6 +189,7 @@ def test_exported_graphs_have_no_unfused_attention(tiny_pair):
     for name, blocks in (("image", len(model.visual.blocks)), ("text", len(model.text.blocks))):
         ops = Counter(n.op_type for n in onnx.load(str(fused.path / f"{name}.onnx")).graph.node)
         assert ops["MultiHeadAttention"] == blocks and ops["Softmax"] == 0, (name, ops)
+        assert ops["QuickGelu"] == blocks and ops["Sigmoid"] == 0
         assert fused.manifest["fusions"][name]["attention"] == blocks
         raw = Counter(n.op_type for n in onnx.load(str(plain.path / f"{name}.onnx")).graph.node)
         assert raw["MultiHeadAttention"] == 0 and raw["Softmax"] == blocks
@@ -180,5 +210,5 @@ def test_fused_and_unfused_exports_agree(tiny_pair):
 
 def test_fuse_reports_counts_per_fusion():
     model = _attention_graph("causal")
-    assert fuse(model) == {"attention": 1}
+    assert fuse(model) == {"attention": 1, "quick_gelu": 0}
     assert fuse(_skip_ln_graph(True), ("attention", "skip_layernorm")) == {"attention": 0, "skip_layernorm": 1}
