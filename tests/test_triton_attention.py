@@ -75,3 +75,16 @@ def test_gpu_matches_sdpa():
             ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
             got = flash_attention(q, k, v, causal=causal).float()
             assert (got - ref).abs().max().item() <= {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}[dt]
+
+
+def test_tensorrt_plugin_names_its_missing_extra():
+    import importlib.util
+
+    from edgeclip.errors import MissingExtraError
+    from edgeclip.kernels import trt_plugin
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(MissingExtraError, match="tensorrt"):
+        trt_plugin.register()
+    assert trt_plugin.PLUGIN_ID == "edgeclip::flash_attention"

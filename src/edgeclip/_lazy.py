@@ -19,6 +19,7 @@ _EXTRA = {
     "tensorrt": "tensorrt",
     "tokenizers": "tokenizers",
     "rich": "bench",
+    "triton": "triton",
 }
 
 
