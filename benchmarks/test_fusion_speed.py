@@ -4,7 +4,7 @@ image). Side by side in one run, interleaved.
 
     python -m pytest benchmarks/test_fusion_speed.py -q -p no:cacheprovider --benchmark-only
 
-(~6 minutes on 2 cores.) Each case is the real spec's tower cut to a few blocks (width, heads, token
+(~7 minutes on 2 cores.) Each case is the real spec's tower cut to a few blocks (width, heads, token
 count and MLP unchanged), random weights, batch 1, 2 threads; "unfused" is the same export with
 `fuse=False`. The ratio is unfused / fused latency (median over rounds of the per-round ratio):
 >= 1.0 means fusing did not slow the artifact down. Results in .benchmarks/fusion_speed.json.
@@ -89,7 +89,7 @@ def test_fused_vs_unfused(benchmark, data, tmp_path, request, length):
         a, b = outs[f"{p}-fused"], outs[f"{p}-unfused"]
         tol = 1e-4 if p == "fp32" else 0.05
         assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max()), (p, np.abs(a - b).max())
-    timer = Interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, block=3, warm=1).warmup(1)
+    timer = Interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, block=5, warm=3).warmup(1)
     benchmark.group = f"fusion, {length} tokens"
     benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
     stats = timer.summary()
