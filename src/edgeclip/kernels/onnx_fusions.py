@@ -267,6 +267,7 @@ class SkipLayerNormFusion:
             count += 1
         if count:
             ensure_opset(model, MS)
+            remove_dead(model)  # constants only the replaced nodes read
         return count
 
 
@@ -309,6 +310,7 @@ class QuickGeluFusion:
             count += 1
         if count:
             ensure_opset(model, MS)
+            remove_dead(model)  # constants only the replaced nodes read
         return count
 
 
