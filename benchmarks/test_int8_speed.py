@@ -42,7 +42,7 @@ ort = pytest.importorskip("onnxruntime")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _timing import Interleaved, report  # noqa: E402
-from synthetic import captions, write_images  # noqa: E402
+from synthetic import calibration_data  # noqa: E402
 
 import edgeclip  # noqa: E402
 from edgeclip.export.graphs import ImageGraph  # noqa: E402
@@ -83,12 +83,9 @@ def variants(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("int8-speed")
     model = edgeclip.load_model("random:ViT-B-32", seed=0)
-    write_images(root / "calib", 48, 224, seed=0)
-    held = write_images(root / "held", 8, 224, seed=1)
-    (root / "caps.txt").write_text("\n".join(captions(96, 0)))
+    calib, held, caps = calibration_data(root, 224, images=48, held=8, caps=96)
     fp32 = edgeclip.export(model, precision="fp32", out=root / "fp32")
-    int8 = edgeclip.export(model, precision="int8", calib=root / "calib", calib_captions=root / "caps.txt",
-                           out=root / "int8")
+    int8 = edgeclip.export(model, precision="int8", calib=calib, calib_captions=caps, out=root / "int8")
     _plain_export(model, root / "plain.onnx")
     quantize_dynamic(str(root / "plain.onnx"), str(root / "dynamic.onnx"))
     paths = {"edgeclip-fp32": fp32.path / "image.onnx", "edgeclip-int8": int8.path / "image.onnx",

@@ -1,4 +1,5 @@
-"""Synthetic calibration and held-out data for tests and benchmarks: photo-like images and captions."""
+"""Synthetic data and models for tests and benchmarks: photo-like images, captions, and a tiny
+model with CLIP-like outlier channels."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,3 +30,30 @@ WORDS = ("red", "small", "old", "bright", "wooden", "striped", "cat", "dog", "ca
 def captions(n: int, seed: int) -> list[str]:
     r = np.random.default_rng(seed)
     return ["a photo of a " + " ".join(r.choice(WORDS, size=int(r.integers(2, 9)))) for _ in range(n)]
+
+
+def calibration_data(root: Path, size: int, images: int, held: int, caps: int) -> tuple[Path, list[Path], Path]:
+    """(calibration folder, held-out image paths, captions file) written under `root`."""
+    write_images(root / "calib", images, size, seed=0)
+    held_paths = write_images(root / "held", held, size, seed=1)
+    (root / "caps.txt").write_text("\n".join(captions(caps, 0)))
+    return root / "calib", held_paths, root / "caps.txt"
+
+
+def outlier_tiny():
+    """random:tiny with CLIP-like outliers: 3 LayerNorm output channels x80 in every vision block,
+    the following linear compensated so the float function keeps its shape."""
+    import torch
+
+    import edgeclip
+
+    m = edgeclip.load_model("random:tiny", seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in m.visual.blocks:
+            for ln, lin in ((blk.ln_1, blk.attn.qkv), (blk.ln_2, blk.mlp.fc1)):
+                ch = torch.randperm(ln.weight.numel(), generator=g)[:3]
+                ln.weight[ch] *= 80
+                ln.bias[ch] *= 80
+                lin.weight[:, ch] /= 80
+    return m

@@ -9,6 +9,7 @@ from edgeclip.calibration.data import list_images, load_images, read_captions
 from edgeclip.calibration.observers import (make_observer, quantize_weight_per_channel, scale_zero_point)
 from edgeclip.errors import CalibrationError, EdgeClipError
 from edgeclip.runtime.preprocess import Preprocessor
+from synthetic import outlier_tiny
 
 RNG = np.random.default_rng(0)
 GAUSS = [RNG.normal(scale=2.0, size=50_000).astype(np.float32) for _ in range(8)]
@@ -204,25 +205,6 @@ def test_qdq_exclude_keeps_layers_float(tiny_digits):
 
 # -------------------------------------------------------------------------------------- SmoothQuant
 
-def _outlier_tiny():
-    """random:tiny with CLIP-like outliers: 3 LayerNorm output channels x80 in every block, the
-    following linear compensated so the float function keeps its shape."""
-    import torch
-
-    import edgeclip
-
-    m = edgeclip.load_model("random:tiny", seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for blk in m.visual.blocks:
-            for ln, lin in ((blk.ln_1, blk.attn.qkv), (blk.ln_2, blk.mlp.fc1)):
-                ch = torch.randperm(ln.weight.numel(), generator=g)[:3]
-                ln.weight[ch] *= 80
-                ln.bias[ch] *= 80
-                lin.weight[:, ch] /= 80
-    return m
-
-
 def _smooth_images(n, seed):
     r = np.random.default_rng(seed)
     coarse = r.normal(size=(n, 3, 4, 4)).astype(np.float32)
@@ -237,7 +219,7 @@ def test_smoothquant_is_exact_in_float_and_rescues_int8(tmp_path):
     import edgeclip
     from edgeclip.calibration import qdq, smoothquant
 
-    edgeclip.export(_outlier_tiny(), out=tmp_path / "a", validate=True)
+    edgeclip.export(outlier_tiny(), out=tmp_path / "a", validate=True)
     model = onnx.load(tmp_path / "a" / "image.onnx")
     cal = [{"pixel_values": _smooth_images(32, s)} for s in range(4)]
     held = _smooth_images(64, 99)
@@ -272,7 +254,7 @@ def test_guard_returns_sensitive_layers_to_float_until_it_passes(tmp_path):
     from edgeclip.calibration import qdq, smoothquant
     from edgeclip.calibration.guard import guarded_quantize
 
-    edgeclip.export(_outlier_tiny(), out=tmp_path / "a")
+    edgeclip.export(outlier_tiny(), out=tmp_path / "a")
     model = onnx.load(tmp_path / "a" / "image.onnx")
     cal = [{"pixel_values": _smooth_images(32, s)} for s in range(4)]
     held = {"pixel_values": _smooth_images(64, 99)}

@@ -26,7 +26,7 @@ from edgeclip.calibration.recipes import RECIPES  # noqa: E402
 from edgeclip.errors import CalibrationError, EdgeClipError, ValidationError  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
-from synthetic import captions, write_images  # noqa: E402
+from synthetic import calibration_data, captions, outlier_tiny, write_images  # noqa: E402
 
 ALL_RECIPES = ["int8", "int8-dynamic", "int8-smoothquant", "w8a16"]
 
@@ -171,35 +171,15 @@ def test_int8_errors_are_clear(tmp_path):
 
 # ------------------------------------------------------------------- outlier channels (CLIP-like)
 
-def _outlier_tiny():
-    """random:tiny with 3 LayerNorm output channels x80 in every vision block (the following linear
-    compensated, so the float function keeps its shape), like real CLIP's outlier channels."""
-    m = edgeclip.load_model("random:tiny", seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for blk in m.visual.blocks:
-            for ln, lin in ((blk.ln_1, blk.attn.qkv), (blk.ln_2, blk.mlp.fc1)):
-                ch = torch.randperm(ln.weight.numel(), generator=g)[:3]
-                ln.weight[ch] *= 80
-                ln.bias[ch] *= 80
-                lin.weight[:, ch] /= 80
-    return m
-
-
 def test_outliers_break_plain_int8_and_smoothquant_or_the_guard_fix_it(tmp_path):
-    model = _outlier_tiny()
-    size = model.spec.vision.image_size
-    write_images(tmp_path / "calib", 96, size, seed=0)
-    fresh = write_images(tmp_path / "fresh", 32, size, seed=1)
-    caps = tmp_path / "caps.txt"
-    caps.write_text("\n".join(captions(64, 0)))
+    model = outlier_tiny()
+    calib, fresh, caps = calibration_data(tmp_path, model.spec.vision.image_size, images=96, held=32, caps=64)
     pre = Preprocessor.from_config(model.spec.preprocess_config())
     with torch.no_grad():
         ref = model.encode_image(torch.from_numpy(pre([str(p) for p in fresh]))).numpy()
 
     def export(name, **kw):
-        art = edgeclip.export(model, precision="int8", calib=tmp_path / "calib", calib_captions=caps,
-                              out=tmp_path / name, **kw)
+        art = edgeclip.export(model, precision="int8", calib=calib, calib_captions=caps, out=tmp_path / name, **kw)
         fresh_cos = float(_cos(Pipeline.load(art.path).encode_image([str(p) for p in fresh]), ref).min())
         return art.manifest["quantization"]["graphs"]["image"], fresh_cos
 
@@ -219,7 +199,7 @@ def test_outliers_break_plain_int8_and_smoothquant_or_the_guard_fix_it(tmp_path)
 
 
 def test_guard_failure_is_a_validation_error_with_a_report(tmp_path):
-    model = _outlier_tiny()
+    model = outlier_tiny()
     write_images(tmp_path / "calib", 24, model.spec.vision.image_size, seed=0)
     with pytest.raises(ValidationError, match="misses the accuracy bound") as e:
         # no quantized model can be within 1e-9 of float: the guard returns everything and still fails
@@ -235,11 +215,8 @@ def test_guard_failure_is_a_validation_error_with_a_report(tmp_path):
 def b32(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8-b32")
     model = edgeclip.load_model("random:ViT-B-32", seed=0)
-    write_images(root / "calib", 48, 224, seed=0)
-    held = write_images(root / "held", 12, 224, seed=1)
-    (root / "caps.txt").write_text("\n".join(captions(96, 0)))
-    art = edgeclip.export(model, precision="int8", calib=root / "calib", calib_captions=root / "caps.txt",
-                          out=root / "int8")
+    calib, held, caps = calibration_data(root, 224, images=48, held=12, caps=96)
+    art = edgeclip.export(model, precision="int8", calib=calib, calib_captions=caps, out=root / "int8")
     return model, art, held, captions(16, 1)
 
 

@@ -29,6 +29,10 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def float_reference(model, feeds: dict, output: str) -> np.ndarray:
+    return _session(model).run([output], feeds)[0]
+
+
 def cosine_drop(model, reference: np.ndarray, feeds: dict, output: str) -> float:
     """1 - the minimum cosine between `model`'s output and the float reference over held-out rows."""
     y = _session(model).run([output], feeds)[0].astype(np.float64)
@@ -44,12 +48,13 @@ def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_dr
                  [t.layer for t in targets], held_out, output, max_drop)
 
 
-def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005):
+def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005, reference=None):
     """Run `quantize_fn(exclude=set of layers kept float)` under the accuracy bound.
 
     Returns (quantized model, GuardReport); raises ValidationError when the bound holds only with
     every layer back in float (nothing INT8 would be left), with the per-layer sensitivities."""
-    reference = _session(model).run([output], held_out)[0]
+    if reference is None:  # the float model's `output` on `held_out`
+        reference = float_reference(model, held_out, output)
     quant = quantize_fn(set())
     drop_all = cosine_drop(quant, reference, held_out, output)
     report = GuardReport(max_drop, drop_all, drop_all)

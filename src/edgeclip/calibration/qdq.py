@@ -23,6 +23,24 @@ class QuantTarget:
     layer: str       # module path from the exporter's name scopes, e.g. visual.blocks.3.mlp.fc1
 
 
+def copy_model(model):
+    from onnx import ModelProto
+
+    m = ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _int8_weight(w: np.ndarray, base: str) -> list:
+    """Initializers `{base}_int`, `{base}_scale`, `{base}_zp`: symmetric int8 per output column."""
+    from onnx import numpy_helper
+
+    q, scale = quantize_weight_per_channel(w, axis=1)  # (K, N): one scale per output column
+    return [numpy_helper.from_array(q, f"{base}_int"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
+            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zp")]
+
+
 def _layer_name(node) -> str:
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
@@ -51,8 +69,7 @@ def probe_session(model, names):
     """An ORT session over a copy of `model` that also outputs the intermediate tensors `names`."""
     onnx = require("onnx", "INT8 calibration")
     ort = require("onnxruntime", "INT8 calibration")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = copy_model(model)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -76,11 +93,10 @@ def collect_ranges(model, targets, batches, observer: str = "minmax", **observer
 
 def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=()):
     """A QDQ copy of `model`; targets whose layer (or node) is in `exclude` stay float."""
-    onnx = require("onnx", "INT8 quantization")
+    require("onnx", "INT8 quantization")
     from onnx import TensorProto, helper, numpy_helper
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = copy_model(model)
     inits = {i.name: i for i in m.graph.initializer}
     nodes = {n.name: n for n in m.graph.node}
     new_nodes, new_inits, done_acts, done_weights = [], [], {}, {}
@@ -103,12 +119,8 @@ def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=()):
             ]
             done_acts[t.activation] = f"{base}_dq"
         if t.weight not in done_weights:
-            w = numpy_helper.to_array(inits[t.weight])
-            q, scale = quantize_weight_per_channel(w, axis=1)  # (K, N): one scale per output column
             base = f"{t.weight}_q"
-            new_inits += [numpy_helper.from_array(q, f"{base}_int"),
-                          numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
-                          numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zp")]
+            new_inits += _int8_weight(numpy_helper.to_array(inits[t.weight]), base)
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"],
                                               [f"{base}_dq"], name=f"{base}_DQ", axis=1))
             done_weights[t.weight] = f"{base}_dq"
@@ -164,7 +176,7 @@ def lower_for_ort(model, attention: bool = True) -> int:
     Add; folding it saves one pass over every GEMM output. The numbers are the same."""
     from onnx import helper
 
-    from ..kernels.onnx_fusions import MS, Graph, ensure_opset, remove_dead
+    from ..kernels.onnx_fusions import MS, Graph, ensure_opset, remove_dead, replace
 
     g = Graph(model.graph)
     count = 0
@@ -175,20 +187,12 @@ def lower_for_ort(model, attention: bool = True) -> int:
         if a is None or b is None or b.input[0] not in g.inits:
             continue
         inputs = [a.input[0], b.input[0], a.input[1], b.input[1], a.input[2], b.input[2]]
-        out, drop = mm.output[0], [mm]
-        add = g.only_consumer(mm.output[0], "Add")
-        if add is not None:
-            other = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
-            bias = g.const(other)
-            if bias is not None and bias.ndim == 1:
-                inputs.append(other)
-                out, drop = add.output[0], [mm, add]
-        node = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{mm.name}_int8", domain=MS)
+        add, bias = g.bias_add(mm.output[0])
+        drop = [mm] if add is None else [mm, add]
+        node = helper.make_node("MatMulIntegerToFloat", inputs + ([bias] if bias else []), [drop[-1].output[0]],
+                                name=f"{mm.name}_int8", domain=MS)
         node.metadata_props.extend(mm.metadata_props)
-        idx = list(model.graph.node).index(drop[-1])
-        model.graph.node.insert(idx, node)
-        for d in drop:
-            model.graph.node.remove(d)
+        replace(model, drop[-1], [node], drop)
         count += 1
     if count:
         ensure_opset(model, MS)
@@ -204,7 +208,7 @@ def _lower_attention(model) -> int:
     additive mask qualifies; causal masks carry over as `unidirectional`."""
     from onnx import helper
 
-    from ..kernels.onnx_fusions import Graph, remove_dead
+    from ..kernels.onnx_fusions import Graph, remove_dead, replace
 
     g = Graph(model.graph)
     count = 0
@@ -223,9 +227,7 @@ def _lower_attention(model) -> int:
                                 name=f"{mha.name}_int8", domain="com.microsoft", num_heads=attrs["num_heads"],
                                 unidirectional=attrs.get("unidirectional", 0), scale=attrs.get("scale", 0.0))
         node.metadata_props.extend(mm.metadata_props)
-        idx = list(model.graph.node).index(mha)
-        model.graph.node.insert(idx, node)
-        model.graph.node.remove(mha)
+        replace(model, mha, [node], [mha])
         count += 1
     if count:
         remove_dead(model)
@@ -238,7 +240,7 @@ def _replace_linear(model, targets, exclude, make) -> int:
     make(target, weight (K, N) array, bias name or None, input, output) -> (nodes, initializers)."""
     from onnx import numpy_helper
 
-    from ..kernels.onnx_fusions import MS, Graph, ensure_opset, remove_dead
+    from ..kernels.onnx_fusions import MS, Graph, ensure_opset, remove_dead, replace
 
     g = Graph(model.graph)
     nodes = {n.name: n for n in model.graph.node}
@@ -248,21 +250,12 @@ def _replace_linear(model, targets, exclude, make) -> int:
             continue
         mm = nodes[t.node]
         w = numpy_helper.to_array(g.inits[t.weight])
-        out, drop, bias = mm.output[0], [mm], None
-        add = g.only_consumer(mm.output[0], "Add")
-        if add is not None:
-            other = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
-            c = g.const(other)
-            if c is not None and c.ndim == 1 and c.shape[0] == w.shape[1]:
-                out, drop, bias = add.output[0], [mm, add], other
-        new_nodes, new_inits = make(t, w, bias, mm.input[0], out)
+        add, bias = g.bias_add(mm.output[0], width=w.shape[1])
+        drop = [mm] if add is None else [mm, add]
+        new_nodes, new_inits = make(t, w, bias, mm.input[0], drop[-1].output[0])
         for n in new_nodes:
             n.metadata_props.extend(mm.metadata_props)
-        idx = list(model.graph.node).index(drop[-1])
-        for k, n in enumerate(new_nodes):
-            model.graph.node.insert(idx + k, n)
-        for d in drop:
-            model.graph.node.remove(d)
+        replace(model, drop[-1], new_nodes, drop)
         model.graph.initializer.extend(new_inits)
         count += 1
     if count:
@@ -274,18 +267,14 @@ def _replace_linear(model, targets, exclude, make) -> int:
 def quantize_dynamic(model, targets, exclude=()):
     """INT8 weights per output channel; activations quantized per tensor at run time from their own
     range (ONNX Runtime's `DynamicQuantizeMatMul`). Needs no calibration data."""
-    onnx = require("onnx", "INT8 quantization")
-    from onnx import helper, numpy_helper
+    require("onnx", "INT8 quantization")
+    from onnx import helper
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = copy_model(model)
 
     def make(t, w, bias, x, out):
-        q, scale = quantize_weight_per_channel(w, axis=1)
         base = f"{t.weight}_dq"
-        inits = [numpy_helper.from_array(q, f"{base}_int"),
-                 numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
-                 numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zp")]
+        inits = _int8_weight(w, base)
         ins = [x, f"{base}_int", f"{base}_scale", f"{base}_zp"] + ([bias] if bias else [])
         return [helper.make_node("DynamicQuantizeMatMul", ins, [out], name=f"{t.node}_dyn",
                                  domain="com.microsoft")], inits
@@ -299,18 +288,14 @@ def quantize_weights(model, targets, exclude=()):
     activations and arithmetic stay float. About 4x smaller linear weights on disk and in downloads;
     ONNX Runtime folds the dequantization once at load when the session sets
     `session.disable_quant_qdq=1` (the manifest asks for it), and then runs at FP32 speed."""
-    onnx = require("onnx", "weight quantization")
-    from onnx import helper, numpy_helper
+    require("onnx", "weight quantization")
+    from onnx import helper
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = copy_model(model)
 
     def make(t, w, bias, x, out):
-        q, scale = quantize_weight_per_channel(w, axis=1)
         base = f"{t.weight}_w8"
-        inits = [numpy_helper.from_array(q, f"{base}_int"),
-                 numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
-                 numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zp")]
+        inits = _int8_weight(w, base)
         mm_out = f"{out}_w8mm" if bias else out
         nodes = [helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [f"{base}_f"],
                                   name=f"{t.node}_w8_DQ", axis=1),

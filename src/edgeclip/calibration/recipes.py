@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CalibrationError, EdgeClipError
 from . import qdq
-from .guard import _session, cosine_drop, guard
+from .guard import cosine_drop, float_reference, guard
 
 
 @dataclass(frozen=True)
@@ -128,17 +128,15 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     else:
         def quantize_fn(exclude):
             return qdq.quantize_weights(model, targets, exclude)
-    quant, g = guard(model, quantize_fn, [t.layer for t in targets], data.held_out, data.output, max_drop)
+    reference = float_reference(model, data.held_out, data.output)
+    quant, g = guard(model, quantize_fn, [t.layer for t in targets], data.held_out, data.output, max_drop,
+                     reference=reference)
     drop = g.drop
     if lower and recipe.activations == "static":
         # ONNX Runtime's fused integer kernels round slightly differently from QDQ: measure again,
         # and keep the portable QDQ form if the lowered graph were to miss the bound.
-        import onnx
-
-        lowered = onnx.ModelProto()
-        lowered.CopyFrom(quant)
+        lowered = qdq.copy_model(quant)
         report["fused_int8_kernels"] = qdq.lower_for_ort(lowered)
-        reference = _session(model).run([data.output], data.held_out)[0]
         lowered_drop = cosine_drop(lowered, reference, data.held_out, data.output)
         if lowered_drop <= max_drop:
             quant, drop = lowered, lowered_drop

@@ -58,6 +58,18 @@ class Graph:
                     return np.array(a.f if a.name == "value_float" else a.i)
         return None
 
+    def bias_add(self, tensor: str, width: int | None = None):
+        """(Add node, bias tensor) when `tensor`'s only reader adds a 1-D constant to it (a linear
+        layer's bias, of `width` entries when given), else (None, None)."""
+        add = self.only_consumer(tensor, "Add")
+        if add is None:
+            return None, None
+        other = add.input[1] if add.input[0] == tensor else add.input[0]
+        c = self.const(other)
+        if c is None or c.ndim != 1 or (width is not None and c.shape[0] != width):
+            return None, None
+        return add, other
+
     def trailing_shape(self, tensor: str):
         """Known trailing entries of a shape tensor (a constant, or a Concat ending in constants)."""
         c = self.const(tensor)
@@ -80,6 +92,15 @@ def perm(node) -> list[int] | None:
         if a.name == "perm":
             return list(a.ints)
     return None
+
+
+def replace(model, at, new_nodes, drop) -> None:
+    """Put `new_nodes` where node `at` stands (so they follow whatever `at` read) and remove `drop`."""
+    idx = list(model.graph.node).index(at)
+    for k, n in enumerate(new_nodes):
+        model.graph.node.insert(idx + k, n)
+    for d in drop:
+        model.graph.node.remove(d)
 
 
 def remove_dead(model) -> int:
@@ -224,10 +245,7 @@ class AttentionFusion:
             node.metadata_props.extend(sm.metadata_props)
             # The fused node takes the place of the final Reshape, which produced m.out.
             old = g.producer[m.out]
-            idx = list(model.graph.node).index(old)
-            model.graph.node.remove(old)
-            for k, n in enumerate(new_nodes + [node]):
-                model.graph.node.insert(idx + k, n)
+            replace(model, old, new_nodes + [node], [old])
         remove_dead(model)
         return len(found)
 
@@ -258,11 +276,7 @@ class SkipLayerNormFusion:
             node = helper.make_node("SkipLayerNormalization", [add.input[0], add.input[1], ln.input[1], ln.input[2]],
                                     outputs, name=f"{ln.name}_skip", domain=MS, epsilon=attrs.get("epsilon", 1e-5))
             node.metadata_props.extend(ln.metadata_props)
-            # Where the Add was: everything reading its sum comes after it.
-            idx = list(model.graph.node).index(add)
-            model.graph.node.insert(idx, node)
-            model.graph.node.remove(add)
-            model.graph.node.remove(ln)
+            replace(model, add, [node], [add, ln])  # where the Add was: its sum's readers come after
             g.refresh()
             count += 1
         if count:
@@ -302,10 +316,7 @@ class QuickGeluFusion:
             node = helper.make_node("QuickGelu", [x], [gate.output[0]], name=f"{gate.name}_quickgelu", domain=MS,
                                     alpha=alpha)
             node.metadata_props.extend(gate.metadata_props)
-            idx = list(model.graph.node).index(gate)
-            model.graph.node.insert(idx, node)
-            for n in (gate, sig, scale):
-                model.graph.node.remove(n)
+            replace(model, gate, [node], [gate, sig, scale])
             g.refresh()
             count += 1
         if count:
