@@ -35,8 +35,12 @@ def float_reference(model, feeds: dict, output: str) -> np.ndarray:
 
 def cosine_drop(model, reference: np.ndarray, feeds: dict, output: str) -> float:
     """1 - the minimum cosine between `model`'s output and the float reference over held-out rows."""
-    y = _session(model).run([output], feeds)[0].astype(np.float64)
-    r = reference.astype(np.float64)
+    return min_cosine_drop(_session(model).run([output], feeds)[0], reference)
+
+
+def min_cosine_drop(y: np.ndarray, reference: np.ndarray) -> float:
+    """1 - the minimum row-wise cosine between `y` and `reference`."""
+    y, r = y.astype(np.float64), reference.astype(np.float64)
     cos = (y * r).sum(-1) / (np.linalg.norm(y, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-12)
     return float(1.0 - cos.min())
 
@@ -48,27 +52,34 @@ def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_dr
                  [t.layer for t in targets], held_out, output, max_drop)
 
 
-def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005, reference=None):
+def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005, reference=None,
+          drop_fn=None):
     """Run `quantize_fn(exclude=set of layers kept float)` under the accuracy bound.
 
-    Returns (quantized model, GuardReport); raises ValidationError when the bound holds only with
-    every layer back in float (nothing INT8 would be left), with the per-layer sensitivities."""
-    if reference is None:  # the float model's `output` on `held_out`
-        reference = float_reference(model, held_out, output)
+    `drop_fn(quantized) -> cosine drop` measures a candidate (default: ONNX Runtime on `held_out`
+    against `reference`, the float model's output). Returns (quantized model, GuardReport); raises
+    ValidationError when the bound holds only with every layer back in float (nothing INT8 would be
+    left), with the per-layer sensitivities."""
+    if drop_fn is None:
+        if reference is None:  # the float model's `output` on `held_out`
+            reference = float_reference(model, held_out, output)
+
+        def drop_fn(candidate):
+            return cosine_drop(candidate, reference, held_out, output)
     quant = quantize_fn(set())
-    drop_all = cosine_drop(quant, reference, held_out, output)
+    drop_all = drop_fn(quant)
     report = GuardReport(max_drop, drop_all, drop_all)
     if report.ok:
         return quant, report
     layers = list(dict.fromkeys(layers))
     # Sensitivity of a layer: the drop when it alone is quantized (cheap, one session per layer).
     for layer in layers:
-        report.sensitivity[layer] = cosine_drop(quantize_fn(set(layers) - {layer}), reference, held_out, output)
+        report.sensitivity[layer] = drop_fn(quantize_fn(set(layers) - {layer}))
     excluded: list[str] = []
     for layer in sorted(layers, key=lambda name: -report.sensitivity[name]):
         excluded.append(layer)
         quant = quantize_fn(set(excluded))
-        report.drop = cosine_drop(quant, reference, held_out, output)
+        report.drop = drop_fn(quant)
         if report.ok:
             break
     report.float_layers = excluded

@@ -16,7 +16,7 @@ from ..errors import EdgeClipError
 from .artifact import Artifact  # noqa: F401
 
 _TARGETS: dict[str, type] = {}
-_TARGET_MODULES = {"onnx": "onnx", "ort-mobile": "onnx"}
+_TARGET_MODULES = {"onnx": "onnx", "ort-mobile": "onnx", "openvino": "openvino"}
 
 
 def register_target(name: str) -> Callable[[type], type]:
@@ -52,7 +52,7 @@ class ExportOptions:
     validate: bool = True         # compare with the torch reference; fail outside tolerance
     opset: int | None = None
     overwrite: bool = False
-    attention: str = "reference"  # attention implementation used while tracing
+    attention: str | None = None  # attention implementation traced (None: the target's choice)
     fuse: bool = True             # fused attention ops for the target runtime (fp32/int8 on ORT)
     # INT8 (precision="int8"): recipe, calibration data and the accuracy guard
     recipe: str | None = None     # int8 (default) | int8-dynamic | int8-smoothquant | w8a16

@@ -71,10 +71,12 @@ def trim_supported(spec) -> bool:
     return spec.text.causal and spec.text.pool == "eot"
 
 
-def prepare(model: ClipModel, opts) -> ClipModel:
-    """A deep copy with the export rewrites applied; the caller's model is untouched."""
+def prepare(model: ClipModel, opts, attention: str = "reference", dtype=None) -> ClipModel:
+    """A deep copy with the export rewrites applied; the caller's model is untouched.
+
+    `attention`: the target's preferred implementation, used unless `opts.attention` names one."""
     m = copy.deepcopy(model).eval().float()
-    m.set_attention(opts.attention)
+    m.set_attention(opts.attention or attention)
     m.set_pooled_only_last(opts.pooled_only_last)
     if opts.pooled_only_last:
         for blocks in (m.visual.blocks, m.text.blocks):
@@ -83,7 +85,7 @@ def prepare(model: ClipModel, opts) -> ClipModel:
         m.visual.attn_pool.attn.split_qkv()
     for p in m.parameters():
         p.requires_grad_(False)
-    return m.to(DTYPES[opts.precision])
+    return m.to(dtype or DTYPES[opts.precision])
 
 
 # ------------------------------------------------------------------------------------- validation

@@ -52,9 +52,14 @@ class Pipeline:
         p.classify("cat.jpg", labels=["cat", "dog"])
     """
 
-    def __init__(self, root: Path, manifest: dict, backend: str, threads: int | None):
+    def __init__(self, root: Path, manifest: dict, backend: str, threads: int | None,
+                 inference_precision: str | None = None):
         self.root, self.manifest, self.threads = root, manifest, threads
         self.backend_name = backend
+        if inference_precision not in (None, "f32") and backend != "openvino":
+            raise ArtifactError(f"backend '{backend}' runs float32 on CPU; inference_precision="
+                                f"'{inference_precision}' applies to the openvino backend only")
+        self.inference_precision = inference_precision
         self.preprocessor = Preprocessor.from_config(manifest["preprocess"])
         self._backend_cls = get_backend(backend)
         self._graphs: dict[str, Any] = {}
@@ -64,13 +69,18 @@ class Pipeline:
         self.head = manifest.get("head")
 
     @classmethod
-    def load(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Pipeline":
-        """Open an artifact folder, verifying every file's checksum (verify=False skips hashing)."""
+    def load(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
+             inference_precision: str | None = None) -> "Pipeline":
+        """Open an artifact folder, verifying every file's checksum (verify=False skips hashing).
+
+        `backend="auto"` runs the artifact with the backend it was made for (its manifest says which).
+        `inference_precision` (OpenVINO: f32 | bf16 | f16) overrides the device's default; OpenVINO
+        runs float32 models in bf16 on CPUs that support it unless told f32. `info()` says what ran."""
         root = Path(path)
         manifest = read_manifest(root, verify=verify)
         if backend == "auto":
             backend = manifest.get("backend") or backend_for_target(manifest["target"])
-        p = cls(root, manifest, backend, threads)
+        p = cls(root, manifest, backend, threads, inference_precision)
         p._graph("image")  # compile now: load errors surface at load time, not at first call
         return p
 
@@ -86,9 +96,13 @@ class Pipeline:
                     if info is None:
                         raise ArtifactError(f"this artifact has no {name} graph")
                     g = self._backend_cls(safe_path(self.root, info["file"]), threads=self.threads,
-                                          **_backend_kwargs(info))
+                                          **_backend_kwargs(info, self.inference_precision))
                     self._graphs[name] = g
         return g
+
+    def info(self) -> dict:
+        """What runs each loaded graph: backend, version, threads, the inference precision read back."""
+        return {name: dict(g.info) for name, g in self._graphs.items()}
 
     @property
     def tokenizer(self):
@@ -212,8 +226,15 @@ class Pipeline:
                f"precision={m['precision']}, backend={self.backend_name})"
 
 
-def _backend_kwargs(info: dict) -> dict:
-    return {"config": info["session_config"]} if info.get("session_config") else {}
+def _backend_kwargs(info: dict, inference_precision: str | None = None) -> dict:
+    """What the manifest asks of the backend for one graph (ORT session entries, OpenVINO properties)."""
+    kw = {}
+    config = info.get("session_config") or info.get("ov_config")
+    if config:
+        kw["config"] = config
+    if inference_precision:
+        kw["inference_precision"] = inference_precision
+    return kw
 
 
 def trim(ids: np.ndarray, eot_token_id: int | None) -> np.ndarray:

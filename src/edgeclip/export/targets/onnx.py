@@ -36,15 +36,18 @@ class OnnxTarget:
                   "int8": Tolerance(max_abs=0.25, min_cosine=0.98)}
     graph_ext = ".onnx"
     default_opset = 18
+    backend = "ort"
+    trace_dtype = DTYPES     # torch dtype the graphs are traced in, per precision
+    attention = "reference"  # traced as plain ops, then fused into ORT's contrib op (kernels.onnx_fusions)
     lower_int8 = True  # MatMulIntegerToFloat with the bias inside; ORT-format files keep portable QDQ
 
     def export(self, model, spec, opts, out) -> Artifact:
         labels = parse_labels(opts.labels)
         templates = check_templates(opts.templates or default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
-        m = prepare(model, opts)
-        m.visual.set_patch_as_matmul(True)  # ORT's CPU GEMM beats its convolution for stride-p patches
-        dtype = DTYPES[opts.precision]
+        dtype = self.trace_dtype[opts.precision]
+        m = prepare(model, opts, attention=self.attention, dtype=dtype)
+        self.rewrite(m)
         trim = opts.trim_text and trim_supported(spec)
         self.fusions, self.quantization, self.calibration = {}, {}, None
         if opts.precision == "int8":
@@ -55,15 +58,14 @@ class OnnxTarget:
             self.write_graph(ImageGraph(m, head, dtype), "image", decl["image"], spec, w, opts, dynamic_length=False)
             self.write_graph(TextGraph(m, dtype), "text", decl["text"], spec, w, opts, dynamic_length=trim)
             graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
-            for name, report in self.quantization.items():
-                if report["activations"] == "float":  # fold the weight dequantization once, at load
-                    graphs[name]["session_config"] = {"session.disable_quant_qdq": "1"}
+            self.graph_config(graphs)
             tokenizer = write_tokenizer(spec, w)
-            fidelity = validate(w.staging, graphs, model, spec, head, trim, self.tolerances[opts.precision])
+            fidelity = validate(w.staging, graphs, model, spec, head, trim, self.tolerances[opts.precision],
+                                self.open_graph)
             if opts.validate:
                 raise_if_failed(fidelity, f"the {self.name} {opts.precision} export of '{spec.name}'")
             manifest = {
-                "target": self.name, "precision": opts.precision, "backend": "ort",
+                "target": self.name, "precision": opts.precision, "backend": self.backend,
                 "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
                           "spec": spec.to_dict()},
                 "preprocess": spec.preprocess_config(),
@@ -80,8 +82,25 @@ class OnnxTarget:
                 "fusions": self.fusions,
                 "quantization": quantization_manifest(opts, self.quantization),
                 "tools": tool_versions(),
+                **self.manifest_extra(),
             }
             return w.finish(manifest)
+
+    # Per-target hooks (the OpenVINO target overrides them)
+    def rewrite(self, m) -> None:
+        m.visual.set_patch_as_matmul(True)  # ORT's CPU GEMM beats its convolution for stride-p patches
+
+    def graph_config(self, graphs: dict) -> None:
+        for name, report in self.quantization.items():
+            if report["activations"] == "float":  # fold the weight dequantization once, at load
+                graphs[name]["session_config"] = {"session.disable_quant_qdq": "1"}
+
+    def open_graph(self, path: Path, info: dict):
+        """The runtime backend for one written graph, as the validation runs it."""
+        return OrtBackend(path, config=info.get("session_config"))
+
+    def manifest_extra(self) -> dict:
+        return {}
 
     def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
         self.build_graph(module, name, decl, spec, w, opts, dynamic_length, w.path(f"{name}.onnx"))
@@ -205,13 +224,13 @@ def write_tokenizer(spec, w) -> dict:
     return out
 
 
-def validate(root: Path, graphs: dict, model, spec, head, trimmed: bool, tol: Tolerance) -> dict:
+def validate(root: Path, graphs: dict, model, spec, head, trimmed: bool, tol: Tolerance, open_graph) -> dict:
     """Run the written graphs with the runtime backend on fixed inputs; compare with the reference."""
     inputs = reference_inputs(spec)
     ref = reference_outputs(model, inputs, head)
 
     def backend(name):
-        return OrtBackend(root / graphs[name]["file"], config=graphs[name].get("session_config"))
+        return open_graph(root / graphs[name]["file"], graphs[name])
 
     image = backend("image").run({"pixel_values": inputs["pixel_values"]})
     ids = trim(inputs["input_ids"], spec.text.eot_token_id) if trimmed else inputs["input_ids"]

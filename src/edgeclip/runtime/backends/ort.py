@@ -12,10 +12,14 @@ from ...errors import ArtifactError
 class Backend:
     name = "ort"
 
-    def __init__(self, path, threads: int | None = None, providers=None, config: dict | None = None):
+    def __init__(self, path, threads: int | None = None, providers=None, config: dict | None = None,
+                 inference_precision: str | None = None):
         """`config`: ONNX Runtime session config entries the artifact asks for (its manifest's
         `graphs.<name>.session_config`), e.g. folding weight-only dequantization at load."""
         ort = require("onnxruntime", "running ONNX artifacts")
+        if inference_precision not in (None, "f32"):
+            raise ArtifactError(f"ONNX Runtime's CPU provider runs float32; inference_precision="
+                                f"'{inference_precision}' is not available")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in (config or {}).items():
@@ -31,7 +35,7 @@ class Backend:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.info = {"backend": "ort", "version": ort.__version__, "providers": self.session.get_providers(),
-                     "threads": threads}
+                     "threads": threads, "inference_precision": "f32"}
 
     def run(self, feeds: dict) -> dict:
         # InferenceSession.run is safe to call from several threads at once.

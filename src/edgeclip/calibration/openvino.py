@@ -1,0 +1,215 @@
+"""INT8 for OpenVINO IR through NNCF, under edgeclip's recipes, calibration data and accuracy guard.
+
+    model, report = quantize_ir(float_ir, get_recipe("int8"), calibration_set, layers)
+
+`layers` maps the IR's linear MatMul nodes (friendly names) to our module paths
+("visual.blocks.0.mlp.fc1"). As for ONNX, only the linear layers inside the transformer blocks are
+quantized; everything else (patch embedding, attention itself, final projection, heads) becomes an
+NNCF ignored scope, and so do the layers the guard returns to float.
+
+The guard ranks layers on cheap probes: the all-INT8 model with the quantization of some layers
+stripped again (their activation FakeQuantize bypassed, their float weights put back). The model
+written is always NNCF's own output for the chosen ignored scope, measured once more.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .._lazy import require
+from ..errors import CalibrationError, ValidationError
+from .guard import guard, min_cosine_drop
+from .recipes import CalibrationSet, Recipe
+
+log = logging.getLogger(__name__)
+QUANTIZABLE = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData")
+OBSERVERS = ("minmax", "percentile")
+MAX_REQUANTIZE = 4  # extra NNCF runs when the probes' choice misses the bound on the real model
+
+
+def _ov():
+    return require("openvino", "the OpenVINO target")
+
+
+def _nncf():
+    nncf = require("nncf", "INT8 for the OpenVINO target")
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
+def weight_source(op):
+    """The Constant behind a MatMul's weight input (through Convert), else None."""
+    node = op.input_value(1).get_node()
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return node if node.get_type_name() == "Constant" else None
+
+
+def runner(output: str):
+    """`run(model, feeds) -> output array`, compiled on CPU in full float32."""
+    ov = _ov()
+    core = ov.Core()
+
+    def run(model, feeds):
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return np.asarray(compiled.create_infer_request().infer(feeds)[compiled.output(output)])
+
+    return run
+
+
+def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, observer: str = "minmax",
+                alpha: float = 0.5, max_drop: float = 0.005):
+    """(quantized ov.Model, report for the manifest), the report shaped as the ONNX target's."""
+    nncf = _nncf()
+    if not layers:
+        raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
+    if not 0.0 < max_drop < 1.0:
+        raise CalibrationError(f"max cosine drop must be in (0, 1), got {max_drop}")
+    if recipe.activations == "dynamic":
+        raise CalibrationError(
+            "recipe 'int8-dynamic' has no OpenVINO form (its CPU plugin quantizes activations at run time "
+            "only for 4/8-bit weight-compressed LLM layers); use --recipe int8 (static, calibrated) or w8a16")
+    if observer not in OBSERVERS:
+        raise CalibrationError(f"observer '{observer}' is not available for the OpenVINO target (NNCF); "
+                               f"use one of {', '.join(OBSERVERS)}")
+    if recipe.smoothquant and not 0.0 <= alpha <= 1.0:
+        raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    missing = [n for n in layers if n not in ops]
+    if missing:
+        raise CalibrationError(f"layers not in the {data.graph} graph: {', '.join(missing[:3])}")
+    others = [n for n, op in ops.items() if op.get_type_name() in QUANTIZABLE and n not in layers]
+    by_layer: dict[str, list[str]] = {}
+    for node, layer in layers.items():
+        by_layer.setdefault(layer, []).append(node)
+
+    def ignored(exclude):
+        names = others + [n for layer in exclude for n in by_layer[layer]]
+        return nncf.IgnoredScope(names=names, types=["ScaledDotProductAttention"], validate=False)
+
+    run = runner(data.output)
+    reference = run(model, data.held_out)
+
+    def drop_fn(candidate):
+        return min_cosine_drop(run(candidate, data.held_out), reference)
+
+    report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
+              "quantizable_layers": len(by_layer), "quantizer": f"nncf {nncf.__version__}"}
+    if recipe.activations == "float":
+        def quantize_fn(exclude):  # int8 weights only; float activations and arithmetic
+            return nncf.compress_weights(model.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                         ignored_scope=ignored(exclude))
+
+        quant, g = guard(model, quantize_fn, list(by_layer), data.held_out, data.output, max_drop, drop_fn=drop_fn)
+        drop, float_layers = g.drop, list(g.float_layers)
+    else:
+        if not data.batches:
+            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
+        report["observer"] = observer
+        if recipe.smoothquant:
+            report["smoothquant"] = {"alpha": alpha}
+        dataset = nncf.Dataset(data.batches)
+        params = _advanced(nncf, recipe, alpha, observer)
+
+        def nncf_quantize(exclude):
+            return nncf.quantize(model.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                 preset=nncf.QuantizationPreset.MIXED, subset_size=len(data.batches),
+                                 ignored_scope=ignored(exclude), advanced_parameters=params)
+
+        full = nncf_quantize(set())
+
+        def probe(exclude):
+            return strip(full, model, [n for layer in exclude for n in by_layer[layer]],
+                         restore_weights=not recipe.smoothquant)
+
+        quant, g = guard(model, probe, list(by_layer), data.held_out, data.output, max_drop, drop_fn=drop_fn)
+        float_layers, drop = list(g.float_layers), g.drop
+        if float_layers:  # the written model is NNCF's own, with those layers ignored: measure it
+            order = [k for k, _ in sorted(g.sensitivity.items(), key=lambda kv: -kv[1])]
+            for _ in range(MAX_REQUANTIZE):
+                quant = nncf_quantize(set(float_layers))
+                drop = drop_fn(quant)
+                rest = [k for k in order if k not in float_layers]
+                if drop <= max_drop or len(rest) <= 1:
+                    break
+                float_layers.append(rest[0])
+            if drop > max_drop:
+                raise ValidationError(
+                    f"OpenVINO INT8 of the {data.graph} graph misses the accuracy bound: cosine drop {drop:.4f} > "
+                    f"{max_drop} with {len(float_layers)} layer(s) in float; try --recipe int8-smoothquant, "
+                    "w8a16 or --precision fp16",
+                    failures=[{"output": data.output, "cosine_drop": drop, "bound": max_drop,
+                               "float_layers": float_layers}])
+    counts = quantized_layers(quant, layers)
+    report.update({
+        "max_cosine_drop": max_drop,
+        "cosine_drop": drop,
+        "min_cosine": 1.0 - drop,
+        "cosine_drop_all_int8": g.drop_all_int8,
+        "float_layers": float_layers,
+        "int8_layers": len(counts),
+        "sensitivity": {k: round(v, 6) for k, v in g.sensitivity.items()},
+    })
+    return quant, report
+
+
+def _advanced(nncf, recipe, alpha, observer):
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    kw = {"smooth_quant_alphas": AdvancedSmoothQuantParameters(matmul=alpha if recipe.smoothquant else -1)}
+    if observer == "percentile":
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        kw["activations_range_estimator_params"] = RangeEstimatorParametersSet.QUANTILE
+    return AdvancedQuantizationParameters(**kw)
+
+
+def _is_fq(node) -> bool:
+    return node.get_type_name() == "FakeQuantize"
+
+
+def strip(quantized, float_model, names, restore_weights: bool = True):
+    """A copy of `quantized` with the MatMuls `names` back in float: the FakeQuantize in front of
+    their activations bypassed, and (`restore_weights`) the float weights of `float_model` put back."""
+    ov = _ov()
+    if not names:
+        return quantized
+    m = quantized.clone()
+    ops = {op.get_friendly_name(): op for op in m.get_ordered_ops()}
+    float_ops = {op.get_friendly_name(): op for op in float_model.get_ordered_ops()}
+    for name in names:
+        op = ops[name]
+        src = op.input_value(0).get_node()
+        if _is_fq(src):
+            op.input(0).replace_source_output(src.input_value(0))
+        if restore_weights:
+            w = weight_source(float_ops[name])
+            if w is not None and op.input_value(1).get_node().get_type_name() != "Constant":
+                op.input(1).replace_source_output(ov.op.Constant(w.get_data().copy()).output(0))
+    m.validate_nodes_and_infer_types()
+    return m
+
+
+def quantized_layers(model, layers: dict) -> set:
+    """Layers whose MatMul runs in INT8: a FakeQuantize feeds its activations, or its weights are int8."""
+    done = set()
+    for op in model.get_ordered_ops():
+        layer = layers.get(op.get_friendly_name())
+        if layer is None:
+            continue
+        if _is_fq(op.input_value(0).get_node()) or _int8_weights(op):
+            done.add(layer)
+    return done
+
+
+def _int8_weights(op) -> bool:
+    node = op.input_value(1).get_node()
+    for _ in range(4):
+        if node.get_type_name() == "Constant":
+            return str(node.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>") or \
+                node.get_element_type().get_type_name() in ("i8", "u8")
+        if node.get_input_size() == 0:
+            return False
+        node = node.input_value(0).get_node()
+    return False

@@ -1,0 +1,140 @@
+"""OpenVINO target: IR (`.xml` + `.bin`) for Intel CPUs, iGPUs and NPUs.
+
+Converted from our torch model through `torch.export` (not from ONNX): attention is traced as
+torch's scaled-dot-product attention, which OpenVINO keeps as one `ScaledDotProductAttention` op
+and its CPU plugin compiles into a fused Snippets subgraph. FP16 stores compressed (fp16) weights;
+INT8 goes through NNCF with edgeclip's calibration data, recipes and accuracy guard
+(`calibration.openvino`). Validation runs OpenVINO with the inference precision forced to f32;
+the manifest also records which precision OpenVINO picks on the export machine by default.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..._lazy import require
+from ...calibration.recipes import get_recipe
+from ...runtime.backends.openvino import Backend as OvBackend
+from ...runtime.backends.openvino import precision_name
+from .. import register_target
+from ..graphs import reference_inputs
+from .onnx import OnnxTarget
+
+log = logging.getLogger(__name__)
+
+
+@register_target("openvino")
+class OpenVinoTarget(OnnxTarget):
+    precisions = ("fp32", "fp16", "int8")
+    graph_ext = ".xml"
+    backend = "openvino"
+    attention = "sdpa"     # kept whole by convert_model; fused by the CPU plugin
+    trace_dtype = {"fp32": torch.float32, "fp16": torch.float32, "int8": torch.float32}
+
+    def export(self, model, spec, opts, out):
+        require("openvino", "the OpenVINO target")
+        return super().export(model, spec, opts, out)
+
+    def rewrite(self, m) -> None:
+        pass  # OpenVINO's convolution handles the patch embedding well; keep the module as is
+
+    def graph_config(self, graphs: dict) -> None:
+        for info in graphs.values():
+            info["weights"] = info["file"][: -len(".xml")] + ".bin"
+
+    def open_graph(self, path: Path, info: dict):
+        return OvBackend(path, inference_precision="f32")
+
+    def manifest_extra(self) -> dict:
+        ov, _ = _core()
+        return {"openvino": {
+            "version": ov.__version__,
+            "validated_inference_precision": "f32",
+            "default_inference_precision_here": default_precision(),
+            "note": "OpenVINO runs float models in bf16 on CPUs with bf16 support unless the inference "
+                    "precision is set; Pipeline.load(..., inference_precision='f32') forces float32",
+        }}
+
+    def build_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool, path: Path) -> None:
+        ov, _ = _core()
+        converted, layers = to_openvino(module.eval(), name, decl, spec, dynamic_length)
+        self.fusions[name] = {"attention": sum(op.get_type_name() == "ScaledDotProductAttention"
+                                               for op in converted.get_ordered_ops())}
+        if opts.precision == "int8":
+            from ...calibration.openvino import quantize_ir
+
+            converted, self.quantization[name] = quantize_ir(
+                converted, get_recipe(opts.recipe), self.calibration[name], layers, observer=opts.observer,
+                alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop)
+        ov.save_model(converted, str(w.path(f"{name}.xml")), compress_to_fp16=opts.precision == "fp16")
+
+    def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
+        self.build_graph(module, name, decl, spec, w, opts, dynamic_length, w.path(f"{name}.xml"))
+
+
+def _core():
+    ov = require("openvino", "the OpenVINO target")
+    from ...runtime.backends.openvino import _core as runtime_core
+
+    return runtime_core()
+
+
+def default_precision(device: str = "CPU") -> str:
+    """The inference precision OpenVINO picks on this machine when none is asked for."""
+    _, core = _core()
+    return precision_name(core.get_property(device, "INFERENCE_PRECISION_HINT"))
+
+
+def to_openvino(module, name, decl, spec, dynamic_length: bool):
+    """(ov.Model with our input/output names and shapes, {MatMul friendly name: module path} for the
+    linear layers inside transformer blocks)."""
+    ov, _ = _core()
+    example = reference_inputs(spec, n=2, seed=7)
+    auto = torch.export.Dim.AUTO
+    if name == "image":
+        args = (torch.from_numpy(example["pixel_values"]),)
+        dynamic = {"pixel_values": {0: auto}}
+    else:
+        args = (torch.from_numpy(example["input_ids"]),)
+        dynamic = {"input_ids": {0: auto, 1: auto} if dynamic_length else {0: auto}}
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, args, dynamic_shapes=dynamic)
+        model = ov.convert_model(program)
+    (input_name, _), = decl["inputs"].items()
+    model.inputs[0].get_tensor().set_names({input_name})
+    for port, out_name in zip(model.outputs, decl["outputs"]):
+        port.get_tensor().set_names({out_name})
+    if name == "image":
+        s = spec.vision.image_size
+        model.reshape({input_name: ov.PartialShape([-1, 3, s, s])})
+    else:
+        model.reshape({input_name: ov.PartialShape([-1, -1 if dynamic_length else spec.text.context_length])})
+    return model, block_linears(model, program)
+
+
+def block_linears(model, program) -> dict:
+    """MatMuls with constant weights inside the transformer blocks, mapped to their module paths.
+
+    OpenVINO names a converted op after the torch.export node ("linear_3/aten.linear.default/MatMul");
+    the node's `nn_module_stack` says which module it came from."""
+    from ...calibration.openvino import weight_source
+
+    paths = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            paths[node.name] = list(stack.values())[-1][0]
+    out = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or weight_source(op) is None:
+            continue
+        path = paths.get(op.get_friendly_name().split("/")[0], "")
+        if ".blocks." in f".{path}":
+            out[op.get_friendly_name()] = path
+    return out
