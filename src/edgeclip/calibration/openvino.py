@@ -169,6 +169,26 @@ def _is_fq(node) -> bool:
     return node.get_type_name() == "FakeQuantize"
 
 
+# ops NNCF looks through when it places an activation FakeQuantize (they move data, not values)
+_PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "GatherElements", "StridedSlice",
+                 "Slice", "VariadicSplit", "Split"}
+
+
+def activation_fq(op):
+    """(FakeQuantize feeding `op`'s activation input, the input to reroute) or (None, None).
+
+    The input is `op.input(0)` when the FakeQuantize feeds it directly, else the first input of the
+    single-consumer data-movement chain between them."""
+    port, node = op.input(0), op.input_value(0).get_node()
+    for _ in range(4):
+        if _is_fq(node):
+            return node, port
+        if node.get_type_name() not in _PASS_THROUGH or len(node.output(0).get_target_inputs()) != 1:
+            return None, None
+        port, node = node.input(0), node.input_value(0).get_node()
+    return None, None
+
+
 def strip(quantized, float_model, names, restore_weights: bool = True):
     """A copy of `quantized` with the MatMuls `names` back in float: the FakeQuantize in front of
     their activations bypassed, and (`restore_weights`) the float weights of `float_model` put back."""
@@ -180,9 +200,9 @@ def strip(quantized, float_model, names, restore_weights: bool = True):
     float_ops = {op.get_friendly_name(): op for op in float_model.get_ordered_ops()}
     for name in names:
         op = ops[name]
-        src = op.input_value(0).get_node()
-        if _is_fq(src):
-            op.input(0).replace_source_output(src.input_value(0))
+        fq, port = activation_fq(op)
+        if fq is not None:
+            port.replace_source_output(fq.input_value(0))
         if restore_weights:
             w = weight_source(float_ops[name])
             if w is not None and op.input_value(1).get_node().get_type_name() != "Constant":
@@ -198,14 +218,15 @@ def quantized_layers(model, layers: dict) -> set:
         layer = layers.get(op.get_friendly_name())
         if layer is None:
             continue
-        if _is_fq(op.input_value(0).get_node()) or _int8_weights(op):
+        if activation_fq(op)[0] is not None or _int8_weights(op):
             done.add(layer)
     return done
 
 
 def _int8_weights(op) -> bool:
+    """Weights stored as int8/uint8 (Constant -> Convert -> [Subtract] -> Multiply [-> Convert])."""
     node = op.input_value(1).get_node()
-    for _ in range(4):
+    for _ in range(6):
         if node.get_type_name() == "Constant":
             return str(node.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>") or \
                 node.get_element_type().get_type_name() in ("i8", "u8")
