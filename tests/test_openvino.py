@@ -248,3 +248,19 @@ def test_vit_b32_fp32_ir_within_1e4(tmp_path):
     assert np.abs(img - img_ref).max() <= 1e-4 * max(1.0, np.abs(img_ref).max())
     assert np.abs(txt - txt_ref).max() <= 1e-4 * max(1.0, np.abs(txt_ref).max())
     assert art.manifest["fusions"] == {"image": {"attention": 12}, "text": {"attention": 12}}
+
+
+def test_cli_run_and_bench_say_which_precision_ran(tiny, capsys):
+    from edgeclip.cli import main
+
+    files, truth = _heldout()
+    assert main(["run", str(tiny["int8"].path), "--image", files[0], "--inference-precision", "f32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"][0]["label"] == builtin.digit_labels()[truth[0]]
+    assert main(["bench", str(tiny["fp32"].path), "--seconds", "0.2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["backend"] == "openvino"
+    assert {g["graph"]: g["inference_precision"] for g in rows[0]["graphs"]}.keys() == {"image", "text"}
+    assert all(g["inference_precision"] in ("f32", "bf16", "f16") for g in rows[0]["graphs"])
+    assert main(["inspect", str(tiny["fp32"].path)]) == 0
+    assert "validated with inference precision f32" in capsys.readouterr().out

@@ -132,7 +132,8 @@ def _print_fidelity(m: dict) -> None:
 def cmd_run(args) -> int:
     from .runtime import Pipeline
 
-    p = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads)
+    p = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads,
+                      inference_precision=args.inference_precision)
     labels = args.labels or None
     result = {"artifact": str(args.artifact), "images": []}
     if args.image:
@@ -194,6 +195,11 @@ def cmd_inspect(args) -> int:
         print(f"head       zero-shot, {len(h['labels'])} labels ({', '.join(h['labels'][:8])}"
               f"{'…' if len(h['labels']) > 8 else ''}), {len(h['templates'])} templates, {h['activation']}")
     print(f"tokenizer  {m['tokenizer']['kind']} ({m['tokenizer'].get('file')})")
+    if m.get("openvino"):
+        o = m["openvino"]
+        print(f"openvino   {o['version']}; validated with inference precision {o['validated_inference_precision']}; "
+              f"default on the export machine: {o['default_inference_precision_here']} "
+              "(force with --inference-precision f32)")
     if m.get("fusions"):
         print("fusions    " + "; ".join(f"{g}: " + (", ".join(f"{k} {v}" for k, v in c.items()) or "none")
                                         for g, c in m["fusions"].items()))
@@ -211,16 +217,19 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from .bench.quick import quick_bench
 
-    rows = [quick_bench(a, batch=b, threads=args.threads, seconds=args.seconds)
+    rows = [quick_bench(a, batch=b, threads=args.threads, seconds=args.seconds,
+                        inference_precision=args.inference_precision)
             for a in args.artifacts for b in args.batch]
     if args.json:
         _print_json(rows)
         return 0
-    print(f"{'artifact':<28} {'graph':<6} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'items/s':>9} {'size':>9}")
+    print(f"{'artifact':<28} {'graph':<6} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'items/s':>9} "
+          f"{'size':>9}  ran as")
     for r in rows:
         for g in r["graphs"]:
             print(f"{Path(r['artifact']).name[:28]:<28} {g['graph']:<6} {r['batch']:>5} {g['p50_ms']:>8.2f} "
-                  f"{g['p90_ms']:>8.2f} {g['p99_ms']:>8.2f} {g['items_per_s']:>9.1f} {_mb(r['size_bytes']):>9}")
+                  f"{g['p90_ms']:>8.2f} {g['p99_ms']:>8.2f} {g['items_per_s']:>9.1f} {_mb(r['size_bytes']):>9}  "
+                  f"{r['backend']} {g['inference_precision']}")
     return 0
 
 
@@ -278,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int)
+    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
+                   help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -291,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--threads", type=int)
     p.add_argument("--seconds", type=float, default=2.0, help="time budget per graph and batch")
+    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
+                   help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return ap

@@ -28,9 +28,10 @@ def _row(name: str, batch: int, ms: np.ndarray) -> dict:
             "iterations": int(ms.size), "items_per_s": float(batch * 1e3 / p50)}
 
 
-def quick_bench(artifact, batch: int = 1, threads: int | None = None, seconds: float = 2.0) -> dict:
+def quick_bench(artifact, batch: int = 1, threads: int | None = None, seconds: float = 2.0,
+                inference_precision: str | None = None) -> dict:
     t = time.perf_counter()
-    p = Pipeline.load(artifact, threads=threads)
+    p = Pipeline.load(artifact, threads=threads, inference_precision=inference_precision)
     load_s = time.perf_counter() - t
     s = p.preprocessor.output_size or (224, 224)
     pixels = np.random.default_rng(0).normal(size=(batch, 3, *s)).astype(np.float32)
@@ -42,6 +43,10 @@ def quick_bench(artifact, batch: int = 1, threads: int | None = None, seconds: f
         ids = None
     if ids is not None:
         rows.append(_row("text", batch, time_calls(lambda: p.encode_text(ids), seconds)))
+    info = p.info()  # what actually ran (OpenVINO may run "FP32" as bf16)
+    for row in rows:
+        row["inference_precision"] = info.get(row["graph"], {}).get("inference_precision")
     return {"artifact": str(artifact), "batch": batch, "threads": threads, "load_s": load_s,
+            "backend": p.backend_name, "backend_info": info,
             "size_bytes": sum(v["size"] for v in p.manifest["files"].values()), "graphs": rows,
             "target": p.manifest["target"], "precision": p.manifest["precision"]}

@@ -32,10 +32,15 @@ def targets() -> list[str]:
     return sorted(_TARGET_MODULES)
 
 
+_list_targets = targets
+
+
 def get_target(name: str):
     if name not in _TARGET_MODULES:
-        raise EdgeClipError(f"unknown export target '{name}'; available targets: {', '.join(targets())}")
+        raise EdgeClipError(f"unknown export target '{name}'; available targets: {', '.join(_list_targets())}")
     importlib.import_module(f"{__name__}.targets.{_TARGET_MODULES[name]}")
+    # importing the subpackage binds `edgeclip.export.targets` to it; keep the public function there
+    globals()["targets"] = _list_targets
     return _TARGETS[name]()
 
 

@@ -40,9 +40,6 @@ class OpenVinoTarget(OnnxTarget):
         require("openvino", "the OpenVINO target")
         return super().export(model, spec, opts, out)
 
-    def rewrite(self, m) -> None:
-        pass  # OpenVINO's convolution handles the patch embedding well; keep the module as is
-
     def graph_config(self, graphs: dict) -> None:
         for info in graphs.values():
             info["weights"] = info["file"][: -len(".xml")] + ".bin"
