@@ -13,6 +13,8 @@ written is always NNCF's own output for the chosen ignored scope, measured once 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 import numpy as np
@@ -98,8 +100,9 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
               "quantizable_layers": len(by_layer), "quantizer": f"nncf {nncf.__version__}"}
     if recipe.activations == "float":
         def quantize_fn(exclude):  # int8 weights only; float activations and arithmetic
-            return nncf.compress_weights(model.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                         ignored_scope=ignored(exclude))
+            with _quiet():
+                return nncf.compress_weights(model.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                             ignored_scope=ignored(exclude))
 
         quant, g = guard(model, quantize_fn, list(by_layer), data.held_out, data.output, max_drop, drop_fn=drop_fn)
         drop, float_layers = g.drop, list(g.float_layers)
@@ -113,9 +116,10 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
         params = _advanced(nncf, recipe, alpha, observer)
 
         def nncf_quantize(exclude):
-            return nncf.quantize(model.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
-                                 preset=nncf.QuantizationPreset.MIXED, subset_size=len(data.batches),
-                                 ignored_scope=ignored(exclude), advanced_parameters=params)
+            with _quiet():  # NNCF draws progress bars on stdout
+                return nncf.quantize(model.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                     preset=nncf.QuantizationPreset.MIXED, subset_size=len(data.batches),
+                                     ignored_scope=ignored(exclude), advanced_parameters=params)
 
         full = nncf_quantize(set())
 
@@ -152,6 +156,10 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
         "sensitivity": {k: round(v, 6) for k, v in g.sensitivity.items()},
     })
     return quant, report
+
+
+def _quiet():
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _advanced(nncf, recipe, alpha, observer):
