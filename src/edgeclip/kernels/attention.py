@@ -25,11 +25,18 @@ def register_attention(name: str):
     return deco
 
 
+_MODULES = {"ane": "ane"}  # implementations registered by their own module, imported on first use
+
+
 def attention_impls() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_MODULES))
 
 
 def get_attention(name: str) -> Callable:
+    if name not in _REGISTRY and name in _MODULES:
+        import importlib
+
+        importlib.import_module(f"{__package__}.{_MODULES[name]}")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -63,8 +70,14 @@ def reference_attention(q, k, v, *, causal=False, scale=None, attn_mask=None):
 
 @register_attention("sdpa")
 def sdpa_attention(q, k, v, *, causal=False, scale=None, attn_mask=None):
-    """torch.nn.functional.scaled_dot_product_attention (fused kernels in eager torch)."""
+    """torch.nn.functional.scaled_dot_product_attention (fused kernels in eager torch).
+
+    The default scale (1/sqrt(head dim)) is left implicit: converters fuse the op only without an
+    explicit scale (Core ML's iOS 18 `scaled_dot_product_attention` has none)."""
     import torch
+
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) <= 1e-12 * scale:
+        scale = None
 
     if causal and attn_mask is None and q.shape[-2] == k.shape[-2]:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)

@@ -171,6 +171,7 @@ class VisionTower(nn.Module):
         self.proj = nn.Linear(w, embed_dim, bias=False) if spec.proj else None
         self.pooled_only_last = False
         self.patch_linear = None  # set_patch_as_matmul
+        self.ane_blocks = None    # kernels.ane.rewrite_for_ane: the blocks in the Neural Engine layout
 
     def set_patch_as_matmul(self, on: bool = True) -> None:
         """Run the stride-p patch convolution as a patchify reshape + one GEMM (`PatchLinear`): the
@@ -200,11 +201,13 @@ class VisionTower(nn.Module):
         # The class token is the only one read after the last block: compute just it there.
         fast = self.pooled_only_last and s.pool == "cls"
         last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks if self.ane_blocks is None else ()):
             if fast and i == last:
                 x = blk(x, pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
             else:
                 x = blk(x)
+        if self.ane_blocks is not None:
+            x = self.ane_blocks(x)
         if s.pool == "cls":
             x = self.ln_post(x[:, 0])
         else:
@@ -225,6 +228,7 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(w, eps=spec.ln_eps)
         self.proj = nn.Linear(w, embed_dim, bias=spec.proj_bias) if spec.proj else None
         self.pooled_only_last = False
+        self.ane_blocks = None
 
     def pool_index(self, ids):
         """Position of the pooled token per row, (B,) int64."""
@@ -245,6 +249,8 @@ class TextTower(nn.Module):
         n = ids.shape[1]
         x = self.token_embed(ids) + self.pos_embed[:n].to(self.token_embed.weight.dtype)
         index = self.pool_index(ids)
+        if self.ane_blocks is not None:
+            return self._pool(self.ane_blocks(x), index)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if self.pooled_only_last and i == last:
@@ -259,7 +265,11 @@ class TextTower(nn.Module):
                 break
             x = blk(x, causal=s.causal)
         else:
-            x = _take(self.ln_final(x), index)[:, 0]
+            return self._pool(x, index)
+        return self.proj(x) if self.proj is not None else x
+
+    def _pool(self, x, index):
+        x = _take(self.ln_final(x), index)[:, 0]
         return self.proj(x) if self.proj is not None else x
 
 
