@@ -5,7 +5,7 @@ BIN   := $(VENV)/bin
 OUT   ?= out
 DIGITS := src/edgeclip/data/tiny/heldout
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,14 @@ demo: $(VENV)/.installed
 	$(BIN)/edgeclip run $(OUT)/tiny-onnx --top-k 2 --image $$(for d in 0 1 2 3 4 5 6 7 8 9; do ls $(DIGITS)/$$d/*.png | head -n 1; done)
 	$(BIN)/edgeclip bench $(OUT)/tiny-onnx --batch 1,8 --seconds 1
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium (Debian's package) renders the bench report's HTML in tests/test_bench.py.
+browser:
+	@command -v chromium >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "warning: chromium missing and not installable here (as root: apt-get install -y chromium)" >&2
 
 # pytest-benchmark suites (not part of `make test`): speed goals, side by side, medians.
 bench: $(VENV)/.installed

@@ -215,11 +215,12 @@ def cmd_inspect(args) -> int:
 # ------------------------------------------------------------------------------------------ bench
 
 def cmd_bench(args) -> int:
+    if args.report or args.baselines or args.eval or args.model:
+        return _full_bench(args)
     from .bench.quick import quick_bench
 
-    rows = [quick_bench(a, batch=b, threads=args.threads, seconds=args.seconds,
-                        inference_precision=args.inference_precision)
-            for a in args.artifacts for b in args.batch]
+    rows = [quick_bench(a, batch=b, threads=t, seconds=args.seconds, inference_precision=args.inference_precision)
+            for a in args.artifacts for t in args.threads for b in args.batch]
     if args.json:
         _print_json(rows)
         return 0
@@ -231,6 +232,38 @@ def cmd_bench(args) -> int:
                   f"{g['p90_ms']:>8.2f} {g['p99_ms']:>8.2f} {g['items_per_s']:>9.1f} {_mb(r['size_bytes']):>9}  "
                   f"{r['backend']} {g['inference_precision']}")
     return 0
+
+
+def _full_bench(args) -> int:
+    """Interleaved latency, load time, memory, size and fidelity (+ baselines); JSON/Markdown/HTML reports."""
+    from .bench.report import markdown, write_reports
+    from .bench.runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(artifacts=args.artifacts, batches=args.batch, threads=args.threads, seconds=args.seconds,
+                      eval_dir=args.eval, labels=args.labels, templates=args.templates, eval_limit=args.eval_limit,
+                      baselines=args.baselines, model=args.model, calib=args.calib, cache=args.baseline_cache,
+                      report=args.report, inference_precision=args.inference_precision, memory=not args.no_memory,
+                      progress=not args.quiet)
+    report = run_bench(cfg)
+    paths = write_reports(report, args.report) if args.report else {}
+    if args.json:
+        _print_json(report)
+        return 0
+    text = markdown(report)
+    print(text.split("\n## Latency")[0].rstrip() if paths else text)
+    for fmt, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _int_list(text: str) -> list:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -297,13 +330,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="latency of artifacts (quick; full reports come with --report)")
+    p = sub.add_parser("bench", help="latency, memory and fidelity of artifacts, vs the usual alternatives",
+                       description="Without --report/--baselines/--eval/--model: a quick latency table. With "
+                                   "them: every variant timed interleaved in one run, plus load time, peak "
+                                   "memory, size and fidelity to the FP32 reference; reports in JSON, Markdown "
+                                   "and HTML.")
     p.add_argument("artifacts", nargs="+")
-    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seconds", type=float, default=2.0, help="time budget per graph and batch")
+    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, e.g. 1,8")
+    p.add_argument("--threads", type=_int_list, default=[None], help="thread counts, e.g. 1,2 (default: the backend's)")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="time budget per graph and batch (and per variant, in the interleaved rounds)")
     p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
                    help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
+    p.add_argument("--report", metavar="FILE", help="write FILE.json, FILE.md and FILE.html")
+    p.add_argument("--baselines", action="store_true",
+                   help="also build and time what a user would otherwise ship from the same model: plain "
+                        "torch.onnx.export on ONNX Runtime (FP32, quantize_dynamic INT8), OpenVINO + NNCF defaults")
+    p.add_argument("--eval", metavar="DIR", help="labelled images, one sub-folder per class: zero-shot accuracy")
+    p.add_argument("--labels", help="class names of --eval's sub-folders in folder order (comma-separated or a file; "
+                                    "default: the folder names)")
+    p.add_argument("--templates", nargs="+", help="prompt templates with {} for the class (default: the model's)")
+    p.add_argument("--eval-limit", type=int, default=1000, help="at most this many --eval images (seeded sample)")
+    p.add_argument("--model", help="model URI for the FP32 reference and baselines (default: the manifest's source)")
+    p.add_argument("--calib", metavar="DIR", help="calibration images for the NNCF baseline (built-in model: its own)")
+    p.add_argument("--baseline-cache", metavar="DIR", help="where baselines are built once (default: beside the "
+                                                            "report, or the temp folder)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return ap

@@ -70,3 +70,7 @@ class TextTooLongError(InputError):
 
 class CalibrationError(EdgeClipError):
     """Calibration data is missing, empty or unusable."""
+
+
+class EvalDataError(InputError):
+    """A labelled evaluation folder (bench --eval) is missing, empty or not one sub-folder per class."""

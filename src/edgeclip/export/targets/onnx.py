@@ -67,7 +67,7 @@ class OnnxTarget:
             manifest = {
                 "target": self.name, "precision": opts.precision, "backend": self.backend,
                 "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
-                          "spec": spec.to_dict()},
+                          "spec": spec.to_dict(), "source": getattr(model, "source", None)},
                 "preprocess": spec.preprocess_config(),
                 "tokenizer": tokenizer,
                 "text": {"trim": trim, "pool": spec.text.pool, "eot_token_id": spec.text.eot_token_id,

@@ -1,0 +1,182 @@
+"""`edgeclip bench` with reports: real artifacts of the built-in model, real baselines, one interleaved run.
+
+One full run (FP32 + INT8 ONNX artifacts, --baselines, --eval on the held-out digits) is shared by the
+tests below; small time budgets keep the file around a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgeclip
+from edgeclip.bench import BenchConfig, run_bench
+from edgeclip.bench.svg import PALETTE
+from edgeclip.builtin import digit_labels, heldout_dir
+from edgeclip.cli import main
+from edgeclip.errors import ArtifactError, EvalDataError, UnknownModelError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-artifacts")
+    fp32 = edgeclip.export("builtin:tiny", precision="fp32", out=root / "tiny-fp32")
+    int8 = edgeclip.export("builtin:tiny", precision="int8", out=root / "tiny-int8")  # the shipped calibration set
+    return {"fp32": fp32.path, "int8": int8.path, "root": root}
+
+
+@pytest.fixture(scope="module")
+def full(artifacts):
+    out = artifacts["root"] / "reports" / "tiny"
+    argv = ["bench", str(artifacts["fp32"]), str(artifacts["int8"]), "--baselines", "--eval", str(heldout_dir()),
+            "--labels", ",".join(digit_labels()), "--batch", "1,4", "--threads", "1", "--seconds", "0.15",
+            "--report", str(out), "--baseline-cache", str(artifacts["root"] / "cache"), "--quiet"]
+    assert main(argv) == 0
+    paths = {fmt: out.with_name(f"tiny.{fmt}") for fmt in ("json", "md", "html")}
+    return paths, json.loads(paths["json"].read_text())
+
+
+def _variant(report, name):
+    return next(v for v in report["variants"] if v["name"] == name)
+
+
+def test_report_files_and_schema(full):
+    paths, report = full
+    assert all(p.is_file() and p.stat().st_size > 500 for p in paths.values())
+    assert report["schema"] == "edgeclip-bench-report/1" and report["interleaved"] is True
+    m = report["machine"]
+    assert m["cores"] >= 1 and m["cpu"]["model"] and isinstance(m["cpu"]["flags"], list)
+    assert {"python", "numpy", "onnxruntime"} <= set(m["libraries"])
+    assert "interleaved" in report["method"]["ratios"] and "interleaved" in report["method"]["latency"]
+    names = [v["name"] for v in report["variants"]]
+    assert names[:4] == ["tiny-fp32", "tiny-int8", "plain-onnx-fp32", "plain-onnx-int8-dynamic"]
+    for v in report["variants"]:
+        assert v["size_bytes"] > 0 and v["load_s"] > 0
+        assert set(v["inference_precision"]) == {"image", "text"}  # what ran, read back per graph
+        assert all(p in ("f32", "bf16", "f16") for p in v["inference_precision"].values())
+        mem = v["memory"]  # a fresh process: peak above what the imports alone took, and no torch
+        assert mem["peak_rss_bytes"] > mem["base_rss_bytes"] > 0 and mem["torch_imported"] is False
+    # the quick rows' keys survive in the full report
+    row = report["results"][0]
+    assert {"artifact", "batch", "threads", "load_s", "backend", "backend_info", "size_bytes", "target",
+            "precision", "graphs"} <= set(row)
+    assert {"p50_ms", "p90_ms", "p99_ms", "items_per_s", "inference_precision"} <= set(row["graphs"][0])
+
+
+def test_interleaved_ratios_are_present_and_positive(full):
+    _, report = full
+    names = {v["name"] for v in report["variants"]}
+    assert report["base"] == "plain-onnx-fp32"
+    assert {(c["graph"], c["batch"]) for c in report["latency"]} == {("image", 1), ("image", 4), ("text", 1), ("text", 4)}
+    for c in report["latency"]:
+        assert set(c["results"]) == names and c["rounds"] >= 5
+        assert c["ratio_vs_base"]["plain-onnx-fp32"] == pytest.approx(1.0)
+        for name, r in c["results"].items():
+            assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iterations"] >= 5 * 3
+            assert c["ratio_vs_base"][name] > 0 and r["items_per_s"] > 0
+            # the pairwise matrix is consistent: a/b * b/a = 1 up to the rounds' median spread
+            assert 0.5 < c["ratios"][name]["tiny-fp32"] * c["ratios"]["tiny-fp32"][name] < 2.0
+
+
+def test_fidelity_and_accuracy(full):
+    _, report = full
+    fp32, int8 = _variant(report, "tiny-fp32")["fidelity"], _variant(report, "tiny-int8")["fidelity"]
+    assert report["reference"]["kind"] == "torch" and report["reference"]["zero_shot_top1"] > 0.9
+    assert fp32["image_cosine"]["min"] > 0.9999 and fp32["text_cosine"]["min"] > 0.9999
+    assert fp32["top1_agreement"] == 1.0 and fp32["images"] == 360
+    assert 0.98 < int8["image_cosine"]["mean"] < 1.0 and 0.98 < int8["text_cosine"]["mean"] < 1.0
+    assert int8["top1_agreement"] > 0.95
+    for v in report["variants"]:
+        assert v["fidelity"]["zero_shot_top1"] > 0.9, v["name"]
+
+
+def test_markdown_has_a_row_per_variant(full):
+    paths, report = full
+    md = paths["md"].read_text()
+    assert "Ratios come from interleaved runs" in md
+    for v in report["variants"]:
+        summary = [line for line in md.splitlines() if line.startswith(f"| `{v['name']}` | {v['kind']} |")]
+        assert len(summary) == 1, v["name"]
+        latency = [line for line in md.splitlines() if line.startswith(f"| `{v['name']}` | ")]
+        assert len(latency) == 1 + 4  # summary + one row per graph x batch
+    assert re.search(r"\| `tiny-int8` \| artifact \| ort f32 \|", md)
+
+
+def _pixels_near(img: np.ndarray, hex_colour: str, tol: int = 6) -> np.ndarray:
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return (np.abs(img[..., :3].astype(int) - rgb).max(axis=-1) <= tol)
+
+
+def test_html_renders_with_plots_in_headless_chromium(full, tmp_path):
+    paths, report = full
+    html = paths["html"].read_text()
+    assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    for v in report["variants"]:  # one point per variant in each scatter (cosine, accuracy)
+        assert html.count(f'<circle class="point" data-variant="{v["name"]}"') == 2
+        assert html.count(f'<rect class="bar" data-variant="{v["name"]}"') == len(report["latency"])
+    assert CHROMIUM, "Chromium is needed for this test: apt-get install -y chromium (make test installs it)"
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+                    paths["html"].resolve().as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2000, 1200)
+    area = _pixels_near(img, "#f7f8fa", tol=1)  # the scatter plots' background
+    ys, xs = np.nonzero(area)
+    assert area.sum() > 50_000, "no scatter plot area on the page"
+    box = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    for i, v in enumerate(report["variants"]):  # every variant's points were drawn inside the plots
+        assert _pixels_near(box, PALETTE[i]).sum() > 100, f"no points of {v['name']} ({PALETTE[i]})"
+
+
+def _sourceless_copy(artifacts):
+    """An FP32 artifact whose manifest does not say which model it came from (older exports)."""
+    dst = artifacts["root"] / "no-source"
+    if not dst.exists():
+        shutil.copytree(artifacts["fp32"], dst)
+        mf = dst / "manifest.json"
+        m = json.loads(mf.read_text())
+        m["model"].pop("source", None)
+        mf.write_text(json.dumps(m))
+    return dst
+
+
+def test_reference_falls_back_to_an_fp32_artifact(artifacts, capsys):
+    art = _sourceless_copy(artifacts)
+    report = run_bench(BenchConfig([str(art), str(artifacts["int8"])], seconds=0.05, memory=False, min_rounds=3))
+    assert report["reference"]["kind"] == "artifact" and report["reference"]["name"] == "no-source"
+    assert any("FP32 artifact 'no-source' is the reference" in n for n in report["notes"])
+    assert report["base"] == "no-source"
+    assert 0.98 < _variant(report, "tiny-int8")["fidelity"]["image_cosine"]["mean"] < 1.0
+    assert "fidelity against the FP32 reference" in capsys.readouterr().err  # the progress, on stderr
+    with pytest.raises(UnknownModelError, match="--model"):
+        run_bench(BenchConfig([str(art)], baselines=True, memory=False))
+
+
+def test_bad_input_raises_typed_errors(artifacts, tmp_path, capsys):
+    with pytest.raises(ArtifactError, match="not found"):
+        run_bench(BenchConfig([str(tmp_path / "missing")], eval_dir=str(heldout_dir())))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next(heldout_dir().glob("3/*.png")), flat / "a.png")
+    with pytest.raises(EvalDataError, match="one sub-folder|class sub-folder") as e:
+        run_bench(BenchConfig([str(artifacts["fp32"])], eval_dir=str(flat)))
+    assert "move them into class folders" in str(e.value)
+    with pytest.raises(EvalDataError, match="10 class folders"):
+        run_bench(BenchConfig([str(artifacts["fp32"])], eval_dir=str(heldout_dir()), labels="zero,one"))
+    with pytest.raises(UnknownModelError, match="known specs|Known specs"):
+        run_bench(BenchConfig([str(artifacts["fp32"])], model="random:ViT-Q-9", memory=False))
+    # the command line turns them into exit 2 and one readable line
+    capsys.readouterr()
+    assert main(["bench", str(artifacts["fp32"]), "--eval", str(flat), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
