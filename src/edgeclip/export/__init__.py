@@ -16,7 +16,7 @@ from ..errors import EdgeClipError
 from .artifact import Artifact  # noqa: F401
 
 _TARGETS: dict[str, type] = {}
-_TARGET_MODULES = {"onnx": "onnx", "ort-mobile": "onnx", "openvino": "openvino"}
+_TARGET_MODULES = {"onnx": "onnx", "ort-mobile": "onnx", "openvino": "openvino", "coreml": "coreml"}
 
 
 def register_target(name: str) -> Callable[[type], type]:
@@ -68,6 +68,9 @@ class ExportOptions:
     observer: str = "minmax"      # activation range: minmax | percentile | entropy | mse
     smoothquant_alpha: float = 0.5
     max_cosine_drop: float = 0.005  # guard: 1 - min cosine to FP32 on held-out calibration samples
+    # Core ML
+    min_ios: int = 18             # deployment target: 18 (fused SDPA), 17 or 16 (ANE-layout attention)
+    compress: str | None = None   # weight compression: w8 | palettize6 | palettize4 | int4-blockwise
 
     @classmethod
     def from_kwargs(cls, **kw) -> "ExportOptions":
@@ -79,8 +82,11 @@ class ExportOptions:
         return cls(**kw)
 
 
-def export(model, target: str = "onnx", precision: str = "fp32", out=None, **options) -> Artifact:
-    """Export `model` (a ClipModel or a model URI) into the folder `out`. Never mutates `model`."""
+def export(model, target: str = "onnx", precision: str | None = None, out=None, **options) -> Artifact:
+    """Export `model` (a ClipModel or a model URI) into the folder `out`. Never mutates `model`.
+
+    `precision`: fp32 | fp16 | int8, as the target supports; default the target's first (fp32 for
+    ONNX and OpenVINO, fp16 for Core ML)."""
     from .._lazy import require
 
     require("torch", "exporting models")
@@ -90,8 +96,11 @@ def export(model, target: str = "onnx", precision: str = "fp32", out=None, **opt
         from .. import load_model
 
         model = load_model(model)
-    opts = ExportOptions.from_kwargs(target=target, precision=precision, **options)
     tgt = get_target(target)
+    precision = precision or tgt.precisions[0]
+    opts = ExportOptions.from_kwargs(target=target, precision=precision, **options)
+    if target != "coreml" and (opts.compress is not None or opts.min_ios != 18):
+        raise EdgeClipError("compress and min_ios apply to target='coreml' only")
     if precision not in tgt.precisions:
         raise EdgeClipError(f"target '{target}' supports precisions {', '.join(tgt.precisions)}, not '{precision}'")
     if precision != "int8":

@@ -40,7 +40,7 @@ def causal_mask(n: int, dtype, device=None):
     """(1, Sk, 1, Sq): key k is visible to query q when k <= q."""
     keys = torch.arange(n, device=device).reshape(1, n, 1, 1)
     queries = torch.arange(n, device=device).reshape(1, 1, 1, n)
-    return torch.zeros((), dtype=dtype, device=device).masked_fill(keys > queries, NEG).expand(1, n, 1, n)
+    return (keys > queries).to(dtype) * NEG
 
 
 @register_attention("ane")
@@ -57,7 +57,7 @@ def ane_attention(q, k, v, *, causal=False, scale=None, attn_mask=None):
     if causal:  # queries are the last lq positions of the lk keys
         keys = torch.arange(lk, device=q.device).reshape(1, lk, 1, 1)
         queries = torch.arange(lk - lq, lk, device=q.device).reshape(1, 1, 1, lq)
-        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(keys > queries, NEG)
+        mask = (keys > queries).to(q.dtype) * NEG
     if attn_mask is not None:
         if attn_mask.dim() == 4 and attn_mask.shape[1] != 1:
             # per-head masks: run heads one by one

@@ -113,8 +113,11 @@ class Block(nn.Module):
 
 
 def _take(x, index):
-    """x (B, L, W), index (B,) -> (B, 1, W)."""
-    idx = index.reshape(-1, 1, 1).expand(-1, 1, x.shape[-1])
+    """x (B, L, W), index (B,) or one int for every row -> (B, 1, W)."""
+    if isinstance(index, int):
+        return x[:, index:index + 1]
+    # repeat, not expand: Core ML's converter turns an expanded int index into float
+    idx = index.reshape(-1, 1, 1).repeat(1, 1, x.shape[-1])
     return torch.gather(x, 1, idx)
 
 
@@ -203,7 +206,7 @@ class VisionTower(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks if self.ane_blocks is None else ()):
             if fast and i == last:
-                x = blk(x, pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+                x = blk(x, pool_index=0)  # the class token: a slice, no gather
             else:
                 x = blk(x)
         if self.ane_blocks is not None:

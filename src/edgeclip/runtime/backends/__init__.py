@@ -10,7 +10,7 @@ import importlib
 from ...errors import EdgeClipError
 
 # backend name -> module; target -> the backend that runs its artifacts
-_BACKENDS = {"ort": "ort", "openvino": "openvino"}
+_BACKENDS = {"ort": "ort", "openvino": "openvino", "coreml": "coreml"}
 TARGET_BACKEND = {"onnx": "ort", "ort-mobile": "ort", "openvino": "openvino", "coreml": "coreml",
                   "tensorrt": "tensorrt"}
 
