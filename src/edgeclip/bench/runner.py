@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import UnknownModelError
+from ..errors import CalibrationError, UnknownModelError
 from . import fidelity as fid
 from .machine import machine
 from .memory import measure as measure_memory
@@ -72,10 +72,12 @@ class BenchConfig:
 
 
 def _unique_names(variants: list[Variant]) -> None:
+    """Folder names, made unique with the parent folder (then a counter) where two collide."""
+    for v in variants:
+        if sum(w.name == v.name for w in variants) > 1:
+            v.name = f"{Path(v.path).parent.name}/{Path(v.path).name}"
     seen: dict[str, int] = {}
     for v in variants:
-        if v.name in seen or sum(w.name == v.name for w in variants) > 1:
-            v.name = f"{Path(v.path).parent.name}/{Path(v.path).name}"
         seen[v.name] = seen.get(v.name, 0) + 1
         if seen[v.name] > 1:
             v.name = f"{v.name}#{seen[v.name]}"
@@ -113,10 +115,9 @@ class Bench:
 
     def _probe(self, companion: Variant, spec_size):
         prep, tok, _ = _tools(Path(companion.path))
+        templates = None
         if self.eval_set is not None:
             templates = self.cfg.templates or fid.default_templates(companion.model, companion.source)
-        else:
-            templates = None
         return fid.make_probe(prep, tok, self.eval_set, templates, prep.output_size or spec_size), prep, tok
 
     # ------------------------------------------------------------------------------------ baselines
@@ -129,6 +130,9 @@ class Bench:
         builtin_model = (getattr(model, "source", "") or "").startswith("builtin:")
         if self.cfg.calib:
             files = sorted(p for p in Path(self.cfg.calib).rglob("*") if p.suffix.lower() in fid.IMAGE_EXTS)[:300]
+            if not files:
+                raise CalibrationError(f"--calib {self.cfg.calib}: no images ({', '.join(fid.IMAGE_EXTS)}) found; "
+                                       "pass a folder of representative images")
             where = f"{len(files)} images from {self.cfg.calib}"
         elif builtin_model:
             files = sorted(builtin.calib_dir().glob("*.png"))
@@ -169,9 +173,10 @@ class Bench:
         ref = fid.features(ref_runner, probe) if ref_runner is not None else None
         out = {}
         for i, (name, r) in enumerate(runners.items()):
-            same = r.variant.model == ref_model
-            out[name] = fid.compare(fid.features(r, probe), ref if same else None, probe) if same else \
-                {"note": f"model {r.variant.model} differs from the reference's"}
+            if r.variant.model == ref_model:
+                out[name] = fid.compare(fid.features(r, probe), ref, probe)
+            else:  # another model: its features live in another space
+                out[name] = {"note": f"model {r.variant.model} differs from the reference's ({ref_model})"}
             self.progress.update((i + 1) / len(runners))
         if ref is not None and probe.targets is not None:
             out["__reference__"] = {"zero_shot_top1": float(np.mean(fid._predict(ref, probe.n_classes) == probe.targets))}

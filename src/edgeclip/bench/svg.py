@@ -35,6 +35,23 @@ def _padded(values: list[float], frac: float = 0.08) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def _place_label(cx: float, cy: float, name: str, placed: list, left_edge: float, right_edge: float):
+    """First candidate position (right/left of the point, then above/below) whose box overlaps no point
+    and no label placed so far; labels of close points would otherwise print over each other."""
+    w, h = 6.6 * len(name), 13.0
+    side = ("end", -12) if cx > right_edge - w - 20 else ("start", 12)
+    for dy in (4, -12, 20, -26, 34, -40, 48):
+        for anchor, dx in (side, ("end", -12) if side[0] == "start" else ("start", 12)):
+            x0 = cx + dx - (w if anchor == "end" else 0)
+            box = (x0, cy + dy - h + 3, x0 + w, cy + dy + 3)
+            inside = box[0] >= left_edge and box[2] <= right_edge
+            if inside and all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+                placed.append(box)
+                return cx + dx, cy + dy, anchor
+    placed.append((cx + side[1], cy - 10, cx + side[1] + w, cy))
+    return cx + side[1], cy - 10, side[0]
+
+
 def scatter(points: list[dict], x_label: str, y_label: str, title: str, width: int = 540, height: int = 360,
             log_x: bool | None = None) -> str:
     """points: {"name", "x", "y", "colour"}; x is latency (log scale when it spans > 10x)."""
@@ -67,13 +84,14 @@ def scatter(points: list[dict], x_label: str, y_label: str, title: str, width: i
                  f'{" (log scale)" if log_x else ""}</text>'
                  f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle" {FONT}>'
                  f'{escape(y_label)}</text>')
-    for i, p in enumerate(points):
+    # boxes labels must not cover: every point, then each label as it is placed
+    placed = [(sx(p["x"]) - 9, sy(p["y"]) - 9, sx(p["x"]) + 9, sy(p["y"]) + 9) for p in points]
+    for p in points:
         cx, cy = sx(p["x"]), sy(p["y"])
-        anchor, dx = ("end", -12) if cx > left + pw * 0.7 else ("start", 12)
-        dy = -10 if i % 2 == 0 else 20  # alternate above / below: neighbours' labels overlap less
+        tx, ty, anchor = _place_label(cx, cy, p["name"], placed, left, left + pw)
         parts.append(f'<circle class="point" data-variant="{escape(p["name"])}" cx="{cx:.1f}" cy="{cy:.1f}" r="8" '
                      f'fill="{p["colour"]}"><title>{escape(p["name"])}: {p["x"]:.3g} ms, {p["y"]:.5f}</title></circle>'
-                     f'<text x="{cx + dx:.1f}" y="{cy + dy:.1f}" text-anchor="{anchor}" {FONT}>{escape(p["name"])}</text>')
+                     f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" {FONT}>{escape(p["name"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -81,7 +99,7 @@ def scatter(points: list[dict], x_label: str, y_label: str, title: str, width: i
 def percentiles(rows: list[dict], title: str, width: int = 540, bar: int = 18) -> str:
     """rows: {"name", "p50", "p90", "p99", "colour"} (ms). Bar to p50, whisker to p99, ticks at p90/p99."""
     left, right, top = 190, 60, 34
-    height = top + len(rows) * (bar + 10) + 36
+    height = top + len(rows) * (bar + 10) + 50
     pw = width - left - right
     hi = max((r["p99"] for r in rows), default=1.0) * 1.05 or 1.0
     sx = lambda v: left + v / hi * pw  # noqa: E731
@@ -90,9 +108,10 @@ def percentiles(rows: list[dict], title: str, width: int = 540, bar: int = 18) -
              f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
              f'<text x="10" y="20" {FONT} font-weight="600">{escape(title)}</text>']
     for t in _ticks(0, hi):
-        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{height - 30}" stroke="#e3e6ea"/>'
-                     f'<text x="{sx(t):.1f}" y="{height - 16}" text-anchor="middle" {FONT}>{t:.3g}</text>')
-    parts.append(f'<text x="{width - 8}" y="{height - 4}" text-anchor="end" {FONT}>ms (bar p50, ticks p90 and p99)</text>')
+        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{height - 44}" stroke="#e3e6ea"/>'
+                     f'<text x="{sx(t):.1f}" y="{height - 30}" text-anchor="middle" {FONT}>{t:.3g}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle" {FONT}>'
+                 'ms per call (bar: p50; ticks: p90, p99)</text>')
     for i, r in enumerate(rows):
         y = top + i * (bar + 10)
         mid = y + bar / 2

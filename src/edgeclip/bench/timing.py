@@ -70,7 +70,7 @@ class Interleaved:
             self.round()
             done = (time.perf_counter() - start) / seconds if seconds > 0 else 1.0
             if tick is not None:
-                tick(min(1.0, max(done, self.rounds / min_rounds if done >= 1 else done)))
+                tick(min(1.0, done))
             if self.rounds >= min_rounds and done >= 1.0:
                 break
         return self
