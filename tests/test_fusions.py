@@ -112,6 +112,227 @@ def test_attention_fusion_skips_what_it_does_not_recognise(caplog):
     assert "no match" in caplog.text
 
 
+# ------------------------------------------------------------- projection biases inside the fused node
+
+PROJ = np.random.default_rng(4)
+W_QKV = (PROJ.normal(size=(D, 3 * D)) * D ** -0.5).astype(np.float32)
+B_QKV = PROJ.normal(size=3 * D).astype(np.float32)
+
+
+def _projected(mask: str = "none", layout: str = "packed"):
+    """The reference attention fed by linear projections of x (B, L, D), as our exporter writes them:
+    "packed"   x @ Wqkv + b -> Split(3)                       (every block but a pooled-only last one)
+    "pooled"   xq @ Wq + bq (xq: B, 1, D); x @ Wkv + bkv -> Split(2)   (pooled-only last block)
+    "separate" x @ Wq + bq, x @ Wk + bk, bv + x @ Wv          (three plain linears, bias first in one)
+    "no_v_bias" like "separate" with no bias on V: nothing to move, the Adds stay."""
+    model = _attention_graph(mask)
+    g = model.graph
+    for x in [i for i in g.input if i.name in "qkv"]:
+        g.input.remove(x)
+    # batch left dynamic as in our exports (with every dimension known ONNX Runtime would rewrite
+    # MatMul + Add into Gemm itself)
+    g.input.insert(0, helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", L, D]))
+    inits, nodes = [], []
+
+    def linear(name, x, cols, out, bias=True, bias_first=False):
+        inits.append(_const(f"W_{name}", W_QKV[:, cols]))
+        mm = f"{name}_mm" if bias else out
+        nodes.append(helper.make_node("MatMul", [x, f"W_{name}"], [mm], name=f"visual.blocks.0.attn.{name}"))
+        if bias:
+            inits.append(_const(f"b_{name}", B_QKV[cols]))
+            ins = [f"b_{name}", mm] if bias_first else [mm, f"b_{name}"]
+            nodes.append(helper.make_node("Add", ins, [out], name=f"{name}_bias"))
+
+    q, k, v = (slice(i * D, (i + 1) * D) for i in range(3))
+    if layout == "packed":
+        linear("qkv", "x", slice(0, 3 * D), "qkv")
+        nodes.append(helper.make_node("Split", ["qkv"], ["q", "k", "v"], axis=2, num_outputs=3))
+    elif layout == "pooled":
+        g.input.insert(1, helper.make_tensor_value_info("xq", TensorProto.FLOAT, ["batch", 1, D]))
+        linear("q_proj", "xq", q, "q")
+        linear("kv_proj", "x", slice(D, 3 * D), "kv")
+        nodes.append(helper.make_node("Split", ["kv"], ["k", "v"], axis=-1, num_outputs=2))
+    else:
+        linear("q_proj", "x", q, "q")
+        linear("k_proj", "x", k, "k")
+        linear("v_proj", "x", v, "v", bias=layout != "no_v_bias", bias_first=True)
+    for n in reversed(nodes):
+        g.node.insert(0, n)
+    g.initializer.extend(inits)
+    out = g.output[0].type.tensor_type.shape
+    out.dim[0].dim_param, out.dim[1].dim_param = "batch", "Lq"  # Lq = 1 for the pooled query
+    return model
+
+
+def _projected_feeds(mask, layout):
+    r = np.random.default_rng(5)
+    feeds = {"x": r.normal(size=(B, L, D)).astype(np.float32)}
+    if layout == "pooled":
+        feeds["xq"] = r.normal(size=(B, 1, D)).astype(np.float32)
+    if mask == "additive":
+        feeds["bias"] = _feeds("additive")["bias"]
+    return feeds
+
+
+def _fused(model, **kw):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    assert AttentionFusion(**kw).fuse(m) == 1
+    onnx.checker.check_model(m)
+    return m
+
+
+def _qkv_sources(model, mha):
+    """The op that makes each of the node's q, k, v inputs, looking through a Split."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for t in mha.input[:3]:
+        p = producer[t]
+        out.append(producer[p.input[0]].op_type if p.op_type == "Split" else p.op_type)
+    return out
+
+
+@pytest.mark.parametrize("layout,mask", [("packed", "none"), ("packed", "causal"), ("packed", "additive"),
+                                         ("separate", "none"), ("separate", "causal"), ("separate", "additive"),
+                                         ("pooled", "none"), ("pooled", "additive")])
+def test_attention_fusion_moves_projection_biases_into_the_fused_node(layout, mask):
+    model = _projected(mask, layout)
+    feeds = _projected_feeds(mask, layout)
+    before = _run(model, feeds)
+    fused = _fused(model)
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["MultiHeadAttention"] == 1 and ops["Softmax"] == 0
+    assert ops["Add"] == 0  # no bias Add left in front of q, k, v (nor the mask's Add)
+    assert ops["MatMul"] == {"packed": 1, "pooled": 2, "separate": 3}[layout]
+    mha = next(n for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+    assert _qkv_sources(fused, mha) == ["MatMul"] * 3
+    inits = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
+    np.testing.assert_array_equal(inits[mha.input[3]], B_QKV)  # q | k | v, shape (3 * hidden,)
+    if layout == "packed":
+        assert mha.input[3] == "b_qkv"  # the packed bias keeps its name; nothing copied
+    assert not {f"b_{n}" for n in ("q_proj", "k_proj", "v_proj", "kv_proj")} & set(inits)  # no stale copies
+    attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+    assert attrs["unidirectional"] == int(mask == "causal")
+    assert (len(mha.input) > 5 and mha.input[5] != "") == (mask == "additive")
+    after = _run(fused, feeds)
+    assert after.shape == before.shape
+    np.testing.assert_allclose(after, before, atol=1e-5, rtol=1e-5)
+    # the same as the fused node with the Adds left in front of it
+    np.testing.assert_allclose(after, _run(_fused(model, fold_bias=False), feeds), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["none", "causal"])
+def test_attention_fusion_keeps_the_adds_when_one_projection_has_no_bias(mask):
+    model = _projected(mask, "no_v_bias")
+    feeds = _projected_feeds(mask, "no_v_bias")
+    fused = _fused(model)
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["MultiHeadAttention"] == 1 and ops["Add"] == 2  # q and k keep their bias Adds
+    mha = next(n for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+    assert len(mha.input) == 3 and _qkv_sources(fused, mha) == ["Add", "Add", "MatMul"]
+    np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_fusion_keeps_the_adds_when_a_biased_projection_is_read_elsewhere():
+    model = _projected("none", "separate")
+    model.graph.output.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, [B, L, D]))
+    fused = _fused(model)
+    mha = next(n for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+    assert len(mha.input) == 3 and Counter(n.op_type for n in fused.graph.node)["Add"] == 3
+    feeds = _projected_feeds("none", "separate")
+    for a, b in zip(ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds),
+                    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _int8_batches(mask, layout):
+    r = np.random.default_rng(6)
+    return [{k: r.normal(size=v.shape).astype(np.float32) for k, v in _projected_feeds(mask, layout).items()}
+            for _ in range(3)]
+
+
+def _bias_inputs(model):
+    """{op: [bias input or None per node]} for the ops that can carry the Q/K/V projection bias."""
+    where = {"MultiHeadAttention": 3, "QAttention": 2, "MatMulIntegerToFloat": 6, "DynamicQuantizeMatMul": 4}
+    out: dict[str, list] = {}
+    for n in model.graph.node:
+        if n.op_type in where:
+            i = where[n.op_type]
+            out.setdefault(n.op_type, []).append(n.input[i] if len(n.input) > i and n.input[i] else None)
+    return out
+
+
+@pytest.mark.parametrize("layout,mask", [("packed", "none"), ("packed", "causal"), ("packed", "additive"),
+                                         ("pooled", "none"), ("separate", "causal")])
+def test_int8_lowering_takes_the_qkv_bias_from_the_fused_node(layout, mask):
+    """Static INT8 of a fused graph: packed QKV -> Split -> MultiHeadAttention(bias) lowers to one
+    QAttention with that bias; where the attention stays float (pooled block, masked attention,
+    separate projections) the bias goes back into the MatMulIntegerToFloat GEMMs. Either way the
+    lowered graph is the one the graph with the Adds left in front lowers to, and it computes the
+    same numbers as the QDQ graph it lowers."""
+    from edgeclip.calibration import qdq
+
+    model = _projected(mask, layout)
+    batches = _int8_batches(mask, layout)
+    results = {}
+    for fold in (True, False):
+        fused = _fused(model, fold_bias=fold)
+        targets = qdq.find_targets(fused)
+        assert len(targets) == {"packed": 1, "pooled": 2, "separate": 3}[layout]
+        quant = qdq.quantize(fused, targets, qdq.collect_ranges(fused, targets, batches[:2]))
+        lowered = qdq.copy_model(quant)
+        qattention = layout == "packed" and mask != "additive"
+        assert qdq.lower_for_ort(lowered) == len(targets) + int(qattention)
+        onnx.checker.check_model(lowered)
+        ops = Counter(n.op_type for n in lowered.graph.node)
+        assert ops["DequantizeLinear"] == 0 and ops["Softmax"] == 0 and ops["Add"] == 0
+        biases = _bias_inputs(lowered)
+        if qattention:
+            assert ops["QAttention"] == 1 and ops["MultiHeadAttention"] == ops["MatMulIntegerToFloat"] == 0
+            qa = next(n for n in lowered.graph.node if n.op_type == "QAttention")
+            assert qa.input[2] == "b_qkv"
+            attrs = {a.name: helper.get_attribute_value(a) for a in qa.attribute}
+            assert attrs["unidirectional"] == int(mask == "causal") and attrs["num_heads"] == N
+        else:
+            assert ops["MatMulIntegerToFloat"] == len(targets) and ops["MultiHeadAttention"] == 1
+            assert biases["MultiHeadAttention"] == [None] and None not in biases["MatMulIntegerToFloat"]
+            gemm_bias = np.concatenate([numpy_helper.to_array(i) for n in biases["MatMulIntegerToFloat"]
+                                        for i in lowered.graph.initializer if i.name == n])
+            np.testing.assert_array_equal(gemm_bias, B_QKV)
+        after = _run(lowered, batches[2])
+        np.testing.assert_allclose(after, _run(quant, batches[2]), atol=1e-5, rtol=1e-5)
+        results[fold] = (ops, after)
+    (ops_fold, out_fold), (ops_add, out_add) = results[True], results[False]
+    assert ops_fold == ops_add
+    np.testing.assert_array_equal(out_fold, out_add)
+
+
+@pytest.mark.parametrize("layout", ["packed", "pooled"])
+def test_dynamic_int8_takes_the_qkv_bias_from_the_fused_node(layout):
+    """DynamicQuantizeMatMul GEMMs get the Q/K/V bias back from the fused node, as they had it when
+    the Adds stayed in front of the attention; weight-only int8 leaves it in the fused node."""
+    from edgeclip.calibration import qdq
+
+    model = _projected("causal" if layout == "packed" else "none", layout)
+    feeds = _int8_batches("none", layout)[0]
+    outs = {}
+    for fold in (True, False):
+        fused = _fused(model, fold_bias=fold)
+        dyn = qdq.quantize_dynamic(fused, qdq.find_targets(fused))
+        onnx.checker.check_model(dyn)
+        biases = _bias_inputs(dyn)
+        assert biases["MultiHeadAttention"] == [None] and None not in biases["DynamicQuantizeMatMul"]
+        assert Counter(n.op_type for n in dyn.graph.node)["Add"] == 0
+        outs[fold] = _run(dyn, feeds)
+    np.testing.assert_array_equal(outs[True], outs[False])
+    fused = _fused(model)
+    w8 = qdq.quantize_weights(fused, qdq.find_targets(fused))
+    assert _bias_inputs(w8)["MultiHeadAttention"] != [None]
+    ops = Counter(n.op_type for n in w8.graph.node)
+    assert ops["Add"] == 0 and ops["DequantizeLinear"] == ops["MatMul"] == {"packed": 1, "pooled": 2}[layout]
+    np.testing.assert_allclose(_run(w8, feeds), _run(model, feeds), atol=0.05)
+
+
 def _skip_ln_graph(reuse_sum: bool):
     r = np.random.default_rng(1)
     inits = [_const("g", r.normal(size=D).astype(np.float32)), _const("b", r.normal(size=D).astype(np.float32))]
@@ -194,6 +415,22 @@ def test_exported_graphs_have_no_unfused_attention(tiny_pair):
         raw = Counter(n.op_type for n in onnx.load(str(plain.path / f"{name}.onnx")).graph.node)
         assert raw["MultiHeadAttention"] == 0 and raw["Softmax"] == blocks
     assert plain.manifest["fusions"] == {}
+
+
+def test_exported_attention_adds_the_projection_biases_itself(tiny_pair):
+    """Every fused attention of both towers (packed-QKV blocks, the pooled-only last block, the text
+    tower's masked one) takes the Q/K/V projection biases as its `bias` input: no Add in front of it."""
+    model, fused, _ = tiny_pair
+    width = {"image": model.spec.vision.width, "text": model.spec.text.width}
+    for name in ("image", "text"):
+        graph = onnx.load(str(fused.path / f"{name}.onnx"))
+        inits = {i.name: i for i in graph.graph.initializer}
+        mhas = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
+        for mha in mhas:
+            assert _qkv_sources(graph, mha) == ["MatMul"] * 3, (name, mha.name)
+            assert list(inits[mha.input[3]].dims) == [3 * width[name]], (name, mha.name)
+        # the packed blocks' biases keep their checkpoint names
+        assert sum(mha.input[3].endswith("attn.qkv.bias") for mha in mhas) == len(mhas) - 1, name
 
 
 def test_fused_and_unfused_exports_agree(tiny_pair):

@@ -199,13 +199,115 @@ def lower_for_ort(model, attention: bool = True) -> int:
         remove_dead(model)
         if attention:
             count += _lower_attention(model)
+        _attention_bias_to_gemms(model)
     return count
+
+
+# Integer GEMMs of ONNX Runtime that add a bias as they write their output: op -> index of that input.
+GEMM_BIAS_INPUT = {"MatMulIntegerToFloat": 6, "DynamicQuantizeMatMul": 4}
+
+
+def _attention_bias_to_gemms(model) -> int:
+    """Give each float MultiHeadAttention's Q/K/V projection bias (its `bias` input, where the attention
+    fusion puts it) back to the integer GEMMs that make its q, k and v, when every one of them takes a
+    bias input and has none: the GEMM adds it while writing its output, where the attention would spend
+    a pass over Q, K and V. The graph is then the one lowered from an unfolded fusion. Returns how many
+    attentions gave theirs up."""
+    from onnx import numpy_helper
+
+    from ..kernels.onnx_fusions import Graph, remove_dead
+
+    g = Graph(model.graph)
+    count = 0
+    for mha in [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]:
+        if len(mha.input) < 4 or mha.input[3] not in g.inits:
+            continue
+        plan = _gemm_bias_plan(g, mha)
+        if plan is None:
+            continue
+        bias = numpy_helper.to_array(g.inits[mha.input[3]])
+        widths = {slot: width for _, parts in plan for slot, width in parts}
+        if len(widths) != 3 or widths[0] != widths[1] or sum(widths.values()) != bias.shape[0]:
+            continue
+        start = {0: 0, 1: widths[0], 2: 2 * widths[0]}
+        for gemm, parts in plan:
+            values = np.concatenate([bias[start[slot]:start[slot] + width] for slot, width in parts])
+            if [slot for slot, _ in parts] == [0, 1, 2]:  # one packed QKV GEMM: the very same tensor
+                name = mha.input[3]
+            else:
+                name = f"{gemm.name}_bias"
+                model.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
+            idx = GEMM_BIAS_INPUT[gemm.op_type]
+            while len(gemm.input) <= idx:
+                gemm.input.append("")
+            gemm.input[idx] = name
+        mha.input[3] = ""
+        while mha.input and not mha.input[-1]:
+            del mha.input[-1]
+        count += 1
+    if count:
+        remove_dead(model)
+    return count
+
+
+def _gemm_bias_plan(g, mha):
+    """[(bias-less integer GEMM, [(q/k/v slot, columns) for each block of its output columns])] for the
+    GEMMs that make mha's q, k and v (directly, or through a last-axis Split read only by mha), else None."""
+    plan, seen = [], set()
+    for t in mha.input[:3]:
+        p = g.producer.get(t)
+        if p is None:
+            return None
+        sizes = None
+        if p.op_type == "Split":
+            attrs = {a.name: a for a in p.attribute}
+            if (attrs["axis"].i if "axis" in attrs else 0) not in (-1, 2):
+                return None
+            if len(p.input) > 1 and p.input[1]:
+                sizes = g.const(p.input[1])
+                if sizes is None:
+                    return None
+                sizes = [int(v) for v in np.ravel(sizes)]
+            elif "split" in attrs:
+                sizes = list(attrs["split"].ints)
+            src, parts = p.input[0], list(p.output)
+            if len(g.consumers.get(src, [])) != 1 or src in g.outputs:
+                return None
+        else:
+            src, parts = t, [t]
+        gemm = g.producer.get(src)
+        if gemm is None or gemm.op_type not in GEMM_BIAS_INPUT or gemm.input[1] not in g.inits:
+            return None
+        idx = GEMM_BIAS_INPUT[gemm.op_type]
+        if len(gemm.input) > idx and gemm.input[idx]:
+            return None
+        if gemm.output[0] in seen:
+            continue
+        seen.add(gemm.output[0])
+        cols = int(g.inits[gemm.input[1]].dims[-1])
+        if sizes is None:
+            if cols % len(parts):
+                return None
+            sizes = [cols // len(parts)] * len(parts)
+        if sum(sizes) != cols or len(sizes) != len(parts):
+            return None
+        slots = []
+        for part, size in zip(parts, sizes):  # each output block goes to mha alone (shape-only readers aside)
+            readers = [c for c in g.consumers.get(part, []) if c.op_type != "Shape"]
+            if part in g.outputs or len(readers) != 1 or readers[0].output[0] != mha.output[0] \
+                    or list(mha.input[:3]).count(part) != 1:
+                return None
+            slots.append((list(mha.input[:3]).index(part), size))
+        plan.append((gemm, slots))
+    return plan
 
 
 def _lower_attention(model) -> int:
     """INT8 packed-QKV projection -> Split -> MultiHeadAttention  ==>  one `com.microsoft.QAttention`
     (the integer QKV GEMM, its bias and the attention in one kernel). Only self-attention without an
-    additive mask qualifies; causal masks carry over as `unidirectional`."""
+    additive mask qualifies; causal masks carry over as `unidirectional`. The QKV bias is the
+    MultiHeadAttention's own `bias` input (where the attention fusion puts it) or, in graphs fused
+    without that, the GEMM's."""
     from onnx import helper
 
     from ..kernels.onnx_fusions import Graph, remove_dead, replace
@@ -213,15 +315,21 @@ def _lower_attention(model) -> int:
     g = Graph(model.graph)
     count = 0
     for mha in list(model.graph.node):
-        if mha.op_type != "MultiHeadAttention" or len(mha.input) != 3:
+        if mha.op_type != "MultiHeadAttention" or len(mha.input) < 3 or any(mha.input[4:]):
             continue
-        split = g.producer.get(mha.input[0])
-        if split is None or split.op_type != "Split" or list(split.output) != list(mha.input):
+        qkv = list(mha.input[:3])
+        split = g.producer.get(qkv[0])
+        if split is None or split.op_type != "Split" or list(split.output) != qkv:
             continue
         mm = g.op(split.input[0], "MatMulIntegerToFloat")
-        if mm is None or len(mm.input) < 7 or len(g.consumers.get(mm.output[0], [])) != 1:
+        if mm is None or len(mm.input) < 6 or len(g.consumers.get(mm.output[0], [])) != 1:
             continue
-        a, w, a_scale, w_scale, a_zp, w_zp, bias = mm.input[:7]
+        gemm_bias = mm.input[6] if len(mm.input) > 6 else ""
+        mha_bias = mha.input[3] if len(mha.input) > 3 else ""
+        if bool(gemm_bias) == bool(mha_bias):  # neither (QAttention needs one), or both
+            continue
+        a, w, a_scale, w_scale, a_zp, w_zp = mm.input[:6]
+        bias = mha_bias or gemm_bias
         attrs = {x.name: helper.get_attribute_value(x) for x in mha.attribute}
         node = helper.make_node("QAttention", [a, w, bias, a_scale, w_scale, "", a_zp, w_zp], [mha.output[0]],
                                 name=f"{mha.name}_int8", domain="com.microsoft", num_heads=attrs["num_heads"],
@@ -280,6 +388,7 @@ def quantize_dynamic(model, targets, exclude=()):
                                  domain="com.microsoft")], inits
 
     _replace_linear(m, targets, exclude, make)
+    _attention_bias_to_gemms(m)
     return m
 
 

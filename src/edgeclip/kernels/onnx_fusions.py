@@ -146,9 +146,17 @@ class AttentionFusion:
 
     Matches what our model exports: Reshape(B,L,N,H) → Transpose → Mul(scale) → MatMul(Kᵀ) →
     [Where(causal, -inf) | Add(bias)] → Softmax → MatMul(V) → Transpose → Reshape(B,L,D).
-    Causal masks become `unidirectional=1`; additive masks become `attention_bias`."""
+    Causal masks become `unidirectional=1`; additive masks become `attention_bias`.
+
+    When Q, K and V all come from linear projections (MatMul + constant 1-D bias Add, packed behind a
+    Split or not), their biases move into the fused node's `bias` input (q | k | v concatenated), which
+    the kernel adds while it lays Q/K/V out per head: one float Add fewer per block. Anything else
+    keeps its Adds in front of the node."""
 
     name = "attention"
+
+    def __init__(self, fold_bias: bool = True):
+        self.fold_bias = fold_bias
 
     def match(self, g: Graph, softmax) -> _Attention | None:
         scores = softmax.input[0]
@@ -247,7 +255,127 @@ class AttentionFusion:
             old = g.producer[m.out]
             replace(model, old, new_nodes + [node], [old])
         remove_dead(model)
+        if self.fold_bias:
+            g.refresh()
+            for node in [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == MS]:
+                self.fold_projection_bias(model, g, node)
+            remove_dead(model)  # the bias constants the removed Adds read
         return len(found)
+
+    @staticmethod
+    def fold_projection_bias(model, g: Graph, mha) -> bool:
+        """Move the Q/K/V projection bias Adds in front of `mha` into its `bias` input; True if moved.
+
+        Each of q, k, v must be `MatMul -> Add(1-D constant)` read by nothing but `mha` (and shape-only
+        readers), or one output of a last-axis `Split` of such an Add whose every output goes to `mha`
+        alone (packed QKV, packed KV)."""
+        from onnx import numpy_helper
+
+        if len(mha.input) > 3 and mha.input[3]:
+            return False
+        biases, edits, adds, sources = [], [], {}, []
+        for slot in range(3):
+            found = AttentionFusion._projection_bias(g, mha, mha.input[slot])
+            if found is None:
+                return False
+            bias, edit, add, source = found
+            biases.append(bias)
+            edits.append(edit)
+            adds[add.output[0]] = add
+            sources.append(source)
+        hidden = [b.shape[0] for b in biases]
+        heads = next(a.i for a in mha.attribute if a.name == "num_heads")
+        if hidden[0] != hidden[1] or any(h % heads for h in hidden):
+            return False
+        packed = sources[0][0]  # one packed bias already laid out q | k | v: keep it under its own name
+        if packed in g.inits and sources == [(packed, 0), (packed, hidden[0]), (packed, 2 * hidden[0])] \
+                and sum(hidden) == int(np.prod(g.inits[packed].dims)):
+            name = packed
+        else:
+            name = f"{mha.name}_qkv_bias"
+            model.graph.initializer.append(numpy_helper.from_array(np.concatenate(biases).astype(np.float32), name))
+        for edit in edits:
+            edit()
+        while len(mha.input) < 4:
+            mha.input.append("")
+        mha.input[3] = name
+        for add in adds.values():
+            model.graph.node.remove(add)
+        g.refresh()
+        return True
+
+    @staticmethod
+    def _projection_bias(g: Graph, mha, tensor: str):
+        """(bias values, edit that bypasses the Add, the Add, (bias tensor, offset of the values in it))
+        for one of mha's q/k/v inputs, or None."""
+        def is_mha(node):
+            return node.op_type == mha.op_type and node.output[0] == mha.output[0]
+
+        def readers_ok(t):  # t goes to mha once, and otherwise only to Shape nodes (shapes do not change)
+            readers = g.consumers.get(t, [])
+            return t not in g.outputs and all(is_mha(c) or c.op_type == "Shape" for c in readers) \
+                and sum(list(c.input).count(t) for c in readers if is_mha(c)) == 1
+
+        def linear(t):  # (Add, MatMul output, bias values, bias tensor) when t = MatMul(x, W) + 1-D constant
+            add = g.op(t, "Add")
+            if add is None:
+                return None
+            for i, j in ((0, 1), (1, 0)):
+                mm = g.op(add.input[i], "MatMul")
+                c = g.const(add.input[j])
+                if mm is None or c is None or c.ndim != 1 or c.dtype != np.float32:
+                    continue
+                w = g.inits.get(mm.input[1])
+                if w is None or len(w.dims) != 2 or w.dims[1] != c.shape[0]:
+                    continue
+                mm_add, _ = g.bias_add(mm.output[0], width=c.shape[0])
+                if mm_add is None or mm_add.output[0] != add.output[0]:
+                    continue
+                return add, mm.output[0], c, add.input[j]
+            return None
+
+        split = g.op(tensor, "Split")
+        if split is None:
+            found = linear(tensor)
+            if found is None or not readers_ok(tensor):
+                return None
+            add, pre, c, bias_name = found
+
+            def edit():
+                for reader in g.consumers.get(tensor, []):
+                    for i, name in enumerate(reader.input):
+                        if name == tensor:
+                            reader.input[i] = pre
+            return c, edit, add, (bias_name, 0)
+        found = linear(split.input[0])
+        attrs = {a.name: a for a in split.attribute}
+        axis = attrs["axis"].i if "axis" in attrs else 0
+        if found is None or axis not in (-1, 2) or len(g.consumers.get(split.input[0], [])) != 1 \
+                or split.input[0] in g.outputs:
+            return None
+        add, pre, c, bias_name = found
+        if not all(readers_ok(o) for o in split.output):
+            return None
+        if len(split.input) > 1 and split.input[1]:
+            sizes = g.const(split.input[1])
+            if sizes is None:
+                return None
+            sizes = [int(v) for v in np.ravel(sizes)]
+        elif "split" in attrs:
+            sizes = list(attrs["split"].ints)
+        else:
+            n = len(split.output)
+            if c.shape[0] % n:
+                return None
+            sizes = [c.shape[0] // n] * n
+        if sum(sizes) != c.shape[0] or len(sizes) != len(split.output):
+            return None
+        j = list(split.output).index(tensor)
+        start = sum(sizes[:j])
+
+        def edit():
+            split.input[0] = pre
+        return c[start:start + sizes[j]], edit, add, (bias_name, start)
 
 
 class SkipLayerNormFusion:
