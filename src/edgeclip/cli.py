@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -66,12 +67,12 @@ def cmd_export(args) -> int:
     if args.model.startswith("random:"):
         kw["seed"] = args.seed
     model = edgeclip.load_model(args.model, **kw)
-    t1 = _step(f"exporting {model.spec.name} -> {args.target} {args.precision} (loaded in {time.perf_counter() - t0:.1f} s)", quiet)
+    t1 = _step(f"exporting {model.spec.name} -> {args.target} {args.precision or '(default precision)'} (loaded in {time.perf_counter() - t0:.1f} s)", quiet)
     art = edgeclip.export(
         model, target=args.target, precision=args.precision, out=args.out,
         labels=args.labels or [], templates=args.templates, trim_text=not args.no_trim,
         pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
-        fuse=not args.no_fuse, **_int8_options(args),
+        fuse=not args.no_fuse, **_int8_options(args), **_coreml_options(args),
     )
     elapsed = time.perf_counter() - t1
     if args.json:
@@ -81,6 +82,12 @@ def cmd_export(args) -> int:
     _print_quantization(art.manifest)
     _print_fidelity(art.manifest)
     return 0
+
+
+def _coreml_options(args) -> dict:
+    """Core ML flags, passed only when given (other targets reject them)."""
+    kw = {"compress": args.compress, "min_ios": args.min_ios}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _int8_options(args) -> dict:
@@ -200,6 +207,15 @@ def cmd_inspect(args) -> int:
         print(f"openvino   {o['version']}; validated with inference precision {o['validated_inference_precision']}; "
               f"default on the export machine: {o['default_inference_precision_here']} "
               "(force with --inference-precision f32)")
+    if m.get("coreml"):
+        c = m["coreml"]
+        print(f"coreml     {c['minimum_deployment_target']}, {c['compute_precision']}, attention: {c['attention']}")
+        if c.get("compression"):
+            print(f"compress   {c['compression']['recipe']}: {c['compression']['ratio_vs_fp16']:.2f}x of FP16 ("
+                  + ", ".join(f"{g} {_mb(f['size']['fp16_bytes'])} -> {_mb(f['size']['bytes'])}"
+                              for g, f in c["graphs"].items()) + ")")
+        print(f"checked    {c['validations']['numerical']}; {c['validations']['structural']}; "
+              f"predict: {c['validations']['predict']}")
     if m.get("fusions"):
         print("fusions    " + "; ".join(f"{g}: " + (", ".join(f"{k} {v}" for k, v in c.items()) or "none")
                                         for g, c in m["fusions"].items()))
@@ -243,7 +259,8 @@ def _full_bench(args) -> int:
                       eval_dir=args.eval, labels=args.labels, templates=args.templates, eval_limit=args.eval_limit,
                       baselines=args.baselines, model=args.model, calib=args.calib, cache=args.baseline_cache,
                       report=args.report, inference_precision=args.inference_precision, memory=not args.no_memory,
-                      progress=not args.quiet)
+                      progress=not args.quiet,
+                      command="edgeclip " + " ".join(shlex.quote(str(a)) for a in args.argv))
     report = run_bench(cfg)
     paths = write_reports(report, args.report) if args.report else {}
     if args.json:
@@ -283,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to a verified artifact folder")
     p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH")
     p.add_argument("--target", default="onnx", choices=targets())
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 (per target)")
+    p.add_argument("--precision", help="fp32 | fp16 | int8 (per target; default fp32, fp16 for coreml)")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels or a file, one per line")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
@@ -295,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="keep the artifact even outside tolerance")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-fuse", action="store_true", help="keep attention unfused (for comparisons)")
+    c = p.add_argument_group("Core ML (--target coreml)")
+    c.add_argument("--min-ios", type=int, choices=[16, 17, 18],
+                   help="deployment target (default 18: fused attention; 16/17: Neural Engine layout)")
+    c.add_argument("--compress", choices=["w8", "palettize6", "palettize4", "int4-blockwise"],
+                   help="weight compression of the fp16 model; int4-blockwise needs iOS 18")
     g = p.add_argument_group("INT8 (--precision int8)")
     g.add_argument("--recipe", choices=list(RECIPES),
                    help="quantization recipe (default int8). " + recipes_help().replace("%", "%%"))
@@ -364,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     if getattr(args, "command", None) == "run" and not (args.image or args.text):
         print("error: run needs --image and/or --text", file=sys.stderr)
         return 2

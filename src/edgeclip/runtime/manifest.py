@@ -67,8 +67,11 @@ def read_manifest(root, verify: bool = True) -> dict:
                 )
     # every path the manifest points at must be a listed file
     for graph in manifest.get("graphs", {}).values():
-        if graph.get("file") not in files:
-            raise ArtifactError(f"graph file {graph.get('file')!r} is not listed with a checksum in the manifest")
+        rel = graph.get("file")
+        # a graph is a file (.onnx, .xml) or a package folder (.mlpackage) whose files are all listed
+        listed = rel in files or (isinstance(rel, str) and any(f.startswith(rel.rstrip("/") + "/") for f in files))
+        if not listed:
+            raise ArtifactError(f"graph file {rel!r} is not listed with a checksum in the manifest")
     tok = manifest.get("tokenizer") or {}
     if tok.get("file") is not None and (not isinstance(tok["file"], str) or tok["file"] not in files):
         raise ArtifactError(f"tokenizer file {tok['file']!r} is not listed with a checksum in the manifest; "

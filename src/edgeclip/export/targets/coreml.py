@@ -191,7 +191,14 @@ def compress_weights(ct, ml, recipe: str, ios: int):
         grouped = {"granularity": "per_grouped_channel", "group_size": 16} if ios >= 18 else \
             {"granularity": "per_tensor"}
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(recipe[-1]), **grouped)
-        fn = cto.palettize_weights
+        # the token embedding (a gather's table, 49408 rows) gets one table: per-group k-means there
+        # would run thousands of clusterings for little gain
+        per_tensor = cto.OpPalettizerConfig(mode="kmeans", nbits=int(recipe[-1]), granularity="per_tensor")
+        config = cto.OptimizationConfig(global_config=op, op_type_configs={"gather": per_tensor})
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cto.palettize_weights(ml, config)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
