@@ -51,6 +51,7 @@ def test_report_files_and_schema(full):
     paths, report = full
     assert all(p.is_file() and p.stat().st_size > 500 for p in paths.values())
     assert report["schema"] == "edgeclip-bench-report/1" and report["interleaved"] is True
+    assert report["command"].startswith("edgeclip bench ") and "--baselines" in report["command"]
     m = report["machine"]
     assert m["cores"] >= 1 and m["cpu"]["model"] and isinstance(m["cpu"]["flags"], list)
     assert {"python", "numpy", "onnxruntime"} <= set(m["libraries"])
