@@ -135,7 +135,7 @@ class CoreMLTarget:
             manifest = {
                 "target": "coreml", "precision": opts.precision, "backend": "coreml",
                 "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
-                          "spec": spec.to_dict()},
+                          "spec": spec.to_dict(), "source": getattr(model, "source", None)},
                 "preprocess": spec.preprocess_config(),
                 "tokenizer": tokenizer,
                 "text": {"trim": False, "pool": spec.text.pool, "eot_token_id": spec.text.eot_token_id,
