@@ -23,9 +23,23 @@ PASS_THROUGH = ("Gather", "GatherElements")  # select tokens, keep channels: sca
 LN_PARAMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (scale, bias) inputs
 
 
+def _token_slice(model, node) -> bool:
+    """A Slice over the token axis only ((B, L, W) tensors: axis 1 or -2): channel scaling commutes."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return False
+    from onnx import numpy_helper
+
+    axes = next((numpy_helper.to_array(i) for i in model.graph.initializer if i.name == node.input[3]), None)
+    if axes is None:
+        for n in model.graph.node:
+            if n.op_type == "Constant" and n.output[0] == node.input[3]:
+                axes = numpy_helper.to_array(n.attribute[0].t)
+    return axes is not None and all(int(a) in (1, -2) for a in np.ravel(axes))
+
+
 def smoothable_pairs(model, targets) -> dict:
     """{LayerNorm node name: [targets reading its output]} for LNs with initializer scale/bias whose
-    output reaches nothing but target MatMuls (directly or through token-selecting Gathers); the first
+    output reaches nothing but target MatMuls (directly or through token-selecting Gathers and Slices); the first
     target in each list reads the LN output itself, so its activation gives the channel ranges."""
     inits = {i.name for i in model.graph.initializer}
     by_input: dict[str, list] = {}
@@ -46,7 +60,8 @@ def smoothable_pairs(model, targets) -> dict:
             for reader in by_input.get(tensor, []):
                 if reader.name in target_of and reader.input[0] == tensor:
                     found.append(target_of[reader.name])
-                elif reader.op_type in PASS_THROUGH and reader.input[0] == tensor:
+                elif reader.input[0] == tensor and (reader.op_type in PASS_THROUGH or
+                                                     _token_slice(model, reader)):
                     frontier.append(reader.output[0])
                 else:
                     ok = False
