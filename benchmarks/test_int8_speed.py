@@ -25,12 +25,8 @@ the 0.5 goal is asserted as is.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +41,7 @@ from _timing import Interleaved, report  # noqa: E402
 from synthetic import calibration_data  # noqa: E402
 
 import edgeclip  # noqa: E402
-from edgeclip.export.graphs import ImageGraph  # noqa: E402
+from edgeclip.bench.baselines import plain_export  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 
 ROUNDS = 30
@@ -62,21 +58,6 @@ def _session(path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _plain_export(model, path):
-    """The standard recipe: torch.onnx.export of the unmodified tower, nothing else."""
-    import copy
-
-    quiet = logging.getLogger("torch.onnx")
-    quiet.setLevel(logging.ERROR)
-    graph = ImageGraph(copy.deepcopy(model).eval())
-    x = torch.randn(1, 3, 224, 224)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (x,), str(path), input_names=["pixel_values"], output_names=["image_embeds"],
-                          dynamo=True, external_data=False, optimize=True,
-                          dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=64)}})
-
-
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
     from onnxruntime.quantization import quantize_dynamic
@@ -86,7 +67,7 @@ def variants(tmp_path_factory):
     calib, held, caps = calibration_data(root, 224, images=48, held=8, caps=96)
     fp32 = edgeclip.export(model, precision="fp32", out=root / "fp32")
     int8 = edgeclip.export(model, precision="int8", calib=calib, calib_captions=caps, out=root / "int8")
-    _plain_export(model, root / "plain.onnx")
+    plain_export(model, "image", root / "plain.onnx")
     quantize_dynamic(str(root / "plain.onnx"), str(root / "dynamic.onnx"))
     paths = {"edgeclip-fp32": fp32.path / "image.onnx", "edgeclip-int8": int8.path / "image.onnx",
              "plain-fp32": root / "plain.onnx", "ort-dynamic": root / "dynamic.onnx"}

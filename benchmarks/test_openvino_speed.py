@@ -19,12 +19,8 @@ better min cosine to the torch FP32 reference on 8 held-out images.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,25 +36,13 @@ from _timing import Interleaved, report  # noqa: E402
 from synthetic import calibration_data  # noqa: E402
 
 import edgeclip  # noqa: E402
-from edgeclip.export.graphs import ImageGraph  # noqa: E402
+from edgeclip.bench.baselines import plain_export  # noqa: E402
 from edgeclip.runtime.backends.openvino import Backend, precision_name  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 
 ROUNDS = 30
 THREADS = 2
 GOAL = 1.0  # nncf-default time / edgeclip-int8 time
-
-
-def _plain_export(model, path):
-    quiet = logging.getLogger("torch.onnx")
-    quiet.setLevel(logging.ERROR)
-    graph = ImageGraph(copy.deepcopy(model).eval())
-    x = torch.randn(1, 3, 224, 224)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (x,), str(path), input_names=["pixel_values"], output_names=["image_embeds"],
-                          dynamo=True, external_data=False, optimize=True,
-                          dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=64)}})
 
 
 def _compile(model):
@@ -75,7 +59,7 @@ def variants(tmp_path_factory):
     int8 = edgeclip.export(model, target="openvino", precision="int8", calib=calib, calib_captions=caps,
                            out=root / "int8")
     fp32 = edgeclip.export(model, target="openvino", precision="fp32", out=root / "fp32")
-    _plain_export(model, root / "plain.onnx")
+    plain_export(model, "image", root / "plain.onnx")
     plain = ov.Core().read_model(str(root / "plain.onnx"))
     files = sorted(p for p in Path(calib).rglob("*.png"))
     items = [prep([str(f)]) for f in files]  # the same images, preprocessed the same way

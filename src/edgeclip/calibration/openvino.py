@@ -22,7 +22,7 @@ import numpy as np
 from .._lazy import require
 from ..errors import CalibrationError, ValidationError
 from .guard import guard, min_cosine_drop
-from .recipes import CalibrationSet, Recipe
+from .recipes import CalibrationSet, Recipe, guard_report
 
 log = logging.getLogger(__name__)
 QUANTIZABLE = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData")
@@ -145,16 +145,7 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
                     "w8a16 or --precision fp16",
                     failures=[{"output": data.output, "cosine_drop": drop, "bound": max_drop,
                                "float_layers": float_layers}])
-    counts = quantized_layers(quant, layers)
-    report.update({
-        "max_cosine_drop": max_drop,
-        "cosine_drop": drop,
-        "min_cosine": 1.0 - drop,
-        "cosine_drop_all_int8": g.drop_all_int8,
-        "float_layers": float_layers,
-        "int8_layers": len(counts),
-        "sensitivity": {k: round(v, 6) for k, v in g.sensitivity.items()},
-    })
+    report.update(guard_report(g, max_drop, drop, float_layers, len(quantized_layers(quant, layers))))
     return quant, report
 
 

@@ -143,13 +143,18 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
         else:
             report["fused_int8_kernels"] = 0
     float_layers = list(g.float_layers)
-    report.update({
+    report.update(guard_report(g, max_drop, drop, float_layers, len({t.layer for t in targets} - set(float_layers))))
+    return quant, report
+
+
+def guard_report(g, max_drop: float, drop: float, float_layers: list, int8_layers: int) -> dict:
+    """The accuracy guard's part of a graph's quantization report (same keys for every target)."""
+    return {
         "max_cosine_drop": max_drop,
         "cosine_drop": drop,
         "min_cosine": 1.0 - drop,
         "cosine_drop_all_int8": g.drop_all_int8,
         "float_layers": float_layers,
-        "int8_layers": len({t.layer for t in targets} - set(float_layers)),
+        "int8_layers": int8_layers,
         "sensitivity": {k: round(v, 6) for k, v in g.sensitivity.items()},
-    })
-    return quant, report
+    }
