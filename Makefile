@@ -23,9 +23,8 @@ demo: $(VENV)/.installed
 	$(BIN)/edgeclip run $(OUT)/tiny-onnx --top-k 2 --image $$(for d in 0 1 2 3 4 5 6 7 8 9; do ls $(DIGITS)/$$d/*.png | head -n 1; done)
 	$(BIN)/edgeclip bench $(OUT)/tiny-onnx --batch 1,8 --seconds 1
 
-# Two workers (one per core), one test file per worker at a time: module fixtures are built once.
 test: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 # Headless Chromium (Debian's package) renders the bench report's HTML in tests/test_bench.py.
 browser:
