@@ -7,6 +7,8 @@ Deterministic for a seed. Writes into --out (default src/edgeclip/data/tiny):
   heldout/<d>/<i>.png  every held-out image (8x8, 8-bit grayscale PNG), one folder per digit
   calib/<d>_<i>.png    10 training-split images per class: the built-in INT8 calibration set
   calib_captions.txt   one caption per calibration image, in sorted file-name order
+  fewshot/<d>/<i>.png  32 training-split images per class, one folder per digit: the labelled
+                       training folder for few-shot heads (`edgeclip heads fit --train`)
   labels.json          class words, zero-shot prompt templates, held-out top-1, seed, timing
 
 Images go through the runtime's own Preprocessor (decoded from the same PNG bytes that are
@@ -16,6 +18,7 @@ loader does (`edgeclip.load_model("builtin:tiny")` when --out is the package fol
 files read back from disk.
 
     python scripts/train_tiny.py [--out DIR] [--epochs N] [--seed S]
+    python scripts/train_tiny.py --fewshot-only     # (re)write fewshot/ alone, no training
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ TRAIN_TEMPLATES = EVAL_TEMPLATES + [
     "a written {}.",
 ]
 CALIB_PER_CLASS = 10
+FEWSHOT_PER_CLASS = 32
 HELDOUT_FRACTION = 0.2
 MAX_BYTES = 10 * 1024 * 1024
 
@@ -87,6 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--spec", default="tiny", help="model spec (default: %(default)s)")
+    p.add_argument("--fewshot-only", action="store_true", help="write only the fewshot/ folder (no training)")
     return p.parse_args(argv)
 
 
@@ -118,6 +123,25 @@ def pick_calib(train: np.ndarray, labels: np.ndarray, pngs: list, held: np.ndarr
         cand = [i for i in rng.permutation(train[labels[train] == c]) if pngs[i] not in held_bytes]
         out.extend(sorted(int(i) for i in cand[:CALIB_PER_CLASS]))
     return np.array(out)
+
+
+def pick_fewshot(train: np.ndarray, labels: np.ndarray, pngs: list, held: np.ndarray, seed: int) -> np.ndarray:
+    """FEWSHOT_PER_CLASS training images per class, none byte-identical to a held-out image."""
+    held_bytes = {pngs[i] for i in held}
+    rng = np.random.default_rng(seed + 3)
+    out = []
+    for c in range(10):
+        cand = [i for i in rng.permutation(train[labels[train] == c]) if pngs[i] not in held_bytes]
+        out.extend(sorted(int(i) for i in cand[:FEWSHOT_PER_CLASS]))
+    return np.array(out)
+
+
+def write_fewshot(out: Path, idx: np.ndarray, labels: np.ndarray, pngs: list) -> None:
+    shutil.rmtree(out / "fewshot", ignore_errors=True)
+    for i in idx:
+        d = out / "fewshot" / str(labels[i])
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:04d}.png").write_bytes(pngs[i])
 
 
 def truncate_ids(ids: np.ndarray, eot: int) -> np.ndarray:
@@ -269,7 +293,7 @@ def _train(model, pixels, labels, cap_ids, cap_label, args, background, eval_fn=
 
 # --------------------------------------------------------------------------------------- outputs
 
-OUTPUTS = ("model.safetensors", "heldout", "calib", "calib_captions.txt", "labels.json")
+OUTPUTS = ("model.safetensors", "heldout", "calib", "calib_captions.txt", "labels.json", "fewshot")
 
 
 def clear_outputs(out: Path) -> None:
@@ -325,10 +349,16 @@ def main(argv=None) -> int:
     pngs = [digit_png(im) for im in digits.images]
     train_idx, held_idx = split(labels_np, args.seed)
     calib_idx = pick_calib(train_idx, labels_np, pngs, held_idx, args.seed)
+    fewshot_idx = pick_fewshot(train_idx, labels_np, pngs, held_idx, args.seed)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.fewshot_only:
+        write_fewshot(out, fewshot_idx, labels_np, pngs)
+        print(f"wrote {len(fewshot_idx)} images under {out / 'fewshot'}")
+        return 0
     clear_outputs(out)
+    write_fewshot(out, fewshot_idx, labels_np, pngs)
     for i in held_idx:
         d = out / "heldout" / str(labels_np[i])
         d.mkdir(parents=True, exist_ok=True)

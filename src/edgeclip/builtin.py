@@ -18,6 +18,7 @@ __all__ = [
     "tiny_dir",
     "heldout_dir",
     "calib_dir",
+    "fewshot_dir",
     "calib_captions",
     "digit_labels",
     "prompt_templates",
@@ -48,6 +49,12 @@ def heldout_dir() -> Path:
 def calib_dir() -> Path:
     """About 100 training-split digit images (flat folder of PNGs) for INT8 calibration."""
     return _existing(tiny_dir() / "calib")
+
+
+def fewshot_dir() -> Path:
+    """32 training-split digits per class, one sub-folder per class "0".."9": the labelled training
+    folder for few-shot heads (`edgeclip heads fit builtin:tiny --train DIR`)."""
+    return _existing(tiny_dir() / "fewshot")
 
 
 def calib_captions() -> list[str]:

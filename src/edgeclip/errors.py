@@ -74,3 +74,18 @@ class CalibrationError(EdgeClipError):
 
 class EvalDataError(InputError):
     """A labelled evaluation folder (bench --eval) is missing, empty or not one sub-folder per class."""
+
+
+class HeadError(EdgeClipError):
+    """A head file or head definition is unreadable, inconsistent or of an unknown layout."""
+
+
+class HeadShapeError(HeadError, InputError):
+    """A head's tensor disagrees with the model's embedding width or the class list."""
+
+
+class UnknownHeadError(HeadError, KeyError):
+    """A head name that the artifact does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -42,12 +42,12 @@ def _folder_order(names: list[str]) -> list[str]:
     return sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
 
 
-def read_eval(root, labels=None, limit: int | None = None, seed: int = 0) -> EvalSet:
+def read_eval(root, labels=None, limit: int | None = None, seed: int = 0, what: str = "--eval") -> EvalSet:
     """One sub-folder per class. `labels` (list, comma string or file) name the classes in folder order
     (numeric order when every folder name is a number); by default the folder names are the classes."""
     root = Path(root)
     if not root.is_dir():
-        raise EvalDataError(f"--eval folder not found: {root}; pass a folder with one sub-folder of images per class")
+        raise EvalDataError(f"{what} folder not found: {root}; pass a folder with one sub-folder of images per class")
     folders = _folder_order([d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")])
     per_class = {f: sorted(p for p in (root / f).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
                  for f in folders}
@@ -55,8 +55,8 @@ def read_eval(root, labels=None, limit: int | None = None, seed: int = 0) -> Eva
     if len(folders) < 2:
         loose = sum(1 for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
         hint = f" (it holds {loose} images directly: move them into class folders)" if loose else ""
-        raise EvalDataError(f"--eval folder {root} has {len(folders)} class sub-folder(s) with images{hint}; "
-                            f"zero-shot accuracy needs at least two, e.g. {root}/cat/*.jpg and {root}/dog/*.jpg")
+        raise EvalDataError(f"{what} folder {root} has {len(folders)} class sub-folder(s) with images{hint}; "
+                            f"it needs at least two, e.g. {root}/cat/*.jpg and {root}/dog/*.jpg")
     classes = parse_labels(labels) if labels is not None else list(folders)
     if len(classes) != len(folders):
         raise EvalDataError(f"{len(classes)} labels given for {len(folders)} class folders in {root} "

@@ -59,3 +59,14 @@ def class_embeddings(encode_text, labels: list[str], templates: list[str]) -> np
     feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
     feats = feats.reshape(len(labels), len(templates), -1).mean(axis=1)
     return (feats / np.linalg.norm(feats, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def zero_shot_head(encode_text, classes, templates, scale: float, bias: float = 0.0, sigmoid: bool = False,
+                   name: str = "zero_shot", info: dict | None = None):
+    """A `zero_shot` Head: class embeddings from prompt ensembles, CLIP's logit scale (and SigLIP's bias)."""
+    from .base import Head
+
+    classes, templates = list(classes), check_templates(templates)
+    return Head("zero_shot", name, classes, {"text_weights": class_embeddings(encode_text, classes, templates)},
+                {"scale": float(scale), "bias": float(bias), "sigmoid": float(sigmoid)},
+                {"templates": templates, **(info or {})})
