@@ -45,6 +45,27 @@ def min_cosine_drop(y: np.ndarray, reference: np.ndarray) -> float:
     return float(1.0 - cos.min())
 
 
+def head_agreement(got: dict, ref: dict, heads) -> dict:
+    """Top-1 agreement with the float model of each class-score output in `heads`."""
+    return {h: float((got[h].argmax(-1) == ref[h].argmax(-1)).mean()) for h in heads}
+
+
+def guard_measure(got: dict, ref: dict, output: str, heads=(), max_drop: float = 0.005,
+                  min_agreement: float = 0.99) -> float:
+    """The guard's one number: 1 - min cosine of `output`; a head whose top-1 agreement with the float
+    model falls below `min_agreement` counts as a drop past `max_drop`, in proportion to the shortfall
+    (agreement == min_agreement maps to exactly `max_drop`), so layers go back to float for it too."""
+    drop = min_cosine_drop(got[output], ref[output])
+    for a in head_agreement(got, ref, heads).values():
+        drop = max(drop, (1.0 - a) * max_drop / max(1.0 - min_agreement, 1e-9))
+    return drop
+
+
+def run_outputs(model, feeds: dict, outputs) -> dict:
+    """{output: array} of an ONNX model under ONNX Runtime."""
+    return dict(zip(outputs, _session(model).run(list(outputs), feeds)))
+
+
 def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_drop: float = 0.005,
                      act_type: str = "uint8"):
     """(QDQ-quantized model, GuardReport). Raises ValidationError when even all-float-but-one fails."""

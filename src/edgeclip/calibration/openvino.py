@@ -21,8 +21,8 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import CalibrationError, ValidationError
-from .guard import guard, min_cosine_drop
-from .recipes import CalibrationSet, Recipe, guard_report
+from .guard import guard, guard_measure
+from .recipes import CalibrationSet, Recipe, final_figures, guard_report
 
 log = logging.getLogger(__name__)
 QUANTIZABLE = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData")
@@ -48,14 +48,15 @@ def weight_source(op):
     return node if node.get_type_name() == "Constant" else None
 
 
-def runner(output: str):
-    """`run(model, feeds) -> output array`, compiled on CPU in full float32."""
+def runner(outputs):
+    """`run(model, feeds) -> {output: array}`, compiled on CPU in full float32."""
     ov = _ov()
     core = ov.Core()
 
     def run(model, feeds):
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        return np.asarray(compiled.create_infer_request().infer(feeds)[compiled.output(output)])
+        res = compiled.create_infer_request().infer(feeds)
+        return {o: np.asarray(res[compiled.output(o)]) for o in outputs}
 
     return run
 
@@ -90,11 +91,12 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
         names = others + [n for layer in exclude for n in by_layer[layer]]
         return nncf.IgnoredScope(names=names, types=["ScaledDotProductAttention"], validate=False)
 
-    run = runner(data.output)
+    run = runner(data.outputs)
     reference = run(model, data.held_out)
 
     def drop_fn(candidate):
-        return min_cosine_drop(run(candidate, data.held_out), reference)
+        return guard_measure(run(candidate, data.held_out), reference, data.output, data.heads, max_drop,
+                             data.min_agreement)
 
     report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
               "quantizable_layers": len(by_layer), "quantizer": f"nncf {nncf.__version__}"}
@@ -146,6 +148,7 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
                     failures=[{"output": data.output, "cosine_drop": drop, "bound": max_drop,
                                "float_layers": float_layers}])
     report.update(guard_report(g, max_drop, drop, float_layers, len(quantized_layers(quant, layers))))
+    report.update(final_figures(run(quant, data.held_out), reference, data))
     return quant, report
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CalibrationError, EdgeClipError
 from . import qdq
-from .guard import cosine_drop, float_reference, guard
+from .guard import guard, guard_measure, head_agreement, min_cosine_drop, run_outputs
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class CalibrationSet:
     batches: list              # feed dicts for range collection
     held_out: dict             # one feed dict, never used for ranges
     info: dict = field(default_factory=dict)  # source, counts, skipped files: goes to the manifest
+    heads: list = field(default_factory=list)  # class-score outputs whose top-1 agreement the guard keeps
+    min_agreement: float = 0.99
+
+    @property
+    def outputs(self) -> list:
+        return [self.output] + list(self.heads)
 
 
 def image_calibration(pixels: np.ndarray, info: dict, batch: int = 8, holdout: float = 0.2,
@@ -128,23 +134,39 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     else:
         def quantize_fn(exclude):
             return qdq.quantize_weights(model, targets, exclude)
-    reference = float_reference(model, data.held_out, data.output)
+    reference = run_outputs(model, data.held_out, data.outputs)
+
+    def drop_fn(candidate):
+        return guard_measure(run_outputs(candidate, data.held_out, data.outputs), reference, data.output,
+                             data.heads, max_drop, data.min_agreement)
+
     quant, g = guard(model, quantize_fn, [t.layer for t in targets], data.held_out, data.output, max_drop,
-                     reference=reference)
+                     drop_fn=drop_fn)
     drop = g.drop
     if lower and recipe.activations == "static":
         # ONNX Runtime's fused integer kernels round slightly differently from QDQ: measure again,
         # and keep the portable QDQ form if the lowered graph were to miss the bound.
         lowered = qdq.copy_model(quant)
         report["fused_int8_kernels"] = qdq.lower_for_ort(lowered)
-        lowered_drop = cosine_drop(lowered, reference, data.held_out, data.output)
+        lowered_drop = drop_fn(lowered)
         if lowered_drop <= max_drop:
             quant, drop = lowered, lowered_drop
         else:
             report["fused_int8_kernels"] = 0
     float_layers = list(g.float_layers)
     report.update(guard_report(g, max_drop, drop, float_layers, len({t.layer for t in targets} - set(float_layers))))
+    report.update(final_figures(run_outputs(quant, data.held_out, data.outputs), reference, data))
     return quant, report
+
+
+def final_figures(got: dict, reference: dict, data: CalibrationSet) -> dict:
+    """The written graph's own cosine drop and, with heads, each head's top-1 agreement with float."""
+    drop = min_cosine_drop(got[data.output], reference[data.output])
+    out = {"cosine_drop": drop, "min_cosine": 1.0 - drop}
+    if data.heads:
+        out["head_agreement"] = head_agreement(got, reference, data.heads)
+        out["min_head_agreement"] = data.min_agreement
+    return out
 
 
 def guard_report(g, max_drop: float, drop: float, float_layers: list, int8_layers: int) -> dict:

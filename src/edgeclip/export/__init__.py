@@ -52,6 +52,8 @@ class ExportOptions:
     precision: str = "fp32"
     labels: list = field(default_factory=list)   # bake a zero-shot head for these labels
     templates: list | None = None                # prompt templates, each with '{}'
+    heads: list = field(default_factory=list)    # adapter heads: Head objects, .npz files or "NAME=FILE"
+    min_head_agreement: float = 0.99  # INT8 guard: top-1 agreement of every head with FP32 on held-out images
     trim_text: bool = True        # runtime feeds tokens only up to the batch's last end token
     pooled_only_last: bool = True  # last block computes only the pooled token
     validate: bool = True         # compare with the torch reference; fail outside tolerance

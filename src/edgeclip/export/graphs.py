@@ -17,9 +17,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  
 
 
 class ImageGraph(nn.Module):
-    """pixel_values (N,3,H,W) float32 -> image_embeds (N,E) [+ logits (N,C) when a head is baked]."""
+    """pixel_values (N,3,H,W) float32 -> image_embeds (N,E) [+ logits (N,C) when a zero-shot head is
+    baked] [+ per adapter head: logits_<name> (N,C_h) and, when it holds class text, mcm_<name> (N,)].
 
-    def __init__(self, model: ClipModel, head: np.ndarray | None = None, dtype=torch.float32):
+    Adapter heads run in float32 on the tower's features whatever the tower's precision: one graph
+    call goes from pixels to every head's logits."""
+
+    def __init__(self, model: ClipModel, head: np.ndarray | None = None, dtype=torch.float32, heads=()):
         super().__init__()
         self.visual, self.dtype = model.visual, dtype
         self.has_head = head is not None
@@ -28,13 +32,39 @@ class ImageGraph(nn.Module):
             self.register_buffer("scale", model.logit_scale.detach().exp().to(dtype))
             bias = model.logit_bias.detach() if model.logit_bias is not None else torch.tensor(0.0)
             self.register_buffer("bias", bias.to(dtype))
+        self.heads = nn.ModuleDict({h.name: h.module() for h in heads})
+        self.mcm = nn.ModuleDict({h.name: McmScore(h.arrays["text_weights"]) for h in heads if h.has_text})
 
     def forward(self, pixel_values):
         feats = self.visual(pixel_values.to(self.dtype))
-        if not self.has_head:
-            return feats.float()
-        logits = self.scale * F.normalize(feats, dim=-1) @ self.class_embeds.t() + self.bias
-        return feats.float(), logits.float()
+        outs = [feats.float()]
+        if self.has_head:
+            outs.append((self.scale * F.normalize(feats, dim=-1) @ self.class_embeds.t() + self.bias).float())
+        for name, head in self.heads.items():
+            outs.append(head(feats.float()))
+            if name in self.mcm:
+                outs.append(self.mcm[name](feats.float()))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class McmScore(nn.Module):
+    """Maximum concept matching (out-of-distribution score): max softmax of zero-shot cosines / T."""
+
+    def __init__(self, text_weights: np.ndarray):
+        super().__init__()
+        from ..heads.base import MCM_TEMPERATURE
+
+        t = text_weights / np.maximum(np.linalg.norm(text_weights, axis=-1, keepdims=True), 1e-12)
+        self.register_buffer("classes", torch.from_numpy(np.ascontiguousarray(t.T / MCM_TEMPERATURE,
+                                                                              dtype=np.float32)))
+
+    def forward(self, feats):
+        return torch.softmax(F.normalize(feats, dim=-1) @ self.classes, dim=-1).amax(dim=-1)
+
+
+def head_outputs(head) -> dict:
+    """The image graph's outputs for one adapter head: {"logits": name, "mcm": name or None}."""
+    return {"logits": f"logits_{head.name}", "mcm": f"mcm_{head.name}" if head.has_text else None}
 
 
 class TextGraph(nn.Module):
@@ -48,7 +78,7 @@ class TextGraph(nn.Module):
         return self.text(input_ids).float()
 
 
-def io_spec(spec, head_classes: int = 0, trim: bool | None = None) -> dict:
+def io_spec(spec, head_classes: int = 0, trim: bool | None = None, heads=()) -> dict:
     """Declared inputs/outputs of both graphs (names, dtypes, shapes with symbolic axes).
 
     `trim`: whether the text graph takes a variable length (default: whenever the spec allows it)."""
@@ -56,6 +86,11 @@ def io_spec(spec, head_classes: int = 0, trim: bool | None = None) -> dict:
     image_out = {"image_embeds": {"dtype": "float32", "shape": ["batch", spec.embed_dim]}}
     if head_classes:
         image_out["logits"] = {"dtype": "float32", "shape": ["batch", head_classes]}
+    for h in heads:
+        out = head_outputs(h)
+        image_out[out["logits"]] = {"dtype": "float32", "shape": ["batch", h.num_classes]}
+        if out["mcm"]:
+            image_out[out["mcm"]] = {"dtype": "float32", "shape": ["batch"]}
     trim = trim_supported(spec) if trim is None else (trim and trim_supported(spec))
     text_len = "length" if trim else spec.text.context_length
     return {
@@ -110,8 +145,9 @@ def reference_inputs(spec, n: int = 3, seed: int = 1234) -> dict:
     return {"pixel_values": pixels.astype(np.float32), "input_ids": ids}
 
 
-def reference_outputs(model: ClipModel, inputs: dict, head: np.ndarray | None) -> dict:
-    """The float32 torch reference, computed on the caller's (unmodified) model."""
+def reference_outputs(model: ClipModel, inputs: dict, head: np.ndarray | None, heads=()) -> dict:
+    """The float32 torch reference, computed on the caller's (unmodified) model; adapter heads by
+    their numpy reference on those features."""
     with torch.no_grad():
         img = model.encode_image(torch.from_numpy(inputs["pixel_values"]))
         txt = model.encode_text(torch.from_numpy(inputs["input_ids"]))
@@ -120,6 +156,11 @@ def reference_outputs(model: ClipModel, inputs: dict, head: np.ndarray | None) -
             scale = model.logit_scale.exp().item()
             bias = model.logit_bias.item() if model.logit_bias is not None else 0.0
             out["logits"] = (scale * F.normalize(img, dim=-1).numpy() @ head.T + bias).astype(np.float32)
+    for h in heads:
+        names = head_outputs(h)
+        out[names["logits"]] = h.logits(out["image_embeds"])
+        if names["mcm"]:
+            out[names["mcm"]] = h.mcm(out["image_embeds"])
     return out
 
 

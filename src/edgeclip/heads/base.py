@@ -259,3 +259,27 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+RESERVED = {"image_embeds", "logits"}
+
+
+def resolve(items, embed_dim: int, model: str = "") -> list[Head]:
+    """Heads for export: Head objects, head files, or "NAME=FILE" (renames). Checked against the model's
+    embedding width; names unique."""
+    out: list[Head] = []
+    for item in items or ():
+        if isinstance(item, Head):
+            head = item
+        else:
+            text = str(item)
+            name, sep, file = text.partition("=")
+            if sep and NAME_RE.match(name) and not Path(text).exists():
+                head = load_head(file, name=name)
+            else:
+                head = load_head(text)
+        head.check(embed_dim, model)
+        if any(h.name == head.name for h in out):
+            raise HeadError(f"two heads are named '{head.name}'; rename one with --head NEWNAME=FILE")
+        out.append(head)
+    return out

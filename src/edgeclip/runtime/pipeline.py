@@ -17,20 +17,32 @@ from .tokenizer import load_tokenizer
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top label of one image, with the score of every label (same order as `labels`)."""
+    """The top label of one image, with the score of every label (same order as `labels`).
+
+    `ood`: out-of-distribution scores, higher = more in-distribution: "max_softmax" (the head's own
+    maximum softmax probability) and, where the head holds class text, "mcm" (maximum concept
+    matching: max softmax of the zero-shot cosines). An app rejects images below a threshold it
+    picks on its own data."""
 
     label: str
     score: float
     index: int
     labels: tuple
     scores: np.ndarray
+    head: str | None = None
+    ood: dict | None = None
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-self.scores)[:k]
         return [(self.labels[i], float(self.scores[i])) for i in order]
 
     def to_dict(self, k: int = 5) -> dict:
-        return {"label": self.label, "score": self.score, "top": [{"label": lb, "score": s} for lb, s in self.top(k)]}
+        out = {"label": self.label, "score": self.score, "top": [{"label": lb, "score": s} for lb, s in self.top(k)]}
+        if self.head is not None:
+            out["head"] = self.head
+        if self.ood is not None:
+            out["ood"] = dict(self.ood)
+        return out
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -121,6 +133,11 @@ class Pipeline:
         return list(self.head["labels"]) if self.head else []
 
     @property
+    def heads(self) -> dict:
+        """Adapter heads inside the image graph: {name: manifest entry (kind, classes, outputs, figures)}."""
+        return dict(self.manifest.get("heads") or {})
+
+    @property
     def embed_dim(self) -> int:
         return int(self.manifest["model"]["embed_dim"])
 
@@ -193,18 +210,30 @@ class Pipeline:
             self._text_cache[key] = cached
         return cached
 
-    def classify(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None):
-        """Zero-shot labels. Without `labels` the baked head is used (no text encoder runs).
+    def classify(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+                 head: str | None = None):
+        """Labels for images: one image gives a Prediction, a batch a list of them.
 
-        Returns a Prediction for one image, a list of them for a batch.
+        `head="NAME"` uses that adapter head of the artifact (`heads` lists them); `labels=[...]` runs
+        zero-shot on those labels through the text graph. With neither, the baked zero-shot head
+        (`--labels` at export) is used, else the artifact's first adapter head. Heads run inside the
+        image graph: one graph call per batch, whatever the head.
         """
         from ..heads.zero_shot import parse_labels
 
+        if head is not None and labels is not None:
+            raise InputError("pass either head='NAME' (an adapter head of the artifact) or labels=[...], not both")
         labels = parse_labels(labels) if labels is not None else None
+        if head is None and labels is None and self.head is None and self.heads:
+            head = next(iter(self.heads))
+        if head is not None:
+            from ..heads.base import select
+
+            return self._classify_head(images, select(self.heads, head))
         use_head = self.head is not None and (labels is None or list(labels) == self.labels) and templates is None
         if labels is None and self.head is None:
-            raise InputError("this artifact has no baked zero-shot head: pass labels=[...] "
-                             "(or export with --labels to bake them in)")
+            raise InputError("this artifact has no baked zero-shot head and no adapter heads: pass labels=[...] "
+                             "(or export with --labels or --head to put one inside)")
         out = self._run_image(images)
         if use_head:
             labels, logits = self.labels, out["logits"]
@@ -213,8 +242,24 @@ class Pipeline:
             logits = self.manifest["logit_scale"] * emb @ self.class_embeddings(labels, templates).T
             logits = logits + (self.manifest.get("logit_bias") or 0.0)
         probs = _activate(logits, self._activation())
-        preds = [Prediction(labels[i], float(p[i]), int(i), tuple(labels), p)
+        preds = [Prediction(labels[i], float(p[i]), int(i), tuple(labels), p,
+                            ood={"max_softmax": float(p[i])} if self._activation() == "softmax" else None)
                  for p in probs for i in [int(np.argmax(p))]]
+        return preds if _is_batch(images) else preds[0]
+
+    def _classify_head(self, images, info: dict):
+        out = self._run_image(images)
+        labels = tuple(info["classes"])
+        probs = _activate(out[info["output"]], info.get("activation", "softmax"))
+        soft = probs if info.get("activation", "softmax") == "softmax" else _activate(out[info["output"]], "softmax")
+        mcm = out.get(info["mcm_output"]) if info.get("mcm_output") else None
+        preds = []
+        for n, p in enumerate(probs):
+            i = int(np.argmax(p))
+            ood = {"max_softmax": float(soft[n].max())}
+            if mcm is not None:
+                ood["mcm"] = float(mcm[n])
+            preds.append(Prediction(labels[i], float(p[i]), i, labels, p, head=info["name"], ood=ood))
         return preds if _is_batch(images) else preds[0]
 
     def _activation(self) -> str:

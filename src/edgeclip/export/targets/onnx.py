@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...heads.base import resolve as resolve_heads
 from ...heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings, parse_labels
 from ...runtime.backends.ort import Backend as OrtBackend
 from ...runtime.pipeline import trim
@@ -19,8 +20,8 @@ from ...calibration.recipes import get_recipe, image_calibration, quantize_graph
 from ...errors import CalibrationError, TokenizerError
 from .. import register_target
 from ..artifact import Artifact, ArtifactWriter, tool_versions
-from ..graphs import (DTYPES, ImageGraph, TextGraph, Tolerance, compare, io_spec, prepare, raise_if_failed,
-                      reference_inputs, reference_outputs, trim_supported)
+from ..graphs import (DTYPES, ImageGraph, TextGraph, Tolerance, compare, head_outputs, io_spec, prepare,
+                      raise_if_failed, reference_inputs, reference_outputs, trim_supported)
 
 log = logging.getLogger(__name__)
 VOCAB = Path(__file__).resolve().parents[2] / "runtime" / "bpe_simple_vocab_16e6.txt.gz"
@@ -45,6 +46,7 @@ class OnnxTarget:
         labels = parse_labels(opts.labels)
         templates = check_templates(opts.templates or default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
+        heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
         dtype = self.trace_dtype[opts.precision]
         m = prepare(model, opts, attention=self.attention, dtype=dtype)
         self.rewrite(m)
@@ -53,15 +55,18 @@ class OnnxTarget:
         if opts.precision == "int8":
             recipe = get_recipe(opts.recipe)
             self.calibration = calibration_sets(model, spec, opts, recipe, labels, templates, trim)
+            self.calibration["image"].heads = head_logit_outputs(labels, heads)
+            self.calibration["image"].min_agreement = opts.min_head_agreement
         with ArtifactWriter(out, overwrite=opts.overwrite) as w:
-            decl = io_spec(spec, len(labels), trim=trim)
-            self.write_graph(ImageGraph(m, head, dtype), "image", decl["image"], spec, w, opts, dynamic_length=False)
+            decl = io_spec(spec, len(labels), trim=trim, heads=heads)
+            self.write_graph(ImageGraph(m, head, dtype, heads), "image", decl["image"], spec, w, opts,
+                             dynamic_length=False)
             self.write_graph(TextGraph(m, dtype), "text", decl["text"], spec, w, opts, dynamic_length=trim)
             graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
             self.graph_config(graphs)
             tokenizer = write_tokenizer(spec, w)
             fidelity = validate(w.staging, graphs, model, spec, head, trim, self.tolerances[opts.precision],
-                                self.open_graph)
+                                self.open_graph, heads)
             if opts.validate:
                 raise_if_failed(fidelity, f"the {self.name} {opts.precision} export of '{spec.name}'")
             manifest = {
@@ -74,10 +79,11 @@ class OnnxTarget:
                          "context_length": spec.text.context_length},
                 "graphs": graphs,
                 "head": head_manifest(spec, labels, templates) if labels else None,
+                "heads": heads_manifest(heads, fidelity, self.quantization.get("image")),
                 "logit_scale": float(model.logit_scale.detach().exp()),
                 "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
                 "options": {k: str(v) if isinstance(v, Path) else v
-                            for k, v in dataclasses.asdict(opts).items() if k not in ("labels",)},
+                            for k, v in dataclasses.asdict(opts).items() if k not in ("labels", "heads")},
                 "fidelity": fidelity,
                 "fusions": self.fusions,
                 "quantization": quantization_manifest(opts, self.quantization),
@@ -209,6 +215,25 @@ def zero_shot_head(model, spec, labels, templates) -> np.ndarray:
     return class_embeddings(encode, labels, templates)
 
 
+def head_logit_outputs(labels, heads) -> list:
+    """The image graph's class-score outputs: the INT8 guard keeps each one's top-1 agreement."""
+    return (["logits"] if labels else []) + [head_outputs(h)["logits"] for h in heads]
+
+
+def heads_manifest(heads, fidelity: dict, quantization: dict | None) -> dict:
+    """Per adapter head: kind, classes, outputs, how it was fitted, and what the export measured."""
+    out = {}
+    agreement = (quantization or {}).get("head_agreement", {})
+    for h in heads:
+        names = head_outputs(h)
+        entry = {**h.manifest(), "output": names["logits"], "mcm_output": names["mcm"],
+                 "validation": fidelity.get(names["logits"])}
+        if names["logits"] in agreement:
+            entry["int8_top1_agreement"] = agreement[names["logits"]]
+        out[h.name] = entry
+    return out
+
+
 def head_manifest(spec, labels, templates) -> dict:
     return {"kind": "zero_shot", "labels": labels, "templates": templates, "output": "logits",
             "activation": "sigmoid" if spec.family == "siglip" else "softmax"}
@@ -224,10 +249,11 @@ def write_tokenizer(spec, w) -> dict:
     return out
 
 
-def validate(root: Path, graphs: dict, model, spec, head, trimmed: bool, tol: Tolerance, open_graph) -> dict:
+def validate(root: Path, graphs: dict, model, spec, head, trimmed: bool, tol: Tolerance, open_graph,
+             heads=()) -> dict:
     """Run the written graphs with the runtime backend on fixed inputs; compare with the reference."""
     inputs = reference_inputs(spec)
-    ref = reference_outputs(model, inputs, head)
+    ref = reference_outputs(model, inputs, head, heads)
 
     def backend(name):
         return open_graph(root / graphs[name]["file"], graphs[name])
