@@ -1,4 +1,4 @@
-"""`edgeclip` command line: models | export | run | inspect | bench."""
+"""`edgeclip` command line: models | export | run | inspect | bench | heads."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +70,7 @@ def cmd_export(args) -> int:
     t1 = _step(f"exporting {model.spec.name} -> {args.target} {args.precision or '(default precision)'} (loaded in {time.perf_counter() - t0:.1f} s)", quiet)
     art = edgeclip.export(
         model, target=args.target, precision=args.precision, out=args.out,
-        labels=args.labels or [], templates=args.templates, trim_text=not args.no_trim,
+        labels=args.labels or [], templates=args.templates, heads=args.head or [], trim_text=not args.no_trim,
         pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
         fuse=not args.no_fuse, **_int8_options(args), **_coreml_options(args),
     )
@@ -81,7 +81,16 @@ def cmd_export(args) -> int:
     print(f"\nwrote {art.path}  ({_mb(art.size_bytes())}, {elapsed:.1f} s)")
     _print_quantization(art.manifest)
     _print_fidelity(art.manifest)
+    _print_heads(art.manifest)
     return 0
+
+
+def _print_heads(m: dict) -> None:
+    for name, h in (m.get("heads") or {}).items():
+        v = h.get("validation") or {}
+        agree = f", INT8 top-1 agreement {h['int8_top1_agreement']:.4f}" if "int8_top1_agreement" in h else ""
+        print(f"head {name}: {h['kind']}, {len(h['classes'])} classes -> output {h['output']}"
+              + (f" (max abs {v['max_abs']:.2g} vs reference)" if v else "") + agree)
 
 
 def _coreml_options(args) -> dict:
@@ -144,8 +153,8 @@ def cmd_run(args) -> int:
     labels = args.labels or None
     result = {"artifact": str(args.artifact), "images": []}
     if args.image:
-        if labels is not None or p.head is not None:
-            preds = p.classify(list(args.image), labels=labels)
+        if labels is not None or p.head is not None or args.head or p.heads:
+            preds = p.classify(list(args.image), labels=labels, head=args.head)
             for path, pred in zip(args.image, preds):
                 result["images"].append({"image": path, **pred.to_dict(args.top_k)})
         else:
@@ -164,7 +173,8 @@ def cmd_run(args) -> int:
     for r in result["images"]:
         if "label" in r:
             others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"][1:])
-            print(f"{r['image']}: {r['label']} ({r['score']:.3f})" + (f"   [{others}]" if others else ""))
+            ood = "  ood: " + ", ".join(f"{k} {v:.3f}" for k, v in r["ood"].items()) if r.get("ood") else ""
+            print(f"{r['image']}: {r['label']} ({r['score']:.3f})" + (f"   [{others}]" if others else "") + ood)
         else:
             print(f"{r['image']}: embedding[{len(r['embedding'])}] {r['embedding'][:4]}…")
     if "similarity" in result:
@@ -285,6 +295,106 @@ def _int_list(text: str) -> list:
 
 # ------------------------------------------------------------------------------------------ main
 
+# ------------------------------------------------------------------------------------------ heads
+
+def cmd_heads_fit(args) -> int:
+    from . import heads as H
+    from .heads.fit import kind_name
+
+    kind = kind_name(args.kind)
+    quiet = args.json
+    _step(f"loading {args.model}", quiet)
+    enc = H.encoder_for(args.model)
+    templates = args.templates or enc.templates or list(H.DEFAULT_TEMPLATES)
+    data = None
+    if args.train:
+        t = _step(f"encoding {args.shots or 'all'} shot(s) per class from {args.train}"
+                  + (f" (+{args.augment} shifted views each)" if args.augment else ""), quiet)
+        data = H.encode_folder(enc.image, args.train, labels=args.labels, shots=args.shots, seed=args.seed,
+                               augment=args.augment)
+        classes = data.classes
+        _step(f"encoded {len(data.labels)} images in {time.perf_counter() - t:.1f} s", quiet)
+    elif kind != "zero_shot":
+        raise EdgeClipError(f"fitting a {kind} head needs --train DIR (one sub-folder of images per class)")
+    else:
+        from .heads.zero_shot import parse_labels
+
+        classes = parse_labels(args.labels)
+    zs = H.zero_shot_head(enc.text, classes, templates, enc.scale, enc.bias, enc.family == "siglip",
+                          name=args.name or "zero_shot", info={"model": enc.source or enc.name})
+    if kind == "zero_shot":
+        head = zs
+    else:
+        t = _step(f"fitting a {kind} head", quiet)
+        head = H.fit(kind, data, zs.arrays["text_weights"], enc.scale, name=args.name)
+        head.info.update({"model": enc.source or enc.name, "templates": templates,
+                          "fit_seconds": round(time.perf_counter() - t, 2)})
+    evaluation = None
+    if args.eval:
+        ev = H.encode_folder(enc.image, args.eval, labels=args.eval_labels or classes, what="--eval")
+        feats = ev.feats[:, 0]
+        evaluation = {"folder": str(args.eval), "images": int(len(ev.labels)),
+                      "top1": H.top1(head, feats, ev.labels), "zero_shot_top1": H.top1(zs, feats, ev.labels)}
+        head.info["heldout"] = evaluation
+    path = head.save(args.out)
+    summary = {"head": str(path), "name": head.name, "kind": head.kind, "classes": len(head.classes),
+               "shots": args.shots if args.train else None, "fit": head.info.get("fit"), "heldout": evaluation}
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"wrote {path}: {head.kind} head '{head.name}', {len(head.classes)} classes")
+    if head.info.get("fit"):
+        print(f"  hyperparameters: {head.info['fit']['selected']} ({head.info['fit']['by']})")
+    if evaluation:
+        print(f"  held-out top-1 on {evaluation['images']} images: {evaluation['top1']:.4f} "
+              f"(zero-shot {evaluation['zero_shot_top1']:.4f})")
+    return 0
+
+
+def cmd_heads_import(args) -> int:
+    from . import heads as H
+    from .heads.importers import import_head, zero_shot_weights
+    from .heads.zero_shot import parse_labels
+
+    classes = parse_labels(args.classes) if args.classes else None
+    text, scale, dim, model = None, None, None, ""
+    if args.model:
+        enc = H.encoder_for(args.model)
+        dim, scale, model = enc.embed_dim, enc.scale, enc.name
+        if classes:
+            text = zero_shot_weights(enc, classes, args.templates)
+    params = {k: v for k, v in (("ratio", args.ratio), ("alpha", args.alpha), ("beta", args.beta),
+                                ("normalize", None if args.normalize is None else float(args.normalize == "yes")))
+              if v is not None}
+    head = import_head(args.src, kind=args.kind, classes=classes, embed_dim=dim, text_weights=text, scale=scale,
+                       name=args.name, params=params, model=model)
+    path = head.save(args.out)
+    if args.json:
+        _print_json({"head": str(path), **head.manifest()})
+        return 0
+    print(f"wrote {path}: {head.kind} head '{head.name}', {len(head.classes)} classes, "
+          + ", ".join(f"{k} {tuple(a.shape)}" for k, a in head.arrays.items()))
+    return 0
+
+
+def cmd_heads_show(args) -> int:
+    from .heads import load_head
+
+    head = load_head(args.head)
+    info = head.manifest()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{head.name}: {head.kind} head, {len(head.classes)} classes, embedding width {head.embed_dim}")
+    print("  classes: " + ", ".join(head.classes[:12]) + (" …" if len(head.classes) > 12 else ""))
+    print("  arrays:  " + ", ".join(f"{k} {tuple(v)}" for k, v in info["shapes"].items()))
+    print("  params:  " + ", ".join(f"{k}={v:g}" for k, v in head.params.items()))
+    ho = head.info.get("heldout")
+    if ho:
+        print(f"  held-out top-1 {ho['top1']:.4f} (zero-shot {ho['zero_shot_top1']:.4f}) on {ho['images']} images")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .calibration.recipes import RECIPES, recipes_help
     from .export import targets
@@ -304,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels or a file, one per line")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
+    p.add_argument("--head", action="append", metavar="[NAME=]FILE",
+                   help="append an adapter head (.npz from `edgeclip heads fit/import`) to the image graph; "
+                        "repeat for several; NAME= renames it")
     p.add_argument("--checkpoint", help="checkpoint file for open_clip:ARCH")
     p.add_argument("--spec", help="spec name or .json to use instead of the inferred one")
     p.add_argument("--seed", type=int, default=0, help="seed for random:SPEC")
@@ -338,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", nargs="+", help="image files")
     p.add_argument("--text", nargs="+", help="texts to embed (and compare with the images)")
     p.add_argument("--labels", help="labels for zero-shot classification (default: the baked head)")
+    p.add_argument("--head", help="classify with this adapter head of the artifact (edgeclip inspect lists them)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
     p.add_argument("--backend", default="auto")
@@ -381,6 +495,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    hp = sub.add_parser("heads", help="fit, import and show adapter heads (export them with export --head)")
+    hsub = hp.add_subparsers(dest="heads_command", required=True)
+    p = hsub.add_parser("fit", help="fit a head on a few labelled images per class (seeded, deterministic)")
+    p.add_argument("model", help="model URI (builtin:tiny, hf:DIR, ...) or an exported artifact folder")
+    p.add_argument("--kind", required=True, help="linear | tip | gda | zero_shot")
+    p.add_argument("--train", help="labelled images, one sub-folder per class (not needed for zero_shot)")
+    p.add_argument("--shots", type=int, help="images per class, a seeded sample (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", type=int, default=4, help="shifted views added per shot (0-8, default 4)")
+    p.add_argument("--labels", help="class names of the sub-folders in folder order (default: folder names); "
+                                    "for zero_shot without --train: the classes")
+    p.add_argument("--templates", nargs="+", help="prompt templates with {} (default: the model's)")
+    p.add_argument("--eval", metavar="DIR", help="held-out labelled folder: report top-1 beside zero-shot")
+    p.add_argument("--eval-labels", help="class names of --eval's sub-folders (default: the head's classes)")
+    p.add_argument("--name", help="head name (default: the kind; names the artifact output)")
+    p.add_argument("--out", required=True, help="head file to write (.npz)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heads_fit)
+    p = hsub.add_parser("import", help="import a trained head: nn.Linear, CLIP-Adapter, Tip-Adapter cache, sklearn .npz")
+    p.add_argument("src", help=".pt/.pth/.bin (torch.save), .npz or .safetensors")
+    p.add_argument("--kind", choices=["linear", "residual_adapter", "tip_adapter"],
+                   help="layout (default: recognised from the tensor names)")
+    p.add_argument("--classes", help="class names in the head's output order (comma-separated or a file)")
+    p.add_argument("--model", help="model URI or artifact: checks the width, computes zero-shot class embeddings")
+    p.add_argument("--templates", nargs="+", help="prompt templates for the zero-shot class embeddings")
+    p.add_argument("--ratio", type=float, help="residual adapter blend ratio (CLIP-Adapter default 0.2)")
+    p.add_argument("--alpha", type=float, help="Tip-Adapter cache weight (default 1)")
+    p.add_argument("--beta", type=float, help="Tip-Adapter sharpness (default 5.5)")
+    p.add_argument("--normalize", choices=["yes", "no"],
+                   help="whether the head takes L2-normalized features (linear default yes; adapter no)")
+    p.add_argument("--name", help="head name")
+    p.add_argument("--out", required=True, help="head file to write (.npz)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heads_import)
+    p = hsub.add_parser("show", help="describe a head file")
+    p.add_argument("head")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heads_show)
     return ap
 
 
