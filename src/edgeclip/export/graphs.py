@@ -34,6 +34,8 @@ class ImageGraph(nn.Module):
             self.register_buffer("bias", bias.to(dtype))
         self.heads = nn.ModuleDict({h.name: h.module() for h in heads})
         self.mcm = nn.ModuleDict({h.name: McmScore(h.arrays["text_weights"]) for h in heads if h.has_text})
+        self.output_names = ["image_embeds"] + (["logits"] if self.has_head else []) + \
+            [n for h in heads for n in head_outputs(h).values() if n]
 
     def forward(self, pixel_values):
         feats = self.visual(pixel_values.to(self.dtype))
@@ -41,9 +43,10 @@ class ImageGraph(nn.Module):
         if self.has_head:
             outs.append((self.scale * F.normalize(feats, dim=-1) @ self.class_embeds.t() + self.bias).float())
         for name, head in self.heads.items():
-            outs.append(head(feats.float()))
+            x = feats.to(next(head.buffers()).dtype)  # float32, unless the whole graph was cast
+            outs.append(head(x).float())
             if name in self.mcm:
-                outs.append(self.mcm[name](feats.float()))
+                outs.append(self.mcm[name](x).float())
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 

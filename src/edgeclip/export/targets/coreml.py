@@ -37,7 +37,9 @@ from ...heads.zero_shot import check_templates, parse_labels
 from .. import register_target
 from ..artifact import Artifact, ArtifactWriter, tool_versions
 from ..graphs import ImageGraph, TextGraph, Tolerance, compare, prepare, raise_if_failed, reference_inputs
-from .onnx import default_templates, head_manifest, write_tokenizer, zero_shot_head
+from ...heads.base import resolve as resolve_heads
+from ..graphs import reference_outputs
+from .onnx import default_templates, head_manifest, heads_manifest, write_tokenizer, zero_shot_head
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class CoreMLTarget:
         labels = parse_labels(opts.labels)
         templates = check_templates(opts.templates or default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
+        heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
         fused = ios >= 18
         m = prepare(model, opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
         if not fused:
@@ -86,10 +89,10 @@ class CoreMLTarget:
 
             rewrite_for_ane(m)
         inputs = reference_inputs(spec)
-        modules = {"image": ImageGraph(m, head).eval(), "text": TextGraph(m).eval()}
+        modules = {"image": ImageGraph(m, head, heads=heads).eval(), "text": TextGraph(m).eval()}
         examples = {"image": torch.from_numpy(inputs["pixel_values"][:1]),
                     "text": torch.from_numpy(inputs["input_ids"][:1])}
-        ref = _reference(model, inputs, head) if opts.validate else {}
+        ref = reference_outputs(model, inputs, head, heads) if opts.validate else {}
         report = {"minimum_deployment_target": f"iOS{ios}",
                   "attention": "scaled_dot_product_attention (fused, iOS 18+)" if fused else
                                "ANE layout: (B, C, 1, S), 1x1 convolutions, per-head split einsum",
@@ -106,7 +109,8 @@ class CoreMLTarget:
                 ml.save(str(w.path(f"{name}.mlpackage")))
                 nbytes = _dir_bytes(w.path(f"{name}.mlpackage"))
                 facts = structure(ml, fused=fused, fp16=opts.precision == "fp16", compress=compress,
-                                  layers=_attention_layers(spec, name), heads=_heads(spec, name))
+                                  layers=_attention_layers(spec, name), heads=_heads(spec, name),
+                                  other_softmax=len(module.mcm) if name == "image" else 0)
                 if compress:
                     facts["size"] = {"fp16_bytes": fp16_bytes, "bytes": nbytes, "ratio": nbytes / fp16_bytes}
                 report["graphs"][name] = facts
@@ -145,10 +149,11 @@ class CoreMLTarget:
                          "length": f"fixed {spec.text.context_length} (pad with the tokenizer's padding)"},
                 "graphs": graphs,
                 "head": head_manifest(spec, labels, templates) if labels else None,
+                "heads": heads_manifest(heads, fidelity, None),
                 "logit_scale": float(model.logit_scale.detach().exp()),
                 "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
                 "options": {k: str(v) if isinstance(v, Path) else v
-                            for k, v in vars(opts).items() if k not in ("labels",)},
+                            for k, v in vars(opts).items() if k not in ("labels", "heads")},
                 "fidelity": fidelity,
                 "coreml": report,
                 "tools": tool_versions(),
@@ -160,8 +165,7 @@ class CoreMLTarget:
 
 def convert(ct, module, example, name: str, ios: int, precision: str):
     """torch.export -> coremltools ML Program, batch 1, our input/output names."""
-    outputs = ["image_embeds"] + (["logits"] if name == "image" and module.has_head else []) \
-        if name == "image" else ["text_embeds"]
+    outputs = module.output_names if name == "image" else ["text_embeds"]
     if name == "image":
         inputs = [ct.TensorType(name="pixel_values", shape=tuple(example.shape), dtype=np.float32)]
     else:
@@ -258,16 +262,20 @@ def _dtype_name(dtype) -> str:
     return types.builtin_to_string(dtype)
 
 
-def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int, heads: int) -> dict:
-    """Facts about a converted program; raises ValidationError when one the target promises is false."""
+def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int, heads: int,
+              other_softmax: int = 0) -> dict:
+    """Facts about a converted program; raises ValidationError when one the target promises is false.
+
+    `other_softmax`: softmax ops outside attention (the adapter heads' MCM scores)."""
     from ...errors import ValidationError
 
     ops = program_ops(ml)
     counts = Counter(op.op_type for op in ops)
     problems = []
     if fused:
-        if counts["scaled_dot_product_attention"] != layers or counts["softmax"]:
-            problems.append(f"expected {layers} fused scaled_dot_product_attention ops and no softmax, got "
+        if counts["scaled_dot_product_attention"] != layers or counts["softmax"] > other_softmax:
+            problems.append(f"expected {layers} fused scaled_dot_product_attention ops and at most "
+                            f"{other_softmax} softmax (outside attention), got "
                             f"{counts['scaled_dot_product_attention']} and {counts['softmax']}")
     else:
         if counts["scaled_dot_product_attention"] or counts["softmax"] < layers * heads:
@@ -299,12 +307,6 @@ def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int,
             "float32_compute_ops": len(float32_compute), "compressed_weights": dict(weights)}
 
 
-def _reference(model, inputs, head) -> dict:
-    from ..graphs import reference_outputs
-
-    return reference_outputs(model, inputs, head)
-
-
 def _simulate(module, name: str, inputs: dict, precision: str, compressed_ml=None) -> dict:
     """What the converted graph computes, simulated in torch: the rewritten module in float16 (FP16),
     or in float32 with the weights decompressed from the compressed program."""
@@ -323,7 +325,7 @@ def _simulate(module, name: str, inputs: dict, precision: str, compressed_ml=Non
     with torch.no_grad():
         out = m(t)
     outs = out if isinstance(out, tuple) else (out,)
-    names = (["image_embeds", "logits"] if name == "image" else ["text_embeds"])[:len(outs)]
+    names = module.output_names if name == "image" else ["text_embeds"]
     return {n: o.float().numpy() for n, o in zip(names, outs)}
 
 
