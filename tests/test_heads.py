@@ -385,3 +385,19 @@ def test_cli_fit_export_run(tmp_path, capsys):
     assert "no head named 'nope'" in capsys.readouterr().err
     assert cli(["heads", "show", str(head)]) == 0
     assert "tip_adapter head, 10 classes" in capsys.readouterr().out
+
+
+def test_ort_mobile_and_fp16_carry_the_heads(tmp_path, imported, onnx_fp32):
+    heads = {k: imported[1][k] for k in ("tipf", "sk")}
+    files = _head_files(tmp_path, heads)
+    mobile = edgeclip.export("builtin:tiny", target="ort-mobile", out=tmp_path / "ort", heads=files).path
+    assert (mobile / "image.ort").is_file()
+    out, ref = _graph_logits(mobile, "ort", heads)
+    _assert_within_1e4(out, ref)
+    half = edgeclip.export("builtin:tiny", target="onnx", precision="fp16", out=tmp_path / "fp16", heads=files).path
+    images = sorted(heldout_dir().glob("*/*.png"))[::4]
+    fp32, fp16 = Pipeline.load(onnx_fp32), Pipeline.load(half)
+    for name in heads:
+        a = np.array([x.index for x in fp32.classify(images, head=name)])
+        b = np.array([x.index for x in fp16.classify(images, head=name)])
+        assert (a == b).mean() >= 0.98, name

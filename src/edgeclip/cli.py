@@ -89,8 +89,11 @@ def _print_heads(m: dict) -> None:
     for name, h in (m.get("heads") or {}).items():
         v = h.get("validation") or {}
         agree = f", INT8 top-1 agreement {h['int8_top1_agreement']:.4f}" if "int8_top1_agreement" in h else ""
-        print(f"head {name}: {h['kind']}, {len(h['classes'])} classes -> output {h['output']}"
-              + (f" (max abs {v['max_abs']:.2g} vs reference)" if v else "") + agree)
+        fit = (h.get("info") or {}).get("heldout")
+        fitted = f", fitted: held-out top-1 {fit['top1']:.4f} (zero-shot {fit['zero_shot_top1']:.4f})" if fit else ""
+        print(f"head {name}: {h['kind']}, {len(h['classes'])} classes -> {h['output']}"
+              + (f" + {h['mcm_output']}" if h.get("mcm_output") else "")
+              + (f", max abs {v['max_abs']:.2g} vs reference" if v else "") + agree + fitted)
 
 
 def _coreml_options(args) -> dict:
@@ -233,6 +236,7 @@ def cmd_inspect(args) -> int:
     print(f"files      {len(m['files'])}, {_mb(total)}: " + ", ".join(f"{k} {_mb(v['size'])}" for k, v in m["files"].items()))
     _print_quantization(m)
     _print_fidelity(m)
+    _print_heads(m)
     tools = m.get("tools", {})
     print("tools      " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     return 0
