@@ -269,6 +269,11 @@ def test_onnx_fp32_heads_match_numpy_reference(onnx_fp32, all_heads):
     assert m["heads"]["tipf"]["kind"] == "tip_adapter" and m["heads"]["sk"]["mcm_output"] is None
     out, ref = _graph_logits(onnx_fp32, "ort", all_heads)
     _assert_within_1e4(out, ref)
+    for name, h in all_heads.items():  # MCM (Tip-Adapter's reuses its zero-shot cosines) vs numpy
+        if h.has_text:
+            assert np.abs(out[f"mcm_{name}"] - h.mcm(out["image_embeds"])).max() <= 1e-5, name
+        else:
+            assert f"mcm_{name}" not in out
     # the export's own validation compared every head with the numpy reference on the torch features
     assert all(m["fidelity"][f"logits_{n}"]["ok"] for n in all_heads)
 
@@ -385,6 +390,20 @@ def test_cli_fit_export_run(tmp_path, capsys):
     assert "no head named 'nope'" in capsys.readouterr().err
     assert cli(["heads", "show", str(head)]) == 0
     assert "tip_adapter head, 10 classes" in capsys.readouterr().out
+
+
+def test_cli_import_checks_against_the_model(imported, tmp_path, capsys):
+    d = imported[0]
+    out = tmp_path / "adapter.npz"
+    assert cli(["heads", "import", str(d / "clip_adapter.pth"), "--classes", ",".join(LABELS), "--model",
+                "builtin:tiny", "--ratio", "0.4", "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "residual_adapter" and info["params"]["ratio"] == 0.4
+    assert info["shapes"]["text_weights"] == [10, E]
+    assert cli(["heads", "import", str(d / "sklearn.npz"), "--classes", "a,b", "--model", "builtin:tiny",
+                "--out", str(tmp_path / "x.npz")]) == 2
+    assert "tensor 'coef_' has shape (10, 64)" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
 
 
 def test_ort_mobile_and_fp16_carry_the_heads(tmp_path, imported, onnx_fp32):

@@ -33,7 +33,10 @@ class ImageGraph(nn.Module):
             bias = model.logit_bias.detach() if model.logit_bias is not None else torch.tensor(0.0)
             self.register_buffer("bias", bias.to(dtype))
         self.heads = nn.ModuleDict({h.name: h.module() for h in heads})
-        self.mcm = nn.ModuleDict({h.name: McmScore(h.arrays["text_weights"]) for h in heads if h.has_text})
+        # MCM needs the zero-shot cosines: taken from the head when it computes them anyway (Tip-Adapter),
+        # else one more (C, E) product
+        self.mcm = nn.ModuleDict({h.name: McmScore(h.arrays["text_weights"], reuse=getattr(
+            self.heads[h.name], "shares_cosines", False)) for h in heads if h.has_text})
         self.output_names = ["image_embeds"] + (["logits"] if self.has_head else []) + \
             [n for h in heads for n in head_outputs(h).values() if n]
 
@@ -44,25 +47,34 @@ class ImageGraph(nn.Module):
             outs.append((self.scale * F.normalize(feats, dim=-1) @ self.class_embeds.t() + self.bias).float())
         for name, head in self.heads.items():
             x = feats.to(next(head.buffers()).dtype)  # float32, unless the whole graph was cast
+            mcm = self.mcm[name] if name in self.mcm else None
+            if mcm is not None and mcm.reuse:
+                logits, cosines = head.forward_with_cosines(x)
+                outs += [logits.float(), mcm.from_cosines(cosines).float()]
+                continue
             outs.append(head(x).float())
-            if name in self.mcm:
-                outs.append(self.mcm[name](x).float())
+            if mcm is not None:
+                outs.append(mcm(x).float())
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 class McmScore(nn.Module):
     """Maximum concept matching (out-of-distribution score): max softmax of zero-shot cosines / T."""
 
-    def __init__(self, text_weights: np.ndarray):
+    def __init__(self, text_weights: np.ndarray, reuse: bool = False):
         super().__init__()
         from ..heads.base import MCM_TEMPERATURE
 
-        t = text_weights / np.maximum(np.linalg.norm(text_weights, axis=-1, keepdims=True), 1e-12)
-        self.register_buffer("classes", torch.from_numpy(np.ascontiguousarray(t.T / MCM_TEMPERATURE,
-                                                                              dtype=np.float32)))
+        self.reuse, self.temperature = reuse, MCM_TEMPERATURE
+        if not reuse:
+            t = text_weights / np.maximum(np.linalg.norm(text_weights, axis=-1, keepdims=True), 1e-12)
+            self.register_buffer("classes", torch.from_numpy(np.ascontiguousarray(t.T, dtype=np.float32)))
 
     def forward(self, feats):
-        return torch.softmax(F.normalize(feats, dim=-1) @ self.classes, dim=-1).amax(dim=-1)
+        return self.from_cosines(F.normalize(feats, dim=-1) @ self.classes)
+
+    def from_cosines(self, cosines):
+        return torch.softmax(cosines / self.temperature, dim=-1).amax(dim=-1)
 
 
 def head_outputs(head) -> dict:

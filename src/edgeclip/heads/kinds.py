@@ -212,10 +212,15 @@ def _TipAdapter(head: Head):
     # One product for the cache affinities and the zero-shot logits: [keys; scale * text] x.
     stacked = np.concatenate([keys, p["scale"] * a["text_weights"].astype(np.float64)], axis=0)
 
+    unit_text = bool(np.allclose(np.linalg.norm(a["text_weights"].astype(np.float64), axis=-1), 1.0, atol=1e-5))
+
     class TipAdapterHead(nn.Module):
+        # the zero-shot part is scale * cosines when the class text is unit-norm: the MCM score reuses it
+        shares_cosines = unit_text and p["scale"] > 0
+
         def __init__(self):
             super().__init__()
-            self.alpha, self.beta = float(p["alpha"]), float(p["beta"])
+            self.alpha, self.beta, self.scale = float(p["alpha"]), float(p["beta"]), float(p["scale"])
             self.grouped = order is not None
             self.per_class = n_keys // n_classes
             self.register_buffer("keys_and_classes", _f32(stacked.T))          # (E, K + C)
@@ -223,6 +228,9 @@ def _TipAdapter(head: Head):
                 self.register_buffer("values", _f32(values))
 
         def forward(self, x):
+            return self.forward_with_cosines(x)[0]
+
+        def forward_with_cosines(self, x):
             s = F.normalize(x, dim=-1) @ self.keys_and_classes
             affinity, zero_shot = s[:, :n_keys], s[:, n_keys:]
             cache = torch.exp(self.beta * (affinity - 1.0))
@@ -230,6 +238,6 @@ def _TipAdapter(head: Head):
                 cache = cache.reshape(cache.shape[0], n_classes, self.per_class).sum(-1)
             else:
                 cache = cache @ self.values
-            return zero_shot + self.alpha * cache
+            return zero_shot + self.alpha * cache, zero_shot / self.scale
 
     return TipAdapterHead()
