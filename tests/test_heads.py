@@ -278,13 +278,24 @@ def test_onnx_fp32_heads_match_numpy_reference(onnx_fp32, all_heads):
     assert all(m["fidelity"][f"logits_{n}"]["ok"] for n in all_heads)
 
 
-def test_openvino_fp32_heads_match_numpy_reference(tmp_path, imported):
+def test_openvino_heads_fp32_within_1e4_and_int8_agreement(tmp_path, imported, all_heads):
     pytest.importorskip("openvino")
     heads = imported[1]
+    files = _head_files(tmp_path, heads)
     art = edgeclip.export("builtin:tiny", target="openvino", precision="fp32", out=tmp_path / "ov",
-                          heads=_head_files(tmp_path, heads)).path
+                          heads=files).path
     out, ref = _graph_logits(art, "openvino", heads)
     _assert_within_1e4(out, ref)
+    int8 = edgeclip.export("builtin:tiny", target="openvino", precision="int8", out=tmp_path / "ov8",
+                           heads=files[2:]).path   # tipf, sk
+    q = json.loads((int8 / "manifest.json").read_text())["quantization"]["graphs"]["image"]
+    assert set(q["head_agreement"]) == {"logits_tipf", "logits_sk"}
+    fp32, quant = (Pipeline.load(a, inference_precision="f32") for a in (art, int8))
+    images = sorted(heldout_dir().glob("*/*.png"))
+    for name in ("tipf", "sk"):
+        a = np.array([x.index for x in fp32.classify(images, head=name)])
+        b = np.array([x.index for x in quant.classify(images, head=name)])
+        assert (a == b).mean() >= 0.99, (name, (a == b).mean())
 
 
 def test_one_graph_call_per_batch_and_text_graph_untouched(onnx_fp32, all_heads):
