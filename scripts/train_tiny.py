@@ -114,25 +114,15 @@ def split(labels: np.ndarray, seed: int):
     return np.sort(train), np.sort(held)
 
 
-def pick_calib(train: np.ndarray, labels: np.ndarray, pngs: list, held: np.ndarray, seed: int) -> np.ndarray:
-    """CALIB_PER_CLASS training images per class, none byte-identical to a held-out image."""
+def pick_per_class(train: np.ndarray, labels: np.ndarray, pngs: list, held: np.ndarray, seed: int,
+                   per_class: int) -> np.ndarray:
+    """`per_class` training images per class (a seeded choice), none byte-identical to a held-out image."""
     held_bytes = {pngs[i] for i in held}
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed)
     out = []
     for c in range(10):
         cand = [i for i in rng.permutation(train[labels[train] == c]) if pngs[i] not in held_bytes]
-        out.extend(sorted(int(i) for i in cand[:CALIB_PER_CLASS]))
-    return np.array(out)
-
-
-def pick_fewshot(train: np.ndarray, labels: np.ndarray, pngs: list, held: np.ndarray, seed: int) -> np.ndarray:
-    """FEWSHOT_PER_CLASS training images per class, none byte-identical to a held-out image."""
-    held_bytes = {pngs[i] for i in held}
-    rng = np.random.default_rng(seed + 3)
-    out = []
-    for c in range(10):
-        cand = [i for i in rng.permutation(train[labels[train] == c]) if pngs[i] not in held_bytes]
-        out.extend(sorted(int(i) for i in cand[:FEWSHOT_PER_CLASS]))
+        out.extend(sorted(int(i) for i in cand[:per_class]))
     return np.array(out)
 
 
@@ -348,8 +338,8 @@ def main(argv=None) -> int:
     labels_np = digits.target.astype(np.int64)
     pngs = [digit_png(im) for im in digits.images]
     train_idx, held_idx = split(labels_np, args.seed)
-    calib_idx = pick_calib(train_idx, labels_np, pngs, held_idx, args.seed)
-    fewshot_idx = pick_fewshot(train_idx, labels_np, pngs, held_idx, args.seed)
+    calib_idx = pick_per_class(train_idx, labels_np, pngs, held_idx, args.seed + 1, CALIB_PER_CLASS)
+    fewshot_idx = pick_per_class(train_idx, labels_np, pngs, held_idx, args.seed + 3, FEWSHOT_PER_CLASS)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
