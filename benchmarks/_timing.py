@@ -1,8 +1,9 @@
-"""Side-by-side timing on a noisy machine, shared by the benchmark files.
+"""Reporting shared by the benchmark files; the timing itself is `edgeclip.bench.timing.Interleaved`.
 
 `Interleaved` runs its variants alternately (A B, then B A, ...) so that drifting load (another
-process training, thermal throttling, a browser) hits every variant alike; medians and their ratio
-are then comparable. `report()` prints the result in pytest's terminal summary and writes it to
+process training, thermal throttling, a browser) hits every variant alike; its `round()` serves as a
+pytest-benchmark pedantic target. `summary()` turns its per-round times into the figures these files
+print; `report()` prints them in pytest's terminal summary and writes them to
 `.benchmarks/<name>.json`. `export_once()` exports a model once per pytest session.
 """
 from __future__ import annotations
@@ -13,71 +14,23 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+
+from edgeclip.bench.timing import Interleaved
 
 _PLUGIN = "edgeclip-side-by-side"
 _ARTIFACTS: dict[tuple, Path] = {}
 _COLLECTED: dict[str, dict] = {}
 
 
-class Interleaved:
-    """Time named callables alternately; `round()` runs each once (usable as a pedantic target).
-
-    With `block`/`warm`, each variant's turn in a round is `warm` untimed calls, then `block` timed
-    calls whose median is the round's time: runtimes with spinning thread pools (ONNX Runtime) keep
-    a core busy for a moment after a call, which would otherwise bill the next variant."""
-
-    def __init__(self, fns: dict[str, Callable[[], object]], block: int = 1, warm: int = 0):
-        self.fns = dict(fns)
-        self.block, self.warm = max(1, block), max(0, warm)
-        self.times: dict[str, list[float]] = {name: [] for name in self.fns}
-        self._rounds = 0
-
-    def round(self) -> None:
-        names = list(self.fns)
-        if self._rounds % 2:
-            names.reverse()
-        self._rounds += 1
-        for name in names:
-            fn = self.fns[name]
-            for _ in range(self.warm):
-                fn()
-            calls = []
-            for _ in range(self.block):
-                t = time.perf_counter()
-                fn()
-                calls.append(time.perf_counter() - t)
-            self.times[name].append(statistics.median(calls))
-
-    def warmup(self, rounds: int = 5) -> "Interleaved":
-        for _ in range(rounds):
-            self.round()
-        self.times = {name: [] for name in self.fns}
-        return self
-
-    def run(self, rounds: int) -> "Interleaved":
-        for _ in range(rounds):
-            self.round()
-        return self
-
-    def median(self, name: str) -> float:
-        return statistics.median(self.times[name])
-
-    def ratio(self, slow: str, fast: str) -> float:
-        """median(slow) / median(fast): how many times faster `fast` is."""
-        return self.median(slow) / self.median(fast)
-
-    def paired_ratio(self, slow: str, fast: str) -> float:
-        """Median over rounds of slow/fast within the same round: robust to load that drifts."""
-        return statistics.median(a / b for a, b in zip(self.times[slow], self.times[fast]))
-
-    def summary(self) -> dict:
-        out = {}
-        for name, ts in self.times.items():
-            q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-            out[name] = {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1],
-                         "min_ms": 1e3 * min(ts), "rounds": len(ts)}
-        return out
+def summary(timer: Interleaved) -> dict:
+    """{variant: {median_ms, p10_ms, p90_ms, min_ms, rounds}} over the variant's per-round times (a
+    round's time: the median of its turn's timed calls)."""
+    out = {}
+    for name, ts in timer.turns.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1],
+                     "min_ms": 1e3 * min(ts), "rounds": len(ts)}
+    return out
 
 
 def machine() -> dict:

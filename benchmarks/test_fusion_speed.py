@@ -23,10 +23,11 @@ ort = pytest.importorskip("onnxruntime")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _timing import Interleaved, report  # noqa: E402
+from _timing import report, summary  # noqa: E402
 from synthetic import captions, write_images  # noqa: E402
 
 import edgeclip  # noqa: E402
+from edgeclip.bench.timing import Interleaved  # noqa: E402
 from edgeclip.models.clip import ClipModel  # noqa: E402
 from edgeclip.specs import get_spec  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_fused_vs_unfused(benchmark, data, tmp_path, request, length):
     timer = Interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, block=5, warm=3).warmup(1)
     benchmark.group = f"fusion, {length} tokens"
     benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
-    stats = timer.summary()
+    stats = summary(timer)
     speedup = {p: timer.paired_ratio(f"{p}-unfused", f"{p}-fused") for p in ("fp32", "int8")}
     _RESULTS[length] = {"model": f"{name} ({tower}, {blocks} blocks)", "speedup": speedup,
                         "median_ms": {k: v["median_ms"] for k, v in stats.items()}}

@@ -37,11 +37,12 @@ ort = pytest.importorskip("onnxruntime")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _timing import Interleaved, report  # noqa: E402
+from _timing import report, summary  # noqa: E402
 from synthetic import calibration_data  # noqa: E402
 
 import edgeclip  # noqa: E402
 from edgeclip.bench.baselines import plain_export  # noqa: E402
+from edgeclip.bench.timing import Interleaved  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 
 ROUNDS = 30
@@ -134,11 +135,11 @@ def test_int8_image_tower_side_by_side(benchmark, variants, request):
     # by the latter's spinning threads): 10 GEMMs per call, 5 calls per turn.
     gemm, gemm_feeds = _gemm_pair()
     floor = Interleaved({name: (lambda s=s: [s.run(None, gemm_feeds) for _ in range(10)]) for name, s in gemm.items()},
-                        block=5, warm=3).warmup(2).run(10)
+                        block=5, warm=3).run(0, min_rounds=10, warmup_rounds=2)  # 2 warm-up + 10 rounds
     gemm_floor = floor.paired_ratio("int8", "fp32")
     vnni = _has_vnni()
-    stats = timer.summary()
-    gemm_ms = {name: v["median_ms"] / 10 for name, v in floor.summary().items()}
+    stats = summary(timer)
+    gemm_ms = {name: v["median_ms"] / 10 for name, v in summary(floor).items()}
     sizes = {name: Path(p).stat().st_size for name, p in paths.items()}
     lines = [f"  {name:<14} {stats[name]['median_ms']:7.2f} ms  (p10 {stats[name]['p10_ms']:.2f}, "
              f"p90 {stats[name]['p90_ms']:.2f})  min cosine {cosines[name]:.5f}  {sizes[name] / 2**20:6.1f} MiB"
@@ -169,4 +170,4 @@ def test_int8_image_tower_side_by_side(benchmark, variants, request):
     else:  # the INT8 GEMM itself is only ~2x FP32 here (floor ~0.5): hold the tower near that floor
         assert vs_fp32 <= AVX2_BOUND, f"INT8/FP32 = {vs_fp32:.3f} (bare GEMM {gemm_floor:.3f}, bound {AVX2_BOUND})"
     assert vs_dynamic <= GOAL_VS_DYNAMIC, f"INT8/ORT dynamic = {vs_dynamic:.3f}"
-    assert statistics.median(timer.times["edgeclip-int8"]) > 0
+    assert statistics.median(timer.turns["edgeclip-int8"]) > 0

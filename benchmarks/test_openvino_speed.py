@@ -32,11 +32,12 @@ nncf = pytest.importorskip("nncf")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _timing import Interleaved, report  # noqa: E402
+from _timing import report, summary  # noqa: E402
 from synthetic import calibration_data  # noqa: E402
 
 import edgeclip  # noqa: E402
 from edgeclip.bench.baselines import plain_export  # noqa: E402
+from edgeclip.bench.timing import Interleaved  # noqa: E402
 from edgeclip.runtime.backends.openvino import Backend, precision_name  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 
@@ -96,7 +97,7 @@ def test_openvino_int8_vs_nncf_defaults(benchmark, variants, request):
     benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
 
     speedup = timer.paired_ratio("nncf-default", "edgeclip-int8")
-    stats = timer.summary()
+    stats = summary(timer)
     lines = [f"  {name:<14} {stats[name]['median_ms']:7.2f} ms  (p10 {stats[name]['p10_ms']:.2f}, "
              f"p90 {stats[name]['p90_ms']:.2f})  min cosine {cosines[name]:.5f}  ran as {precisions[name]}"
              for name in compiled]

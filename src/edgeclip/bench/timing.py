@@ -58,13 +58,19 @@ class Interleaved:
         if record:
             self.rounds += 1
 
+    def warmup(self, rounds: int = 2) -> "Interleaved":
+        """`rounds` rounds whose times are discarded."""
+        for _ in range(rounds):
+            self.round(record=False)
+        return self
+
     def run(self, seconds: float, min_rounds: int = 5, max_rounds: int = 10_000, warmup_rounds: int = 2,
             tick: Callable[[float], None] | None = None) -> "Interleaved":
-        """Warm-up rounds (discarded), then rounds until `seconds` have passed and `min_rounds` are done.
+        """Warm-up rounds (discarded), then rounds until `seconds` have passed and `min_rounds` are done
+        (`seconds=0`: exactly `min_rounds` rounds).
 
         `tick(fraction_done)` is called after each round (progress bars)."""
-        for _ in range(warmup_rounds):
-            self.round(record=False)
+        self.warmup(warmup_rounds)
         start = time.perf_counter()
         while self.rounds < max_rounds:
             self.round()

@@ -51,16 +51,19 @@ def _layer_name(node) -> str:
 
 
 def find_targets(model) -> list[QuantTarget]:
-    """Linear layers inside the transformer blocks: MatMuls with a 2-D initializer as second input.
+    """Linear layers inside the transformer blocks and of adapter heads: MatMuls with a 2-D initializer
+    as second input.
 
-    The patch embedding, the final projections and baked heads are outside the blocks and stay float
-    (numerically sensitive, and a negligible share of the compute)."""
+    The patch embedding, the final projections and the baked zero-shot head stay float (numerically
+    sensitive, and a negligible share of the compute). Adapter heads are layers like any other: a
+    16-shot Tip-Adapter cache over 1000 classes is a 512 x 17000 product, 4x less to read in int8,
+    and the guard keeps each head's top-1 agreement."""
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
         if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             layer = _layer_name(n)
-            if ".blocks." in layer:
+            if ".blocks." in layer or layer.startswith("heads."):
                 out.append(QuantTarget(n.name, n.input[0], n.input[1], layer))
     return out
 
@@ -258,18 +261,7 @@ def _gemm_bias_plan(g, mha):
         p = g.producer.get(t)
         if p is None:
             return None
-        sizes = None
         if p.op_type == "Split":
-            attrs = {a.name: a for a in p.attribute}
-            if (attrs["axis"].i if "axis" in attrs else 0) not in (-1, 2):
-                return None
-            if len(p.input) > 1 and p.input[1]:
-                sizes = g.const(p.input[1])
-                if sizes is None:
-                    return None
-                sizes = [int(v) for v in np.ravel(sizes)]
-            elif "split" in attrs:
-                sizes = list(attrs["split"].ints)
             src, parts = p.input[0], list(p.output)
             if len(g.consumers.get(src, [])) != 1 or src in g.outputs:
                 return None
@@ -285,12 +277,11 @@ def _gemm_bias_plan(g, mha):
             continue
         seen.add(gemm.output[0])
         cols = int(g.inits[gemm.input[1]].dims[-1])
-        if sizes is None:
-            if cols % len(parts):
+        sizes = [cols]
+        if p.op_type == "Split":
+            axis, sizes = g.split_sizes(p, cols)
+            if axis not in (-1, 2) or sizes is None:
                 return None
-            sizes = [cols // len(parts)] * len(parts)
-        if sum(sizes) != cols or len(sizes) != len(parts):
-            return None
         slots = []
         for part, size in zip(parts, sizes):  # each output block goes to mha alone (shape-only readers aside)
             readers = [c for c in g.consumers.get(part, []) if c.op_type != "Shape"]

@@ -70,6 +70,24 @@ class Graph:
             return None, None
         return add, other
 
+    def split_sizes(self, split, total: int):
+        """(axis, sizes) of a Split node that cuts `total` entries along its axis. The sizes come from
+        its `split` input (opset >= 13), else its `split` attribute (older opsets), else equal parts,
+        one per output; they are None when not constant or not one part per output summing to `total`."""
+        attrs = {a.name: a for a in split.attribute}
+        axis = attrs["axis"].i if "axis" in attrs else 0
+        if len(split.input) > 1 and split.input[1]:
+            c = self.const(split.input[1])
+            sizes = None if c is None else [int(v) for v in np.ravel(c)]
+        elif "split" in attrs:
+            sizes = list(attrs["split"].ints)
+        else:
+            n = len(split.output)
+            sizes = None if total % n else [total // n] * n
+        if sizes is not None and (sum(sizes) != total or len(sizes) != len(split.output)):
+            sizes = None
+        return axis, sizes
+
     def trailing_shape(self, tensor: str):
         """Known trailing entries of a shape tensor (a constant, or a Concat ending in constants)."""
         c = self.const(tensor)
@@ -348,27 +366,11 @@ class AttentionFusion:
                             reader.input[i] = pre
             return c, edit, add, (bias_name, 0)
         found = linear(split.input[0])
-        attrs = {a.name: a for a in split.attribute}
-        axis = attrs["axis"].i if "axis" in attrs else 0
-        if found is None or axis not in (-1, 2) or len(g.consumers.get(split.input[0], [])) != 1 \
-                or split.input[0] in g.outputs:
+        if found is None or len(g.consumers.get(split.input[0], [])) != 1 or split.input[0] in g.outputs:
             return None
         add, pre, c, bias_name = found
-        if not all(readers_ok(o) for o in split.output):
-            return None
-        if len(split.input) > 1 and split.input[1]:
-            sizes = g.const(split.input[1])
-            if sizes is None:
-                return None
-            sizes = [int(v) for v in np.ravel(sizes)]
-        elif "split" in attrs:
-            sizes = list(attrs["split"].ints)
-        else:
-            n = len(split.output)
-            if c.shape[0] % n:
-                return None
-            sizes = [c.shape[0] // n] * n
-        if sum(sizes) != c.shape[0] or len(sizes) != len(split.output):
+        axis, sizes = g.split_sizes(split, c.shape[0])
+        if axis not in (-1, 2) or sizes is None or not all(readers_ok(o) for o in split.output):
             return None
         j = list(split.output).index(tensor)
         start = sum(sizes[:j])
