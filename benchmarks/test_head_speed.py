@@ -93,6 +93,9 @@ def test_tip_head_adds_at_most_five_percent(benchmark, artifacts, request):
     q = m["quantization"]["graphs"]["image"]
     agreement = q["head_agreement"]["logits_tip"]
     head_int8 = "heads.tip" not in q["float_layers"]
+    plain_float = plain.manifest["quantization"]["graphs"]["image"]["float_layers"]
+    # the towers must be quantized alike, or the ratio would measure the guard's choices, not the head
+    assert [x for x in q["float_layers"] if not x.startswith("heads.")] == plain_float
     sizes = {name: sum(f["size"] for f in p.manifest["files"].values())
              for name, p in (("encode", plain), ("classify-tip", tip))}
     lines = [f"  {name:<13} {stats[name]['median_ms']:7.2f} ms  (p10 {stats[name]['p10_ms']:.2f}, "

@@ -386,7 +386,8 @@ def test_heads_run_without_torch(onnx_fp32, tmp_path):
 def test_cli_fit_export_run(tmp_path, capsys):
     head = tmp_path / "tip.npz"
     assert cli(["heads", "fit", "builtin:tiny", "--kind", "tip", "--train", str(fewshot_dir()), "--shots", "4",
-                "--labels", ",".join(LABELS), "--eval", str(heldout_dir()), "--out", str(head), "--json"]) == 0
+                "--augment", "0", "--labels", ",".join(LABELS), "--eval", str(heldout_dir()), "--out", str(head),
+                "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["kind"] == "tip_adapter" and fit["shots"] == 4 and fit["heldout"]["images"] == 360
     assert fit["heldout"]["top1"] > 0.95
