@@ -37,6 +37,9 @@ class ImageGraph(nn.Module):
         # else one more (C, E) product
         self.mcm = nn.ModuleDict({h.name: McmScore(h.arrays["text_weights"], reuse=getattr(
             self.heads[h.name], "shares_cosines", False)) for h in heads if h.has_text})
+        for name, mcm in self.mcm.items():
+            if mcm.reuse:
+                self.heads[name].return_cosines = True
         self.output_names = ["image_embeds"] + (["logits"] if self.has_head else []) + \
             [n for h in heads for n in head_outputs(h).values() if n]
 
@@ -49,7 +52,7 @@ class ImageGraph(nn.Module):
             x = feats.to(next(head.buffers()).dtype)  # float32, unless the whole graph was cast
             mcm = self.mcm[name] if name in self.mcm else None
             if mcm is not None and mcm.reuse:
-                logits, cosines = head.forward_with_cosines(x)
+                logits, cosines = head(x)
                 outs += [logits.float(), mcm.from_cosines(cosines).float()]
                 continue
             outs.append(head(x).float())

@@ -221,6 +221,9 @@ def _TipAdapter(head: Head):
         def __init__(self):
             super().__init__()
             self.alpha, self.beta, self.scale = float(p["alpha"]), float(p["beta"]), float(p["scale"])
+            # set by the image graph when its MCM score reuses the cosines: forward returns both (called
+            # through the module, so the exporter records this head's name scope for its layers)
+            self.return_cosines = False
             self.grouped = order is not None
             self.per_class = n_keys // n_classes
             self.register_buffer("keys_and_classes", _f32(stacked.T))          # (E, K + C)
@@ -228,9 +231,6 @@ def _TipAdapter(head: Head):
                 self.register_buffer("values", _f32(values))
 
         def forward(self, x):
-            return self.forward_with_cosines(x)[0]
-
-        def forward_with_cosines(self, x):
             s = F.normalize(x, dim=-1) @ self.keys_and_classes
             affinity, zero_shot = s[:, :n_keys], s[:, n_keys:]
             cache = torch.exp(self.beta * (affinity - 1.0))
@@ -238,6 +238,7 @@ def _TipAdapter(head: Head):
                 cache = cache.reshape(cache.shape[0], n_classes, self.per_class).sum(-1)
             else:
                 cache = cache @ self.values
-            return zero_shot + self.alpha * cache, zero_shot / self.scale
+            logits = zero_shot + self.alpha * cache
+            return (logits, zero_shot / self.scale) if self.return_cosines else logits
 
     return TipAdapterHead()
