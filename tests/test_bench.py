@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import edgeclip
 from edgeclip.bench import BenchConfig, run_bench
 from edgeclip.bench.svg import PALETTE
 from edgeclip.builtin import digit_labels, heldout_dir
@@ -24,12 +23,20 @@ from edgeclip.errors import ArtifactError, EvalDataError, UnknownModelError
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+# builtin:tiny to ONNX without a head: FP32 (also read by test_export_onnx), and INT8 calibrated on the
+# shipped calibration set. Exported once per session (conftest.py), into folders named tiny-fp32 and
+# tiny-int8 (the report names variants after their folders).
+TINY_FP32 = {"model": "builtin:tiny", "target": "onnx", "precision": "fp32"}
+TINY_INT8 = {"model": "builtin:tiny", "target": "onnx", "precision": "int8"}
+SHARED_EXPORTS = {"artifacts": [TINY_FP32, TINY_INT8]}
+
+
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench-artifacts")
-    fp32 = edgeclip.export("builtin:tiny", precision="fp32", out=root / "tiny-fp32")
-    int8 = edgeclip.export("builtin:tiny", precision="int8", out=root / "tiny-int8")  # the shipped calibration set
-    return {"fp32": fp32.path, "int8": int8.path, "root": root}
+def artifacts(shared_exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-artifacts")  # reports, caches and copies: the artifacts stay as exported
+    fp32, int8 = shared_exports.path(TINY_FP32), shared_exports.path(TINY_INT8)
+    assert (fp32.name, int8.name) == ("tiny-fp32", "tiny-int8")
+    return {"fp32": fp32, "int8": int8, "root": root}
 
 
 @pytest.fixture(scope="module")

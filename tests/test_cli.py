@@ -20,11 +20,16 @@ def edgeclip(*args, check=True):
     return proc
 
 
+# `edgeclip export` itself, run in the background from the start of the session (conftest.py)
+EXPORT = {"cli": ["export", "builtin:tiny", "--target", "onnx", "--labels", ",".join(digit_labels())]}
+SHARED_EXPORTS = {"tiny_artifact": [EXPORT]}
+
+
 @pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "tiny-onnx"
-    edgeclip("export", "builtin:tiny", "--target", "onnx", "--labels", ",".join(digit_labels()), "--out", out)
-    return out
+def tiny_artifact(shared_exports):
+    """builtin:tiny exported by `edgeclip export ... --out DIR` (this module's own: one test tries to
+    overwrite it)."""
+    return shared_exports.path(EXPORT)
 
 
 def test_models_lists_every_spec():

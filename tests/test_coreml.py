@@ -21,6 +21,7 @@ from edgeclip.errors import ArtifactError, EdgeClipError  # noqa: E402
 from edgeclip.export.graphs import reference_inputs  # noqa: E402
 from edgeclip.kernels.ane import rewrite_for_ane  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
+from edgeclip.specs import get_spec  # noqa: E402
 
 IS_MAC = platform.system() == "Darwin"
 
@@ -45,15 +46,30 @@ def _program(path):
     return ops, dtypes
 
 
+# builtin:tiny with the digit words baked in, per deployment target / precision / compression
+TINY_CASES = {"ios18": dict(min_ios=18), "ios16-fp32": dict(min_ios=16, precision="fp32"),
+              "palettize4": dict(min_ios=18, compress="palettize4"),
+              "palettize6-ios16": dict(min_ios=16, compress="palettize6"), "w8-ios16": dict(min_ios=16, compress="w8"),
+              "int4": dict(min_ios=18, compress="int4-blockwise")}
+TINY = {name: {"model": "builtin:tiny", "target": "coreml", "labels": builtin.digit_labels(), **kw}
+        for name, kw in TINY_CASES.items()}
+# base-size models converted once per deployment target (structure only: validate=False)
+BASE_MODELS = ["random:ViT-B-32", "random:Long-CLIP-B"]
+BASE = {(name, ios): {"model": name, "target": "coreml", "min_ios": ios, "validate": False}
+        for name in BASE_MODELS for ios in (18, 16)}
+# converted once per session in background processes, started before the first test (conftest.py)
+SHARED_EXPORTS = {"tiny": list(TINY.values()), "base_programs": list(BASE.values())}
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coreml-tiny")
-    labels = builtin.digit_labels()
-    cases = {"ios18": dict(min_ios=18), "ios16-fp32": dict(min_ios=16, precision="fp32"), "palettize4": dict(min_ios=18, compress="palettize4"),
-             "palettize6-ios16": dict(min_ios=16, compress="palettize6"), "w8-ios16": dict(min_ios=16, compress="w8"),
-             "int4": dict(min_ios=18, compress="int4-blockwise")}
-    return {name: edgeclip.export("builtin:tiny", target="coreml", out=root / name, labels=labels, **kw)
-            for name, kw in cases.items()}
+def tiny(shared_exports):
+    return {name: shared_exports.get(spec) for name, spec in TINY.items()}
+
+
+@pytest.fixture(scope="module")
+def base_programs(shared_exports):
+    """{(model URI, iOS version): artifact} of the base-size models."""
+    return {k: shared_exports.get(spec) for k, spec in BASE.items()}
 
 
 # ------------------------------------------------------------------------ ANE layout, in torch
@@ -178,20 +194,20 @@ def test_predict_matches_reference_on_macos(tiny):
 # --------------------------------------------------------------- base-size models, both targets
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["random:ViT-B-32", "random:Long-CLIP-B"])
-def test_base_models_convert_for_ios18_and_ios16(name, tmp_path):
+@pytest.mark.parametrize("name", BASE_MODELS)
+def test_base_models_convert_for_ios18_and_ios16(name, base_programs):
     """Conversion and the programs' structure; the rewritten towers' numbers are checked in torch by
     test_ane_layout_and_attention_match_reference_fp32 (the FP16 simulation is left out here: time)."""
-    model = edgeclip.load_model(name)
+    spec = get_spec(name.split(":", 1)[1])  # the model's spec (random weights: only their shapes matter here)
     for ios in (18, 16):
-        art = edgeclip.export(model, target="coreml", min_ios=ios, out=tmp_path / f"ios{ios}", validate=False)
+        art = base_programs[name, ios]  # edgeclip.export(name, target="coreml", min_ios=ios, validate=False)
         c = art.manifest["coreml"]
         for g in ("image", "text"):
-            layers = getattr(model.spec, "vision" if g == "image" else "text").layers
+            layers = getattr(spec, "vision" if g == "image" else "text").layers
             assert c["graphs"][g]["fused_attention"] == (layers if ios >= 18 else 0)
             assert c["graphs"][g]["float32_compute_ops"] == 0
             assert c["graphs"][g]["softmax"] == (0 if ios >= 18 else
-                                                 layers * getattr(model.spec, "vision" if g == "image" else "text").heads)
+                                                 layers * getattr(spec, "vision" if g == "image" else "text").heads)
         assert art.manifest["graphs"]["image"]["inputs"]["pixel_values"]["shape"] == [1, 3, 224, 224]
-        assert art.manifest["text"]["context_length"] == model.spec.text.context_length
+        assert art.manifest["text"]["context_length"] == spec.text.context_length
         assert json.loads((art.path / "manifest.json").read_text())["coreml"]["minimum_deployment_target"] == f"iOS{ios}"

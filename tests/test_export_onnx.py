@@ -5,18 +5,15 @@ sessions on the artifact folder) against the torch reference computed on the cal
 never read back from the manifest's own fidelity block (that block is only checked to be present).
 
 Exports are slow for the B-sized random models (~35 s per model and precision on 2 cores): each
-(model, precision, options) is exported once per module by the `exports` fixture, which starts
-every export the selected tests need up front, two at a time in background processes. The whole
-file takes ~5 minutes on 2 cores; `-m "not slow"` skips the ViT-B-16/Long-CLIP-B/SigLIP cases.
+(model, precision, options) is exported once per test session by conftest.py's `shared_exports`
+(the tiny FP32 artifacts are the ones the bench, runtime, INT8, OpenVINO and fusion tests read too),
+which starts every export the selected tests declare (`needs`) up front, two at a time in background
+processes. `-m "not slow"` skips the ViT-B-16/Long-CLIP-B/SigLIP cases.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,67 +81,39 @@ class Case:
             self.ref_short = model.encode_text(torch.from_numpy(self.short)).numpy() if t.pool == "eot" else None
 
 
-def key(name: str, precision: str = "fp32", target: str = "onnx", **options) -> tuple:
-    return (name, precision, target, json.dumps(options, sort_keys=True))
+def uri(name: str) -> str:
+    return TINY_URI if name == "tiny" else f"random:{name}"
+
+
+def key(name: str, precision: str = "fp32", target: str = "onnx", **options) -> dict:
+    """One export: `edgeclip.export(edgeclip.load_model(uri(name), seed=0), target, precision, **options)`,
+    as conftest.py's `shared_exports` runs it (random: models are deterministic for a seed)."""
+    return {"model": uri(name), "target": target, "precision": precision, **options}
 
 
 def needs(*keys):
-    """Declare the exports a test uses (tuples from `key`, or functions of the test's parameters), so
-    that the `exports` fixture can start them all, in test order, before the first one is needed."""
+    """Declare the exports a test uses (dicts from `key`, or functions of the test's parameters), so
+    that conftest.py's `shared_exports` can start them all, in test order, before the first one is needed."""
     def deco(fn):
         fn.exports = keys
         return fn
     return deco
 
 
-EXPORT = """
-import json, sys
-import torch
-import edgeclip
-torch.set_num_threads(1)  # two of these run side by side on a 2-core machine
-a = json.loads(sys.argv[1])
-edgeclip.export(edgeclip.load_model(a["uri"], seed=0), target=a["target"], precision=a["precision"],
-                out=a["out"], **a["options"])
-"""
-
-
 class Exports:
-    """Session cache: models (one big one at a time), their cases, and exported artifact folders.
+    """Models (one big one at a time), their cases, and the exported artifact folders (from the
+    session's `shared_exports`)."""
 
-    Exporting is mostly single-threaded Python (torch.export): the planned exports run two at a time
-    in fresh processes (`edgeclip.export(edgeclip.load_model(uri, seed=0), ...)`, the same weights as
-    `self.model(name)`: random: models are deterministic for a seed), while this process compares.
-    """
-
-    def __init__(self, root: Path, plan: list[tuple]):
-        self.root = root
+    def __init__(self, shared):
+        self.shared = shared
         self.models: dict = {}
         self.cases: dict[str, Case] = {}
-        self.jobs: dict[tuple, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=2)  # threads that each wait on one export process
-        for k in plan:
-            if k not in self.jobs:
-                self.jobs[k] = self.pool.submit(self._export, k, self.root / f"export-{len(self.jobs)}")
-
-    @staticmethod
-    def uri(name: str) -> str:
-        return TINY_URI if name == "tiny" else f"random:{name}"
-
-    def _export(self, k: tuple, out: Path) -> Path:
-        name, precision, target, options = k
-        args = json.dumps({"uri": self.uri(name), "precision": precision, "target": target, "out": str(out),
-                           "options": json.loads(options)})
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-c", EXPORT, args], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"export of {k} failed:\n{proc.stderr[-4000:]}")
-        return out
 
     def model(self, name: str):
         if name not in self.models:
             if name != "tiny":  # keep the tiny model, at most one big one (memory)
                 self.models = {k: v for k, v in self.models.items() if k == "tiny"}
-            self.models[name] = edgeclip.load_model(self.uri(name), seed=0)
+            self.models[name] = edgeclip.load_model(uri(name), seed=0)
         return self.models[name]
 
     def case(self, name: str) -> Case:
@@ -153,28 +122,13 @@ class Exports:
         return self.cases[name]
 
     def get(self, name: str, precision: str = "fp32", target: str = "onnx", **options) -> Path:
-        k = key(name, precision, target, **options)
-        if k not in self.jobs:  # not planned (a test run on its own): export here and now
-            done: Future = Future()
-            out = self.root / f"export-{len(self.jobs)}"
-            edgeclip.export(self.model(name), target=target, precision=precision, out=out, **options)
-            done.set_result(out)
-            self.jobs[k] = done
-        return self.jobs[k].result()
+        """The artifact folder (planned exports are under way already; others are exported now)."""
+        return self.shared.path(key(name, precision, target, **options))
 
 
 @pytest.fixture(scope="module")
-def exports(request, tmp_path_factory):
-    plan = []
-    for item in request.session.items:
-        fn = getattr(item, "function", None)
-        if item.module is not request.module or not hasattr(fn, "exports"):
-            continue
-        params = item.callspec.params if hasattr(item, "callspec") else {}
-        plan += [k(params) if callable(k) else k for k in fn.exports]
-    ex = Exports(tmp_path_factory.mktemp("exports"), plan)
-    yield ex
-    ex.pool.shutdown(wait=True, cancel_futures=True)
+def exports(shared_exports):
+    return Exports(shared_exports)
 
 
 def raw_features(pipe: Pipeline, pixels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -394,14 +394,24 @@ def test_quick_gelu_fusion_leaves_other_gates_alone():
 
 # ------------------------------------------------------------------------------ exported models
 
+def _tiny_pair_exports():
+    from edgeclip.builtin import digit_labels
+
+    # builtin:tiny to ONNX FP32 with a baked head, fused (the artifact the runtime, INT8, OpenVINO and
+    # export tests read too) and unfused; exported once per session (conftest.py)
+    fused = {"model": "builtin:tiny", "target": "onnx", "precision": "fp32", "labels": digit_labels()}
+    return [fused, {**fused, "fuse": False}]
+
+
+SHARED_EXPORTS = {"tiny_pair": lambda shared: _tiny_pair_exports()}
+
+
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
+def tiny_pair(shared_exports):
     import edgeclip
 
-    root = tmp_path_factory.mktemp("fusions")
     model = edgeclip.load_model("builtin:tiny")
-    fused = edgeclip.export(model, out=root / "fused", labels=["zero", "one"])
-    plain = edgeclip.export(model, out=root / "plain", labels=["zero", "one"], fuse=False)
+    fused, plain = (shared_exports.get(spec) for spec in _tiny_pair_exports())
     return model, fused, plain
 
 

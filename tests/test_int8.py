@@ -3,7 +3,8 @@ the runtime. Every figure is measured on the written artifact with real ONNX Run
 the torch reference of the caller's model; the manifest's own numbers are only checked for presence
 and consistency.
 
-The ViT-B-32 case exports a random-weight B/32 (both towers) once per module (~1 min on 2 cores).
+The ViT-B-32 case exports a random-weight B/32 (both towers; ~1 min on 2 cores). The fixtures' exports run
+once per test session, in background processes started with the session (conftest.py).
 """
 from __future__ import annotations
 
@@ -53,14 +54,15 @@ def _ops(path) -> Counter:
 
 # ------------------------------------------------------------------------------ built-in model
 
+# builtin:tiny with the digit words baked in: FP32 (the artifact the runtime, OpenVINO, fusion and export
+# tests read too) and every INT8 recipe; exported once per session in background processes (conftest.py)
+TINY = {"fp32": {"model": "builtin:tiny", "target": "onnx", "precision": "fp32", "labels": builtin.digit_labels()}}
+TINY.update({recipe: {**TINY["fp32"], "precision": "int8", "recipe": recipe} for recipe in ALL_RECIPES})
+
+
 @pytest.fixture(scope="module")
-def tiny_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8-tiny")
-    arts = {"fp32": edgeclip.export("builtin:tiny", out=root / "fp32", labels=builtin.digit_labels())}
-    for recipe in ALL_RECIPES:
-        arts[recipe] = edgeclip.export("builtin:tiny", precision="int8", recipe=recipe, out=root / recipe,
-                                       labels=builtin.digit_labels())
-    return arts
+def tiny_artifacts(shared_exports):
+    return {name: shared_exports.get(spec) for name, spec in TINY.items()}
 
 
 @pytest.mark.parametrize("recipe", ALL_RECIPES)
@@ -211,13 +213,21 @@ def test_guard_failure_is_a_validation_error_with_a_report(tmp_path):
 
 # ------------------------------------------------------------------------ random-weight ViT-B-32
 
+def _b32_export(shared) -> tuple[dict, list[Path]]:
+    """(export spec, held-out images): random:ViT-B-32 (seed 0) to INT8, calibrated on synthetic data
+    written once per session."""
+    calib, held, caps = shared.once("int8-b32", lambda root: calibration_data(root, 224, images=48, held=12, caps=96))
+    return {"model": "random:ViT-B-32", "precision": "int8", "calib": calib, "calib_captions": caps}, held
+
+
+SHARED_EXPORTS = {"tiny_artifacts": list(TINY.values()), "b32": lambda shared: [_b32_export(shared)[0]]}
+
+
 @pytest.fixture(scope="module")
-def b32(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8-b32")
-    model = edgeclip.load_model("random:ViT-B-32", seed=0)
-    calib, held, caps = calibration_data(root, 224, images=48, held=12, caps=96)
-    art = edgeclip.export(model, precision="int8", calib=calib, calib_captions=caps, out=root / "int8")
-    return model, art, held, captions(16, 1)
+def b32(shared_exports):
+    spec, held = _b32_export(shared_exports)
+    model = edgeclip.load_model("random:ViT-B-32", seed=0)  # the torch reference
+    return model, shared_exports.get(spec), held, captions(16, 1)
 
 
 @pytest.mark.slow

@@ -61,16 +61,19 @@ def _features(model, spec, n=3):
             model.encode_text(torch.from_numpy(inputs["input_ids"])).numpy()
 
 
+# builtin:tiny with the digit words baked in: OpenVINO IR per precision, and ONNX FP32 (the artifact the
+# runtime, INT8, fusion and export tests read too); exported once per session in background processes
+# (conftest.py)
+_TINY = {"model": "builtin:tiny", "labels": builtin.digit_labels()}
+TINY = {p: {**_TINY, "target": "openvino", "precision": p} for p in ("fp32", "fp16", "int8")}
+TINY["w8a16"] = {**_TINY, "target": "openvino", "precision": "int8", "recipe": "w8a16"}
+TINY["onnx"] = {**_TINY, "target": "onnx", "precision": "fp32"}
+SHARED_EXPORTS = {"tiny": list(TINY.values())}
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ov-tiny")
-    labels = builtin.digit_labels()
-    arts = {p: edgeclip.export("builtin:tiny", target="openvino", precision=p, out=root / p, labels=labels)
-            for p in ("fp32", "fp16", "int8")}
-    arts["w8a16"] = edgeclip.export("builtin:tiny", target="openvino", precision="int8", recipe="w8a16",
-                                    out=root / "w8a16", labels=labels)
-    arts["onnx"] = edgeclip.export("builtin:tiny", target="onnx", out=root / "onnx", labels=labels)
-    return arts
+def tiny(shared_exports):
+    return {name: shared_exports.get(spec) for name, spec in TINY.items()}
 
 
 def test_fp32_ir_matches_torch_within_1e4_with_f32_forced(tiny):

@@ -18,7 +18,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-import edgeclip  # noqa: E402
 from edgeclip.builtin import digit_labels, heldout_dir  # noqa: E402
 from edgeclip.errors import (ArtifactError, ChecksumError, ImageDecodeError, InputError,  # noqa: E402
                              TextTooLongError)
@@ -26,12 +25,17 @@ from edgeclip.runtime.manifest import sha256_file  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline, Prediction  # noqa: E402
 
 
+# builtin:tiny exported to ONNX with the ten digit words baked in as a zero-shot head: the same
+# artifact the INT8, OpenVINO, fusion and export tests read, exported once per session (conftest.py)
+TINY_DIGITS = {"model": "builtin:tiny", "target": "onnx", "precision": "fp32", "labels": digit_labels()}
+SHARED_EXPORTS = {"artifact": [TINY_DIGITS]}
+
+
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    """builtin:tiny exported to ONNX with the ten digit words baked in as a zero-shot head."""
-    out = tmp_path_factory.mktemp("runtime") / "tiny-digits"
-    edgeclip.export("builtin:tiny", target="onnx", precision="fp32", out=out, labels=digit_labels())
-    return out
+def artifact(shared_exports) -> Path:
+    """builtin:tiny exported to ONNX with the ten digit words baked in as a zero-shot head (shared:
+    tests copy it before changing anything)."""
+    return shared_exports.path(TINY_DIGITS)
 
 
 @pytest.fixture(scope="module")
