@@ -184,6 +184,8 @@ class Head:
                 "classes": self.classes, "params": self.params, "info": self.info}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.npz")
+        from ..export.artifact import _json_default  # numpy scalars in fitting figures
+
         np.savez(tmp, __meta__=np.array(json.dumps(meta, default=_json_default)), **self.arrays)
         tmp.replace(path)
         return path
@@ -251,14 +253,6 @@ def mcm_score(cosines: np.ndarray, temperature: float = MCM_TEMPERATURE) -> np.n
 
 def _short(items: list, n: int = 6) -> str:
     return "[" + ", ".join(map(str, items[:n])) + (f", … ({len(items)} in all)" if len(items) > n else "") + "]"
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 RESERVED = {"image_embeds", "logits"}
