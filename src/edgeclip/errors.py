@@ -89,3 +89,35 @@ class UnknownHeadError(HeadError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks to run code or rebuild objects beyond tensors and plain containers."""
+
+
+class ImageSizeError(InputError):
+    """An image is empty, absurdly large or of an absurd aspect ratio: refused before any work."""
+
+
+class LabelError(InputError):
+    """Class labels are empty, not strings, or collide (differ only by case or whitespace)."""
+
+
+class TemplateError(InputError):
+    """A prompt template is malformed: it must hold exactly one '{}' placeholder."""
+
+
+class ManifestError(ArtifactError):
+    """A manifest field is missing, of the wrong type, out of range or unknown (names the field)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class DigestError(ArtifactError):
+    """An artifact's digest is not the one the app pinned."""
+
+
+class OutputPathError(ArtifactError):
+    """An export's --out names something that is not safe to write or replace."""
