@@ -94,6 +94,9 @@ def export(model, target: str = "onnx", precision: str | None = None, out=None, 
     require("torch", "exporting models")
     if out is None:
         raise EdgeClipError("export needs out=DIR, the artifact folder to write")
+    from .artifact import check_out
+
+    check_out(out, bool(options.get("overwrite", False)))  # before any work: a bad --out costs nothing
     if isinstance(model, str):
         from .. import load_model
 

@@ -1,16 +1,18 @@
 """`Pipeline`: an artifact folder -> embeddings, similarities and labels. numpy + one backend."""
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, InputError, TokenizerError
+from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError
 from .backends import backend_for_target, get_backend
-from .manifest import read_manifest, safe_path
+from .manifest import _check_files, load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor
 from .tokenizer import load_tokenizer
 
@@ -64,35 +66,49 @@ class Pipeline:
         p.classify("cat.jpg", labels=["cat", "dog"])
     """
 
+    TEXT_CACHE_SIZE = 64  # label sets whose class embeddings are kept (least recently used go first)
+
     def __init__(self, root: Path, manifest: dict, backend: str, threads: int | None,
-                 inference_precision: str | None = None):
-        self.root, self.manifest, self.threads = root, manifest, threads
+                 inference_precision: str | None = None, digest: str | None = None):
+        self.root, self.manifest, self.threads = root, manifest, check_threads(threads)
+        self.digest = digest
         self.backend_name = backend
         if inference_precision not in (None, "f32") and backend != "openvino":
             raise ArtifactError(f"backend '{backend}' runs float32 on CPU; inference_precision="
                                 f"'{inference_precision}' applies to the openvino backend only")
         self.inference_precision = inference_precision
-        self.preprocessor = Preprocessor.from_config(manifest["preprocess"])
+        try:
+            self.preprocessor = Preprocessor.from_config(manifest["preprocess"])
+        except EdgeClipError as e:
+            raise ManifestError(f"manifest field 'preprocess' is invalid: {e}", field="preprocess") from e
         self._backend_cls = get_backend(backend)
         self._graphs: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._tokenizer = None
-        self._text_cache: dict[tuple, np.ndarray] = {}
+        self._text_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.head = manifest.get("head")
 
     @classmethod
     def load(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-             inference_precision: str | None = None) -> "Pipeline":
-        """Open an artifact folder, verifying every file's checksum (verify=False skips hashing).
+             inference_precision: str | None = None, digest: str | None = None) -> "Pipeline":
+        """Open an artifact folder, verifying the manifest and every file's checksum (verify=False
+        skips hashing at load; each graph and the tokenizer are still checked as they are read).
 
-        `backend="auto"` runs the artifact with the backend it was made for (its manifest says which).
-        `inference_precision` (OpenVINO: f32 | bf16 | f16) overrides the device's default; OpenVINO
-        runs float32 models in bf16 on CPUs that support it unless told f32. `info()` says what ran."""
+        `digest="sha256:…"` (as `edgeclip export` and `inspect` print it) pins the exact artifact an
+        app shipped: any other manifest raises DigestError. `backend="auto"` runs the artifact with
+        the backend its target is made for. `inference_precision` (OpenVINO: f32 | bf16 | f16)
+        overrides the device's default; OpenVINO runs float32 models in bf16 on CPUs that support it
+        unless told f32. `info()` says what ran."""
         root = Path(path)
-        manifest = read_manifest(root, verify=verify)
+        check_threads(threads)
+        manifest, found = load_manifest(root, verify=verify, digest=digest)
+        expected = backend_for_target(manifest["target"])
         if backend == "auto":
-            backend = manifest.get("backend") or backend_for_target(manifest["target"])
-        p = cls(root, manifest, backend, threads, inference_precision)
+            backend = expected
+        elif backend != expected:
+            raise ArtifactError(f"a {manifest['target']} artifact runs on the '{expected}' backend, not "
+                                f"'{backend}'; pass backend='auto'")
+        p = cls(root, manifest, backend, threads, inference_precision, digest=found)
         p._graph("image")  # compile now: load errors surface at load time, not at first call
         return p
 
@@ -107,10 +123,24 @@ class Pipeline:
                     info = self.manifest["graphs"].get(name)
                     if info is None:
                         raise ArtifactError(f"this artifact has no {name} graph")
-                    g = self._backend_cls(safe_path(self.root, info["file"]), threads=self.threads,
-                                          **_backend_kwargs(info, self.inference_precision))
+                    g = self._open(info)
+                    check_signature(name, info, g)
                     self._graphs[name] = g
         return g
+
+    def _open(self, info: dict):
+        """A backend over the verified bytes of one graph (what runs is what was hashed)."""
+        path = safe_path(self.root, info["file"])
+        kw = _backend_kwargs(info, self.inference_precision)
+        if self.backend_name == "ort":
+            kw["data"] = read_verified(self.root, info["file"], self.manifest)
+        elif self.backend_name == "openvino":
+            kw["data"] = read_verified(self.root, info["file"], self.manifest)
+            kw["weights"] = read_verified(self.root, info["weights"], self.manifest) if info.get("weights") else None
+        else:  # a package folder (Core ML) loads from disk: check its files right before
+            prefix = info["file"].rstrip("/") + "/"
+            _check_files(self.root, {k: v for k, v in self.manifest["files"].items() if k.startswith(prefix)}, True)
+        return self._backend_cls(path, threads=self.threads, **kw)
 
     def info(self) -> dict:
         """What runs each loaded graph: backend, version, threads, the inference precision read back."""
@@ -122,7 +152,8 @@ class Pipeline:
             cfg = self.manifest["tokenizer"]
             if not cfg.get("file"):
                 raise TokenizerError("this artifact carries no tokenizer; pass token ids to encode_text instead")
-            tok = load_tokenizer(cfg["kind"], cfg["context_length"], safe_path(self.root, cfg["file"]))
+            tok = load_tokenizer(cfg["kind"], cfg["context_length"], safe_path(self.root, cfg["file"]),
+                                 data=read_verified(self.root, cfg["file"], self.manifest))
             with self._lock:
                 self._tokenizer = self._tokenizer or tok
         return self._tokenizer
@@ -203,11 +234,17 @@ class Pipeline:
 
         templates = check_templates(templates or (self.head or {}).get("templates") or DEFAULT_TEMPLATES)
         key = (tuple(labels), tuple(templates))
-        cached = self._text_cache.get(key)
-        if cached is None:
-            cached = class_embeddings(lambda prompts: self.encode_text(prompts, truncate=True), list(labels),
-                                      list(templates))
+        with self._lock:
+            cached = self._text_cache.get(key)
+            if cached is not None:
+                self._text_cache.move_to_end(key)
+                return cached
+        cached = class_embeddings(lambda prompts: self.encode_text(prompts, truncate=True), list(labels),
+                                  list(templates))
+        with self._lock:
             self._text_cache[key] = cached
+            while len(self._text_cache) > self.TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
         return cached
 
     def classify(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
@@ -269,6 +306,39 @@ class Pipeline:
         m = self.manifest
         return f"Pipeline({str(self.root)!r}, model={m['model']['name']}, target={m['target']}, " \
                f"precision={m['precision']}, backend={self.backend_name})"
+
+
+MAX_THREADS = 256
+
+
+def check_threads(threads) -> int | None:
+    """None (the backend's choice) or 1..max(4 x cores, 8), capped at MAX_THREADS."""
+    if threads is None:
+        return None
+    limit = min(MAX_THREADS, max(8, 4 * (os.cpu_count() or 1)))
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 1 <= threads <= limit:
+        raise InputError(f"threads must be an integer from 1 to {limit} on this machine ({os.cpu_count()} cores), "
+                         f"got {threads!r}; leave it unset to let the backend choose")
+    return int(threads)
+
+
+def check_signature(name: str, declared: dict, backend) -> None:
+    """The graph's own inputs and outputs must be the manifest's (names, dtypes, ranks): a graph swapped
+    for another (image for text, or a foreign model) fails here, at load, with the difference named."""
+    sig = getattr(backend, "signature", None)
+    if sig is None:
+        return
+    for kind in ("inputs", "outputs"):
+        want = {n: (t["dtype"], len(t["shape"])) for n, t in declared[kind].items()}
+        have = sig[kind]
+        if set(want) != set(have):
+            raise ArtifactError(f"graph '{name}' ({declared['file']}) has {kind} {sorted(have)}, the manifest "
+                                f"declares {sorted(want)}: the graph was swapped or the manifest edited; "
+                                "re-export the artifact")
+        for n, (dtype, rank) in want.items():
+            if have[n][0] != dtype or (have[n][1] is not None and have[n][1] != rank):
+                raise ArtifactError(f"graph '{name}' {kind[:-1]} '{n}' is {have[n][0]} of rank {have[n][1]}, the "
+                                    f"manifest declares {dtype} of rank {rank}; re-export the artifact")
 
 
 def _backend_kwargs(info: dict, inference_precision: str | None = None) -> dict:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import importlib
 
-from ...errors import EdgeClipError
+from ...errors import ArtifactError, EdgeClipError
+from ..schema import TARGET_BACKEND  # noqa: F401  (target -> the backend that runs its artifacts)
 
-# backend name -> module; target -> the backend that runs its artifacts
+# backend name -> module
 _BACKENDS = {"ort": "ort", "openvino": "openvino", "coreml": "coreml"}
-TARGET_BACKEND = {"onnx": "ort", "ort-mobile": "ort", "openvino": "openvino", "coreml": "coreml",
-                  "tensorrt": "tensorrt"}
 
 
 def backends() -> list[str]:
@@ -31,3 +30,15 @@ def get_backend(name: str):
         raise EdgeClipError(f"unknown backend '{name}'; available: {', '.join(backends())}")
     module = importlib.import_module(f"{__name__}.{_BACKENDS[name]}")
     return module.Backend
+
+
+def filtered_config(config: dict | None, allowed: dict, what: str) -> dict:
+    """Only the runtime options exports write, with the values they write: the manifest is untrusted,
+    and a library option can write files (ORT's node memory stats, OpenVINO's CACHE_DIR)."""
+    out = {}
+    for key, value in (config or {}).items():
+        if key not in allowed or str(value) not in allowed[key]:
+            raise ArtifactError(f"{what} option {key!r}={value!r} is not one edgeclip exports write "
+                                f"(allowed: {sorted(allowed) or 'none'}); refusing to pass it on")
+        out[str(key)] = str(value)
+    return out

@@ -13,6 +13,8 @@ import numpy as np
 
 from ..._lazy import require
 from ...errors import ArtifactError, EdgeClipError
+from ..schema import BACKEND_OPTIONS
+from . import filtered_config
 
 PRECISIONS = ("f32", "bf16", "f16")
 
@@ -38,26 +40,29 @@ class Backend:
     name = "openvino"
 
     def __init__(self, path, threads: int | None = None, device: str = "CPU",
-                 inference_precision: str | None = None, config: dict | None = None):
+                 inference_precision: str | None = None, config: dict | None = None,
+                 data: bytes | None = None, weights: bytes | None = None):
         """`inference_precision`: f32 | bf16 | f16, or None for the device's default.
-        `config`: extra OpenVINO properties the artifact asks for (manifest `graphs.<name>.ov_config`)."""
+        `config`: extra OpenVINO properties the artifact asks for (manifest `graphs.<name>.ov_config`;
+        only those exports write pass). `data`/`weights`: the IR's .xml and .bin bytes, already verified."""
         ov, core = _core()
         path = Path(path)
         if inference_precision is not None and inference_precision not in PRECISIONS:
             raise EdgeClipError(f"unknown inference precision '{inference_precision}'; use one of "
                                 f"{', '.join(PRECISIONS)}")
-        props = {"PERFORMANCE_HINT": "LATENCY", **{str(k): str(v) for k, v in (config or {}).items()}}
+        props = {"PERFORMANCE_HINT": "LATENCY", **filtered_config(config, BACKEND_OPTIONS["ov_config"], "OpenVINO")}
         if threads:
             props["INFERENCE_NUM_THREADS"] = str(int(threads))
         if inference_precision:
             props["INFERENCE_PRECISION_HINT"] = inference_precision
         try:
-            model = core.read_model(str(path))
+            model = core.read_model(str(path)) if data is None else core.read_model(data, weights or b"")
             self.compiled = core.compile_model(model, device, props)
         except Exception as e:  # OpenVINO raises RuntimeError with its own message for bad IR
             raise ArtifactError(f"OpenVINO cannot load {path}: {e}") from e
         self.input_names = [_name(p) for p in self.compiled.inputs]
         self.output_names = [_name(p) for p in self.compiled.outputs]
+        self.signature = {"inputs": _sig(self.compiled.inputs), "outputs": _sig(self.compiled.outputs)}
         self.info = {"backend": "openvino", "version": ov.__version__, "device": device,
                      "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
                      "inference_precision": precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))}
@@ -72,3 +77,15 @@ class Backend:
 def _name(port) -> str:
     names = port.get_names()
     return port.get_any_name() if names else str(port.get_index())
+
+
+_DTYPES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32"}
+
+
+def _sig(ports) -> dict:
+    out = {}
+    for p in ports:
+        rank = p.get_partial_shape().rank
+        t = p.get_element_type().get_type_name()
+        out[_name(p)] = (_DTYPES.get(t, t), rank.get_length() if rank.is_static else None)
+    return out
