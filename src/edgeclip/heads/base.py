@@ -14,18 +14,34 @@ they normalize them first is each kind's own convention (a parameter where layou
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import operator
+import os
 import re
+import stat
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from ..errors import HeadError, HeadShapeError, UnknownHeadError
+from ..errors import HeadError, HeadShapeError, LabelError, UnknownHeadError
 
 FORMAT = "edgeclip-head"
 FORMAT_VERSION = 1
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+# A head name becomes an artifact output (`logits_<name>`, `mcm_<name>`) and part of file names:
+# an identifier, nothing a path or a graph could misread. fullmatch: '$' would accept a trailing '\n'.
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+META_KEYS = {"format", "format_version", "kind", "name", "classes", "params", "info"}
+
+# Head files are untrusted. Bounds far above real heads (a 1000-class, 16-shot Tip-Adapter cache at
+# E=1024 is 64 MiB) and far below what would exhaust memory.
+MAX_HEAD_FILE_BYTES = 1 << 30          # on disk, and uncompressed in all for an .npz
+MAX_NPZ_MEMBERS = 256
+MEMBER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")   # no folders, no '..', no odd characters
 
 KINDS: dict[str, type["HeadKind"]] = {}
 
@@ -38,10 +54,13 @@ def register_kind(cls: type["HeadKind"]) -> type["HeadKind"]:
 def get_kind(kind: str) -> type["HeadKind"]:
     from . import kinds  # noqa: F401  (registers the built-in kinds)
 
+    if not isinstance(kind, str):
+        raise HeadError(f"head kind must be a string, got {type(kind).__name__} {kind!r:.60}; "
+                        f"known kinds: {', '.join(sorted(KINDS))}")
     try:
         return KINDS[kind]
     except KeyError:
-        raise HeadError(f"unknown head kind '{kind}'; known kinds: {', '.join(sorted(KINDS))}") from None
+        raise HeadError(f"unknown head kind {kind!r:.80}; known kinds: {', '.join(sorted(KINDS))}") from None
 
 
 class HeadKind:
@@ -79,28 +98,12 @@ class Head:
     def __post_init__(self):
         k = get_kind(self.kind)
         check_name(self.name)
-        self.classes = [str(c) for c in self.classes]
-        if not self.classes:
-            raise HeadError(f"head '{self.name}' has no classes")
-        if len(set(self.classes)) != len(self.classes):
-            dup = sorted({c for c in self.classes if self.classes.count(c) > 1})
-            raise HeadError(f"head '{self.name}' lists a class twice: {', '.join(dup)}")
-        unknown = set(self.arrays) - set(k.arrays) - set(k.optional)
-        if unknown:
-            raise HeadError(f"a '{self.kind}' head has no array(s) {', '.join(sorted(unknown))}; "
-                            f"it holds {', '.join(list(k.arrays) + list(k.optional))}")
-        missing = [a for a in k.arrays if a not in self.arrays]
-        if missing:
-            raise HeadError(f"a '{self.kind}' head needs array(s) {', '.join(missing)}")
-        self.arrays = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in self.arrays.items()}
-        bad = [n for n, a in self.arrays.items() if not np.isfinite(a).all()]
-        if bad:
-            raise HeadError(f"head '{self.name}': array(s) {', '.join(bad)} hold NaN or infinite values")
-        unknown = set(self.params) - set(k.params)
-        if unknown:
-            raise HeadError(f"a '{self.kind}' head has no parameter(s) {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(k.params) or '(none)'}")
-        self.params = {**k.params, **{n: float(v) for n, v in self.params.items()}}
+        self.classes = _check_classes(self.name, self.classes)
+        self.arrays = _check_arrays(self.name, k, self.arrays)
+        self.params = {**k.params, **_check_params(self.name, k, self.params)}
+        if not isinstance(self.info, dict):
+            raise HeadError(f"head '{self.name}': field 'info' must be a dict (JSON object), "
+                            f"got {type(self.info).__name__}")
         self.embed_dim = self._check_shapes()
 
     # ------------------------------------------------------------------------------- shapes
@@ -119,6 +122,9 @@ class Head:
             if a.ndim != len(shape):
                 raise HeadShapeError(f"head '{self.name}': tensor '{name}' has shape {a.shape}, expected "
                                      f"{len(shape)}-D ({', '.join(shape)})")
+            if a.size == 0:
+                raise HeadShapeError(f"head '{self.name}': tensor '{name}' has shape {a.shape}, an empty "
+                                     f"dimension; expected ({', '.join(shape)}) with every size at least 1")
             for sym, got in zip(shape, a.shape):
                 want = sizes.setdefault(sym, got)
                 if want != got:
@@ -130,6 +136,10 @@ class Head:
 
     def check(self, embed_dim: int, model: str = "", classes=None) -> "Head":
         """Check against a model's embedding width (and a class list); returns self."""
+        try:
+            embed_dim = operator.index(embed_dim)
+        except TypeError:
+            raise HeadError(f"embedding width must be an integer, got {type(embed_dim).__name__}") from None
         self._check_shapes(embed_dim, model)
         if classes is not None and list(classes) != self.classes:
             raise HeadShapeError(f"head '{self.name}' has classes {_short(self.classes)}, expected "
@@ -153,16 +163,25 @@ class Head:
 
     def logits(self, feats: np.ndarray) -> np.ndarray:
         """numpy reference: (N, E) image features (as the image tower returns them) -> (N, C) float32."""
-        feats = np.asarray(feats, dtype=np.float64)
-        if feats.ndim != 2 or feats.shape[1] != self.embed_dim:
-            raise HeadShapeError(f"head '{self.name}' takes (N, {self.embed_dim}) features, got {feats.shape}")
+        feats = self._features(feats)
         return np.asarray(get_kind(self.kind).logits(self, feats), dtype=np.float32)
 
     def mcm(self, feats: np.ndarray) -> np.ndarray | None:
         """Maximum concept matching: max softmax of the zero-shot cosines / T (None without text weights)."""
         if not self.has_text:
             return None
-        return mcm_score(normalize(np.asarray(feats, np.float64)) @ normalize(self.arrays["text_weights"]).T)
+        feats = self._features(feats)
+        return mcm_score(normalize(feats) @ normalize(self.arrays["text_weights"].astype(np.float64)).T)
+
+    def _features(self, feats) -> np.ndarray:
+        try:
+            feats = np.asarray(feats, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise HeadShapeError(f"head '{self.name}' takes a numeric (N, {self.embed_dim}) array of features, "
+                                 f"got {type(feats).__name__}") from None
+        if feats.ndim != 2 or feats.shape[1] != self.embed_dim:
+            raise HeadShapeError(f"head '{self.name}' takes (N, {self.embed_dim}) features, got {feats.shape}")
+        return feats
 
     def module(self):
         """A torch module: (N, E) features -> (N, C) logits, the same maths as `logits`."""
@@ -182,52 +201,266 @@ class Head:
             path = path.with_name(path.name + ".npz")
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind, "name": self.name,
                 "classes": self.classes, "params": self.params, "info": self.info}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
         from ..export.artifact import _json_default  # numpy scalars in fitting figures
 
-        np.savez(tmp, __meta__=np.array(json.dumps(meta, default=_json_default)), **self.arrays)
+        try:
+            text = json.dumps(meta, default=_json_default)
+        except (TypeError, ValueError) as e:
+            raise HeadError(f"head '{self.name}': field 'info' cannot be written as JSON ({e})") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, __meta__=np.array(text), **self.arrays)
         tmp.replace(path)
         return path
 
 
-def load_head(path, name: str | None = None) -> Head:
-    """Read a head written by `Head.save` (or `edgeclip heads fit/import`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise HeadError(f"head file not found: {path}")
+# ------------------------------------------------------------------------------ field checks
+
+def _check_classes(name: str, classes) -> list[str]:
+    from .zero_shot import parse_labels
+
+    if isinstance(classes, str):  # list("abc") would make three classes of one word
+        raise HeadError(f"head '{name}': field 'classes' must be a list of strings, got a single string "
+                        f"{classes!r:.60}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:  # zip/npy errors of every flavour
-        raise HeadError(f"{path} is not a readable .npz head file ({type(e).__name__}: {e})") from e
-    if "__meta__" not in data:
-        raise HeadError(f"{path} is an .npz without edgeclip head metadata (arrays: {', '.join(data) or 'none'}); "
-                        "convert it with `edgeclip heads import` (e.g. --kind linear for coef_/intercept_)")
-    try:
-        meta = json.loads(str(data.pop("__meta__")))
-    except json.JSONDecodeError as e:
-        raise HeadError(f"{path}: head metadata is not valid JSON ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise HeadError(f"{path} is not an edgeclip head file (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise HeadError(f"{path} is head format {meta['format_version']}; this edgeclip reads up to "
-                        f"{FORMAT_VERSION}: upgrade edgeclip")
-    return Head(meta["kind"], name or meta["name"], meta["classes"], data, meta.get("params", {}),
-                meta.get("info", {}))
+        return parse_labels(classes, "class")
+    except LabelError as e:
+        raise HeadError(f"head '{name}': field 'classes': {e}") from None
+
+
+def _check_arrays(name: str, k: type[HeadKind], arrays) -> dict:
+    if not isinstance(arrays, dict) or not all(isinstance(n, str) for n in arrays):
+        raise HeadError(f"head '{name}': arrays must be a dict of name -> array, got {type(arrays).__name__}")
+    unknown = set(arrays) - set(k.arrays) - set(k.optional)
+    if unknown:
+        raise HeadError(f"a '{k.kind}' head has no array(s) {', '.join(sorted(unknown))}; "
+                        f"it holds {', '.join(list(k.arrays) + list(k.optional))}")
+    missing = [a for a in k.arrays if a not in arrays]
+    if missing:
+        raise HeadError(f"a '{k.kind}' head needs array(s) {', '.join(missing)}")
+    out = {}
+    for n, a in arrays.items():
+        try:
+            a = np.asarray(a)
+        except (TypeError, ValueError) as e:
+            raise HeadError(f"head '{name}': tensor '{n}' is not an array ({e})") from None
+        if a.dtype.kind not in "fiu":
+            raise HeadError(f"head '{name}': tensor '{n}' has dtype {a.dtype}; a head's arrays hold real numbers "
+                            "(float32, float64, float16)")
+        with np.errstate(over="ignore"):  # values beyond float32's range become inf: refused below
+            out[n] = np.ascontiguousarray(a, dtype=np.float32)
+    bad = [n for n, a in out.items() if not np.isfinite(a).all()]
+    if bad:
+        raise HeadError(f"head '{name}': tensor(s) {', '.join(bad)} hold NaN or infinite values "
+                        "(or values beyond float32's range)")
+    return out
+
+
+def check_number(field_name: str, value, head: str = "") -> float:
+    """A finite real number (bool counts as 0/1) as a float, else HeadError naming the field."""
+    where = f"head '{head}': " if head else ""
+    if not isinstance(value, (numbers.Real, np.bool_)):
+        raise HeadError(f"{where}parameter '{field_name}' must be a number, got {type(value).__name__} "
+                        f"{value!r:.60}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise HeadError(f"{where}parameter '{field_name}' must be a finite number, got {v}")
+    return v
+
+
+def _check_params(name: str, k: type[HeadKind], params) -> dict:
+    if not isinstance(params, dict):
+        raise HeadError(f"head '{name}': field 'params' must be a dict (JSON object) of name -> number, "
+                        f"got {type(params).__name__}")
+    unknown = [str(p) for p in params if p not in k.params]
+    if unknown:
+        raise HeadError(f"a '{k.kind}' head has no parameter(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(k.params) or '(none)'}")
+    return {n: check_number(n, v, name) for n, v in params.items()}
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise HeadError(f"head name {name!r} must start with a letter and hold only letters, digits and '_' "
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise HeadError(f"head name {name!r:.80} must start with a letter and hold only letters, digits and '_' "
                         "(at most 64): it names the artifact's output")
     return name
 
 
+# ---------------------------------------------------------------------------------- reading files
+
+def regular_file(path, what: str = "head file") -> Path:
+    """`path` as a Path if it is a regular file of at most MAX_HEAD_FILE_BYTES, else HeadError."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise HeadError(f"{what} must be a path, got {type(path).__name__}")
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise HeadError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise HeadError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise HeadError(f"{what} {path} is not a regular file (a folder, FIFO or device); pass a head file")
+    if st.st_size > MAX_HEAD_FILE_BYTES:
+        raise HeadError(f"{what} {path} is {st.st_size / 2**20:.0f} MiB; heads of more than "
+                        f"{MAX_HEAD_FILE_BYTES >> 20} MiB are refused")
+    return path
+
+
+class Npz:
+    """An .npz read without numpy's loader: member names, sizes and dtypes are checked before any
+    array is allocated (np.load trusts the .npy header's shape and would allocate what it says)."""
+
+    def __init__(self, path: Path, zf: zipfile.ZipFile):
+        self.path, self._zf = path, zf
+        self.members: dict[str, zipfile.ZipInfo] = {}
+        infos = zf.infolist()
+        if len(infos) > MAX_NPZ_MEMBERS:
+            raise HeadError(f"{path} holds {len(infos)} arrays; at most {MAX_NPZ_MEMBERS} are read")
+        for info in infos:
+            stem = info.filename[:-4] if info.filename.endswith(".npy") else None
+            if stem is None or info.is_dir() or not MEMBER_RE.fullmatch(stem):
+                raise HeadError(f"{path}: member {info.filename!r:.80} is not an array name of an .npz "
+                                "(NAME.npy, letters, digits, '_', '.', '-')")
+            if stem in self.members:
+                raise HeadError(f"{path}: array '{stem}' is stored twice")
+            if info.flag_bits & 0x1:
+                raise HeadError(f"{path}: array '{stem}' is encrypted")
+            self.members[stem] = info
+        total = sum(i.file_size for i in infos)
+        if total > MAX_HEAD_FILE_BYTES:
+            raise HeadError(f"{path} declares {total / 2**20:.0f} MiB of arrays uncompressed; heads of more "
+                            f"than {MAX_HEAD_FILE_BYTES >> 20} MiB are refused")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.members)
+
+    def read(self, name: str, kinds: str = "f") -> np.ndarray:
+        """Array `name`, whose dtype kind must be one of `kinds` (numpy's codes: f float, U text, ...)."""
+        try:
+            return self._read(self.members[name], name, kinds)
+        except HeadError:
+            raise
+        except Exception as e:  # zip/zlib/npy-header errors of every flavour
+            raise HeadError(f"{self.path}: array '{name}' is unreadable ({type(e).__name__}: {e})") from e
+
+    def _read(self, info: zipfile.ZipInfo, name: str, kinds: str) -> np.ndarray:
+        with self._zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise HeadError(f"{self.path}: array '{name}' is .npy format {version}; expected 1.0 or 2.0")
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(f)
+            if any(d < 0 for d in shape):
+                raise HeadError(f"{self.path}: array '{name}' declares a negative size in its shape {shape}")
+            _check_dtype(self.path, name, dtype, kinds)
+            count = math.prod(shape)
+            nbytes = count * dtype.itemsize
+            if nbytes != info.file_size - f.tell():
+                raise HeadError(f"{self.path}: array '{name}' declares shape {shape} of {dtype} ({nbytes} bytes) "
+                                f"but holds {info.file_size - f.tell()} bytes")
+            buf = bytearray(nbytes)
+            view, got = memoryview(buf), 0
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got != nbytes or f.read(1):  # the extra read also makes zipfile check the CRC
+                raise HeadError(f"{self.path}: array '{name}' holds a different amount of data than it declares")
+        return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+
+
+_DTYPE_WORDS = {"f": "floating point", "U": "text", "S": "bytes", "i": "integer", "u": "unsigned integer",
+                "b": "boolean"}
+
+
+def _check_dtype(path, name: str, dtype: np.dtype, kinds: str) -> None:
+    if dtype.hasobject:
+        raise HeadError(f"{path}: array '{name}' is an object array (pickled Python objects); refused: "
+                        "save plain numeric arrays (and class names as strings)")
+    if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in kinds:
+        want = " or ".join(_DTYPE_WORDS.get(k, k) for k in kinds)
+        raise HeadError(f"{path}: array '{name}' has dtype {dtype}; expected {want}"
+                        + (" (float16, float32 or float64)" if kinds == "f" else ""))
+
+
+@contextmanager
+def open_npz(path, what: str = "head file"):
+    """An `Npz` of a regular, bounded file; HeadError if it is not a readable zip."""
+    path = regular_file(path, what)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise HeadError(f"{path} is not a readable .npz {what} ({type(e).__name__}: {e})") from None
+    with zf:
+        yield Npz(path, zf)
+
+
+def load_head(path, name: str | None = None) -> Head:
+    """Read a head written by `Head.save` (or `edgeclip heads fit/import`)."""
+    with open_npz(path) as z:
+        path = z.path
+        if "__meta__" not in z.members:
+            raise HeadError(f"{path} is an .npz without edgeclip head metadata (arrays: "
+                            f"{', '.join(z.names) or 'none'}); convert it with `edgeclip heads import` "
+                            "(e.g. --kind linear for coef_/intercept_)")
+        meta = _read_meta(z)
+        k = get_kind(meta["kind"])
+        allowed = set(k.arrays) | set(k.optional)
+        unknown = sorted(set(z.names) - allowed - {"__meta__"})
+        if unknown:  # refused before reading: nothing unexpected is allocated
+            raise HeadError(f"{path}: a '{k.kind}' head has no array(s) {', '.join(unknown)}; "
+                            f"it holds {', '.join(list(k.arrays) + list(k.optional))}")
+        data = {n: z.read(n, "f") for n in z.names if n != "__meta__"}
+    try:
+        return Head(meta["kind"], meta["name"] if name is None else name, meta["classes"], data,
+                    meta.get("params", {}), meta.get("info", {}))
+    except HeadError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def _read_meta(z: Npz) -> dict:
+    path = z.path
+    raw = z.read("__meta__", "U")
+    if raw.ndim != 0:
+        raise HeadError(f"{path}: head metadata must be one JSON string, got an array of shape {raw.shape}")
+    try:
+        meta = json.loads(str(raw))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, nesting too deep
+        raise HeadError(f"{path}: head metadata is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise HeadError(f"{path}: head metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise HeadError(f"{path} is not an edgeclip head file (format {meta.get('format')!r:.80})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise HeadError(f"{path}: field 'format_version' must be a positive integer, got {version!r:.40}")
+    if version > FORMAT_VERSION:
+        raise HeadError(f"{path} is head format {version}; this edgeclip reads up to {FORMAT_VERSION}: "
+                        "upgrade edgeclip")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:
+        raise HeadError(f"{path}: unknown metadata field(s) {', '.join(map(repr, unknown))}; "
+                        f"a head file holds {', '.join(sorted(META_KEYS))}")
+    want = {"kind": str, "name": str, "classes": list, "params": dict, "info": dict}
+    for key, typ in want.items():
+        if key not in meta and key in ("params", "info"):
+            continue
+        if key not in meta:
+            raise HeadError(f"{path}: head metadata lacks the field '{key}'")
+        if not isinstance(meta[key], typ):
+            word = {str: "a string", list: "a list", dict: "an object"}[typ]
+            raise HeadError(f"{path}: field '{key}' must be {word}, got {type(meta[key]).__name__} "
+                            f"{meta[key]!r:.60}")
+    return meta
+
+
 def select(heads: dict, name: str | None):
     """The entry `name` of a {name: ...} mapping, with an error that lists the names there are."""
-    if name not in heads:
-        raise UnknownHeadError(f"no head named {name!r} in this artifact; it has: "
+    if not isinstance(name, str) or name not in heads:
+        raise UnknownHeadError(f"no head named {name!r:.80} in this artifact; it has: "
                                f"{', '.join(heads) or 'no heads (export with --head FILE or --labels)'}")
     return heads[name]
 
@@ -265,10 +498,12 @@ def resolve(items, embed_dim: int, model: str = "") -> list[Head]:
     for item in items or ():
         if isinstance(item, Head):
             head = item
+        elif not isinstance(item, (str, os.PathLike)):
+            raise HeadError(f"a head is a Head, a head file or NAME=FILE, got {type(item).__name__}")
         else:
-            text = str(item)
+            text = os.fspath(item)
             name, sep, file = text.partition("=")
-            if sep and NAME_RE.match(name) and not Path(text).exists():
+            if sep and NAME_RE.fullmatch(name) and not Path(text).exists():
                 head = load_head(file, name=name)
             else:
                 head = load_head(text)

@@ -15,14 +15,14 @@ from itertools import product
 import numpy as np
 
 from ..errors import HeadError
-from .base import Head, normalize, softmax
+from .base import Head, check_number, normalize, softmax
 
 FIT_KINDS = ("zero_shot", "linear", "tip_adapter", "gda")
 ALIASES = {"tip": "tip_adapter", "zeroshot": "zero_shot", "zero-shot": "zero_shot", "probe": "linear"}
 
 
 def kind_name(kind: str) -> str:
-    k = ALIASES.get(kind, kind)
+    k = ALIASES.get(kind, kind) if isinstance(kind, str) else None
     if k not in FIT_KINDS:
         raise HeadError(f"cannot fit a '{kind}' head; fit kinds: linear, tip (tip_adapter), gda, zero_shot "
                         "(residual adapters and fine-tuned Tip-Adapter caches are imported: edgeclip heads import)")
@@ -60,9 +60,25 @@ def shift_views(image: np.ndarray, n: int) -> list[np.ndarray]:
     return out
 
 
+MAX_AUGMENT = 8   # shift_views has eight fixed moves
+
+
+def check_int(field_name: str, value, low: int, high: int | None = None, flag: str = "") -> int:
+    """`value` as an int in [low, high], else HeadError naming the argument (and its CLI flag)."""
+    name = f"{field_name} ({flag})" if flag else field_name
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise HeadError(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}")
+    if value < low or (high is not None and value > high):
+        rng = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise HeadError(f"{name} must be {rng}, got {value}")
+    return int(value)
+
+
 def sample_shots(targets: np.ndarray, classes: list, shots: int | None, seed: int) -> np.ndarray:
     """Indices of `shots` images per class (all when None), a seeded sample, in class order."""
-    rng = np.random.default_rng(seed)
+    if shots is not None:
+        shots = check_int("shots", shots, 1, flag="--shots")
+    rng = np.random.default_rng(check_int("seed", seed, 0, flag="--seed"))
     out = []
     for c, name in enumerate(classes):
         idx = np.flatnonzero(targets == c)
@@ -80,6 +96,15 @@ def encode_folder(encode, root, labels=None, shots: int | None = None, seed: int
     from ..bench.fidelity import read_eval
     from ..runtime.preprocess import load_image
 
+    # arguments first: a bad one fails before a folder is listed or an image decoded
+    if shots is not None:
+        check_int("shots", shots, 1, flag="--shots")
+    check_int("seed", seed, 0, flag="--seed")
+    augment = check_int("augment", augment, 0, MAX_AUGMENT, flag="--augment")
+    if labels is not None:
+        from .zero_shot import parse_labels
+
+        labels = parse_labels(labels, "class")
     ev = read_eval(root, labels, what=what)
     pick = sample_shots(np.asarray(ev.targets), ev.classes, shots, seed)
     files = [ev.files[i] for i in pick]
@@ -98,13 +123,46 @@ def fit(kind: str, data: FitData, text_weights: np.ndarray, scale: float, name: 
     fitter = {"linear": _fit_linear, "tip_adapter": _fit_tip, "gda": _fit_gda}.get(kind)
     if fitter is None:
         raise HeadError("zero-shot heads are built from class names, not images: use zero_shot_head()")
-    text_weights = np.asarray(text_weights, np.float64)
+    _check_data(data)
+    try:
+        text_weights = np.asarray(text_weights, np.float64)
+    except (TypeError, ValueError):
+        raise HeadError(f"zero-shot weights must be a numeric (C, E) array, got {type(text_weights).__name__}") \
+            from None
     if text_weights.shape != (len(data.classes), data.feats.shape[-1]):
         raise HeadError(f"zero-shot weights have shape {text_weights.shape}, expected "
                         f"({len(data.classes)}, {data.feats.shape[-1]})")
-    arrays, params, cv = fitter(data, text_weights, float(scale))
+    if not np.isfinite(text_weights).all():
+        raise HeadError("zero-shot weights hold NaN or infinite values")
+    scale = check_number("scale", scale)
+    if scale <= 0:
+        raise HeadError(f"the logit scale must be positive, got {scale}")
+    arrays, params, cv = fitter(data, text_weights, scale)
     info = {**data.info, "fit": cv}
     return Head(kind, name or _default_name(kind), data.classes, arrays, params, info)
+
+
+def _check_data(data) -> None:
+    """FitData that fitting can use: (N, V, E) finite features, labels of every class, one shot at least."""
+    if not isinstance(data, FitData):
+        raise HeadError(f"fitting takes the FitData of encode_folder(...), got {type(data).__name__}")
+    feats, labels = np.asarray(data.feats), np.asarray(data.labels)
+    if feats.ndim != 3 or feats.shape[0] == 0 or 0 in feats.shape or feats.dtype.kind != "f":
+        raise HeadError(f"fit data features have shape {feats.shape} ({feats.dtype}), expected a float "
+                        "(N, views, E) array with at least one image; encode a folder with encode_folder")
+    if labels.shape != (feats.shape[0],) or labels.dtype.kind not in "iu":
+        raise HeadError(f"fit data labels have shape {labels.shape} ({labels.dtype}), expected ({feats.shape[0]},) "
+                        "integers")
+    n = len(data.classes)
+    if n < 2 or labels.min() < 0 or labels.max() >= n:
+        raise HeadError(f"fit data labels must index {n} classes (at least two), got labels "
+                        f"{labels.min()}..{labels.max()}")
+    empty = [data.classes[c] for c in range(n) if not (labels == c).any()]
+    if empty:
+        raise HeadError(f"class(es) {', '.join(map(str, empty[:5]))} have no images in the fit data; every class "
+                        "needs at least one shot")
+    if not np.isfinite(feats).all():
+        raise HeadError("fit data features hold NaN or infinite values; check the encoder")
 
 
 def _default_name(kind: str) -> str:

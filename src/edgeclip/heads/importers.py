@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HeadError, HeadShapeError
-from .base import Head, load_head, normalize
+from .base import Head, load_head, normalize, open_npz, regular_file
 
 LAYOUTS = {
     "linear": "nn.Linear / linear probe: weight (C, E) and bias (C,), any prefix (e.g. fc.weight); or an "
@@ -25,28 +25,39 @@ LAYOUTS = {
     "tip_adapter": "Tip-Adapter cache: cache_keys (E, K) or (K, E) and cache_values (K, C); Tip-Adapter-F: "
                    "plus the fine-tuned keys adapter.weight (K, E)",
 }
+# A field with one of these names is read as a tensor by some layout: a non-tensor there is an error,
+# not a field to skip (elsewhere numbers and strings, e.g. an epoch count, are skipped).
+TENSOR_NAMES = {"weight", "bias", "coef_", "intercept_", "cache_keys", "cache_values", "keys", "values"}
+MAX_DEPTH = 32           # state dicts nest a few levels (model.adapter.fc.0.weight)
+MAX_TENSORS = 100_000
 
 
 def read_tensors(path) -> dict:
-    """{name: float array} from a torch file, .npz or .safetensors; nested dicts are flattened."""
-    path = Path(path)
-    if not path.is_file():
-        raise HeadError(f"head file not found: {path}")
+    """{name: array} from a torch file, .npz or .safetensors; nested dicts are flattened.
+
+    Arrays keep their dtype (float, integer, boolean; text for scikit-learn's classes_): a layout
+    checks the ones it uses (`_float`). Files are bounded in size; torch files load weights only.
+    """
+    path = regular_file(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except Exception as e:
-            raise HeadError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from e
+        with open_npz(path) as z:
+            return {n: z.read(n, "fiubUS") for n in z.names}
     if suffix == ".safetensors":
+        from .._lazy import require
+
+        require("safetensors", "importing .safetensors heads")
         from safetensors.numpy import load_file
 
         try:
-            return dict(load_file(str(path)))
-        except Exception as e:
+            tensors = dict(load_file(str(path)))
+        except Exception as e:  # header, dtype (bf16 has no numpy type) and offset errors
             raise HeadError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})") from e
-    return _flatten(_torch_load(path))
+        for n, a in tensors.items():
+            if a.dtype.kind not in "fiub":
+                raise HeadError(f"{path}: tensor '{n}' has dtype {a.dtype}; a head's tensors are floating point")
+        return tensors
+    return _flatten(path, _torch_load(path))
 
 
 def _torch_load(path: Path):
@@ -58,27 +69,78 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals([torch.nn.Linear, torch.nn.Sequential, torch.nn.ReLU]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:200]
         raise HeadError(f"{path} could not be read as a weights-only torch file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); save the state dict: torch.save(module.state_dict(), ...)") \
-            from e
+                        f"{first}); save the state dict: torch.save(module.state_dict(), ...)") from e
 
 
-def _flatten(obj, prefix: str = "") -> dict:
+def _flatten(path: Path, obj) -> dict:
+    """{dotted name: numpy array} of every tensor in a (nested) state dict; refuses cycles, deep nesting,
+    non-tensor values under tensor names and tensors numpy cannot hold."""
     from .._lazy import require
 
     torch = require("torch", "importing heads saved with torch.save")
+    out: dict = {}
+    _walk(path, torch, obj, "", out, set(), 0)
+    return out
+
+
+def _walk(path, torch, obj, prefix: str, out: dict, stack: set, depth: int) -> None:
+    where = prefix.rstrip(".") or "(the file itself)"
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
-    if isinstance(obj, torch.Tensor):
-        return {prefix.rstrip(".") or "tensor": obj.detach().float().cpu().numpy()}
-    if isinstance(obj, np.ndarray):
-        return {prefix.rstrip(".") or "tensor": obj}
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {}  # numbers, strings, optimizer states' scalars: not tensors of a head
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        if len(out) >= MAX_TENSORS:
+            raise HeadError(f"{path} holds more than {MAX_TENSORS} tensors; a head file holds a few")
+        out[prefix.rstrip(".") or "tensor"] = _numpy(path, torch, obj, where)
+        return
+    if isinstance(obj, (dict, list, tuple)):
+        if id(obj) in stack:
+            raise HeadError(f"{path}: field '{where}' contains itself (a cyclic structure); save a plain state dict")
+        if depth >= MAX_DEPTH:
+            raise HeadError(f"{path}: field '{where}' is nested more than {MAX_DEPTH} levels deep; "
+                            "save a plain state dict")
+        stack.add(id(obj))
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for k, v in items:
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise HeadError(f"{path}: field '{where}' has a key of type {type(k).__name__}; "
+                                "state dict keys are strings")
+            _walk(path, torch, v, f"{prefix}{k}.", out, stack, depth + 1)
+        stack.discard(id(obj))
+        return
+    if prefix.rstrip(".").rsplit(".", 1)[-1] in TENSOR_NAMES:
+        raise HeadError(f"{path}: field '{where}' is a {type(obj).__name__}, not a tensor")
+    # anything else (epoch counts, strings, dtypes, sizes) is not part of a head: skipped
+
+
+def _numpy(path, torch, t, where: str) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        if t.dtype.hasobject:
+            raise HeadError(f"{path}: field '{where}' is an object array; save numeric tensors")
+        return t
+    if t.layout != torch.strided or t.is_quantized:
+        raise HeadError(f"{path}: tensor '{where}' is {'quantized' if t.is_quantized else 'sparse'}; "
+                        "save a dense float tensor (t.dequantize() / t.to_dense())")
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        t = t.float()
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError) as e:
+        raise HeadError(f"{path}: tensor '{where}' of dtype {t.dtype} cannot be read ({e})") from None
+
+
+def _float(path, tensors: dict, name: str) -> np.ndarray:
+    """Tensor `name` as float64, refusing integer, boolean, complex and non-finite tensors by name."""
+    a = np.asarray(tensors[name])
+    if a.dtype.kind != "f":
+        raise HeadError(f"{path}: tensor '{name}' has dtype {a.dtype}; a head's weights are floating point "
+                        "(convert with .float() or .astype(np.float32) before saving)")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise HeadError(f"{path}: tensor '{name}' holds NaN or infinite values")
+    return a
 
 
 def _find(tensors: dict, *suffixes, ndim: int | None = None) -> str | None:
@@ -106,57 +168,64 @@ def detect(tensors: dict) -> str | None:
     return None
 
 
+KIND_ALIASES = {"tip": "tip_adapter", "adapter": "residual_adapter", "clip_adapter": "residual_adapter"}
+
+
 def import_head(src, kind: str | None = None, classes=None, *, embed_dim: int | None = None,
                 text_weights: np.ndarray | None = None, scale: float | None = None, name: str | None = None,
                 params: dict | None = None, model: str = "") -> Head:
     """A Head from a trained file. `text_weights` (C, E) and `scale` (zero-shot class embeddings and
     logit scale, e.g. from `zero_shot_head`) are needed by residual adapters and Tip-Adapter caches."""
-    path = Path(src)
-    if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                native = "__meta__" in z.files
-        except Exception as e:
-            raise HeadError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from e
+    path = regular_file(src)
+    if path.suffix.lower() == ".npz":
+        with open_npz(path) as z:
+            native = "__meta__" in z.members
         if native:
             head = load_head(path, name=name)
             if embed_dim is not None:
-                head.check(embed_dim, model, classes)
+                head.check(embed_dim, model)
+            if classes is not None:
+                head.check(head.embed_dim, model, classes)
             return head
     tensors = read_tensors(path)
     if not tensors:
         raise HeadError(f"{path} holds no tensors; expected one of these layouts:\n" + _layouts())
-    found = detect(tensors)
-    kind = {"tip": "tip_adapter", "adapter": "residual_adapter", "clip_adapter": "residual_adapter"}.get(kind, kind)
-    if kind is None:
-        kind = found
-    if kind is None:
-        raise HeadError(f"{path}: unknown head layout (tensors: {_names(tensors)}); expected one of:\n"
-                        + _layouts() + "\nor name the layout with --kind")
-    if kind not in LAYOUTS:
-        raise HeadError(f"cannot import a '{kind}' head; importable layouts:\n" + _layouts())
+    kind = _layout_kind(path, kind, tensors)
     arrays, sources, extra = _LAYOUT_READERS[kind](path, tensors)
-    classes = list(classes) if classes is not None else list(extra.pop("classes", []) or [])
-    if not classes:
+    classes = classes if classes is not None else extra.pop("classes", None)
+    if classes is None or (isinstance(classes, (list, tuple)) and not classes):
         raise HeadError(f"{path}: give the class names (--classes / classes=[...]) in the head's output order")
-    needs_text = kind != "linear"
     if text_weights is not None:
-        arrays["text_weights"] = np.asarray(text_weights, np.float32)
+        arrays["text_weights"] = text_weights
         sources["text_weights"] = "zero-shot class embeddings (computed from the model)"
-    elif needs_text:
+    elif kind != "linear":
         raise HeadError(f"a {kind} head scores classes with zero-shot text embeddings: pass --model MODEL "
                         "(and --templates) so they can be computed")
+    if params is not None and not isinstance(params, dict):
+        raise HeadError(f"params must be a dict of name -> number, got {type(params).__name__}")
     p = dict(params or {})
     if scale is not None and kind != "linear":
-        p.setdefault("scale", float(scale))
+        p.setdefault("scale", scale)
     try:
-        head = Head(kind, name or {"tip_adapter": "tip", "residual_adapter": "adapter"}.get(kind, kind), classes,
-                    arrays, p, {"source": str(path), "layout": kind, "tensors": sources})
+        head = Head(kind, {"tip_adapter": "tip", "residual_adapter": "adapter"}.get(kind, kind) if name is None
+                    else name, classes, arrays, p, {"source": str(path), "layout": kind, "tensors": sources})
         if embed_dim is not None:
             head.check(embed_dim, model)
     except HeadShapeError as e:
         raise HeadShapeError(_with_sources(str(e), sources)) from None
     return head
+
+
+def _layout_kind(path, kind, tensors: dict) -> str:
+    if kind is not None and not isinstance(kind, str):
+        raise HeadError(f"kind must be a layout name (string), got {type(kind).__name__}")
+    kind = KIND_ALIASES.get(kind, kind) if kind is not None else detect(tensors)
+    if kind is None:
+        raise HeadError(f"{path}: unknown head layout (tensors: {_names(tensors)}); expected one of:\n"
+                        + _layouts() + "\nor name the layout with --kind")
+    if kind not in LAYOUTS:
+        raise HeadError(f"cannot import a {kind!r:.60} head; importable layouts:\n" + _layouts())
+    return kind
 
 
 def _with_sources(msg: str, sources: dict) -> str:
@@ -177,35 +246,52 @@ def _layouts() -> str:
 def _linear(path, tensors):
     coef = _find(tensors, "coef_")
     if coef:
-        w = np.asarray(tensors[coef], np.float64)
+        w = _float(path, tensors, coef)
         b_name = _find(tensors, "intercept_")
-        b = np.asarray(tensors[b_name], np.float64).reshape(-1) if b_name else np.zeros(w.shape[0])
+        b = _float(path, tensors, b_name).reshape(-1) if b_name else np.zeros(w.shape[0])
         extra = {}
         cls = _find(tensors, "classes_")
-        if cls is not None and tensors[cls].dtype.kind in "USO":
-            extra["classes"] = [str(c) for c in tensors[cls]]
+        if cls is not None and np.asarray(tensors[cls]).dtype.kind in "US":
+            extra["classes"] = _class_names(path, cls, tensors[cls])
         if w.ndim == 2 and w.shape[0] == 1:  # binary: sigmoid(w x + b) == softmax([0, w x + b])[1]
             w, b = np.concatenate([np.zeros_like(w), w]), np.concatenate([[0.0], b[:1]])
         return {"weight": w, "bias": b}, {"weight": coef, "bias": b_name or "(none: zeros)"}, extra
     w_name = _find(tensors, "weight", ndim=2) or next(iter(tensors))
-    w = np.asarray(tensors[w_name], np.float64)
+    w = _float(path, tensors, w_name)
     if w.ndim != 2:
         raise HeadShapeError(f"{path}: tensor '{w_name}' has shape {w.shape}; a linear head's weight is (C, E)")
     b_name = _find(tensors, "bias", ndim=1)
-    b = np.asarray(tensors[b_name], np.float64) if b_name else np.zeros(w.shape[0])
+    b = _float(path, tensors, b_name) if b_name else np.zeros(w.shape[0])
     return {"weight": w, "bias": b}, {"weight": w_name, "bias": b_name or "(none: zeros)"}, {}
+
+
+def _class_names(path, name: str, arr: np.ndarray) -> list:
+    """scikit-learn's classes_ as strings (bytes decoded as UTF-8); checked as classes by Head."""
+    arr = np.asarray(arr)
+    if arr.ndim != 1:
+        raise HeadShapeError(f"{path}: tensor '{name}' has shape {arr.shape}; class names are one list")
+    if arr.dtype.kind == "U":
+        return [str(c) for c in arr]
+    try:
+        return [bytes(c).decode("utf-8") for c in arr]
+    except UnicodeDecodeError:
+        raise HeadError(f"{path}: tensor '{name}' holds class names that are not UTF-8 text") from None
 
 
 def _residual_adapter(path, tensors):
     names = {"w1": _find(tensors, "fc.0.weight"), "w2": _find(tensors, "fc.2.weight"),
              "b1": _find(tensors, "fc.0.bias"), "b2": _find(tensors, "fc.2.bias")}
-    arrays = {k: np.asarray(tensors[v], np.float64) for k, v in names.items() if v}
+    if not (names["w1"] and names["w2"]):
+        raise HeadError(f"{path}: a CLIP-Adapter needs fc.0.weight and fc.2.weight (tensors: {_names(tensors)})")
+    arrays = {k: _float(path, tensors, v) for k, v in names.items() if v}
     return arrays, {k: v for k, v in names.items() if v}, {}
 
 
 def _tip_adapter(path, tensors):
     k_name, v_name = _find(tensors, "cache_keys", "keys"), _find(tensors, "cache_values", "values")
-    keys, values = np.asarray(tensors[k_name], np.float64), np.asarray(tensors[v_name], np.float64)
+    if not (k_name and v_name):
+        raise HeadError(f"{path}: a Tip-Adapter cache needs cache_keys and cache_values (tensors: {_names(tensors)})")
+    keys, values = _float(path, tensors, k_name), _float(path, tensors, v_name)
     if values.ndim != 2:
         raise HeadShapeError(f"{path}: tensor '{v_name}' has shape {values.shape}; cache values are (K, C) one-hot")
     if keys.ndim == 2 and keys.shape[0] != values.shape[0] and keys.shape[1] == values.shape[0]:
@@ -215,7 +301,7 @@ def _tip_adapter(path, tensors):
     if tuned is None and _find(tensors, "weight", ndim=2) not in (None, k_name, v_name):
         tuned = _find(tensors, "weight", ndim=2)
     if tuned is not None:  # Tip-Adapter-F: the fine-tuned keys replace the cache's (same shape)
-        w = np.asarray(tensors[tuned], np.float64)
+        w = _float(path, tensors, tuned)
         if w.shape != keys.shape:
             raise HeadShapeError(f"{path}: fine-tuned keys '{tuned}' have shape {w.shape}, the cache keys "
                                  f"'{k_name}' {keys.shape}")
@@ -228,7 +314,7 @@ _LAYOUT_READERS = {"linear": _linear, "residual_adapter": _residual_adapter, "ti
 
 def zero_shot_weights(encoder, classes, templates=None) -> np.ndarray:
     """(C, E) class embeddings with the encoder's text tower (for adapters and caches)."""
-    from .zero_shot import class_embeddings, check_templates
+    from .zero_shot import DEFAULT_TEMPLATES, class_embeddings, parse_labels, resolve_templates
 
-    templates = check_templates(templates or encoder.templates)
-    return normalize(class_embeddings(encoder.text, list(classes), templates))
+    templates = resolve_templates(templates, encoder.templates or DEFAULT_TEMPLATES)
+    return normalize(class_embeddings(encoder.text, parse_labels(classes, "class"), templates))
