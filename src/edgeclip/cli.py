@@ -2,18 +2,76 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .errors import EdgeClipError
+from .errors import EdgeClipError, UsageError
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    from .runtime.manifest import dumps
+
+    print(dumps(obj, fallback=str))  # never NaN/Infinity: JSON readers reject them
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as UsageError, so `--json` reports them as JSON like any other error."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _bounded_int(lo: int, hi: int | None = None, what: str = "value"):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{what} must be from {lo} to {hi}, got {v}" if hi is not None
+                                             else f"{what} must be at least {lo}, got {v}")
+        return v
+    return parse
+
+
+def _bounded_float(lo: float, hi: float, what: str, open_low: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or v > hi or (open_low and v == lo):
+            raise argparse.ArgumentTypeError(f"{what} must be a finite number in {'(' if open_low else '['}{lo}, "
+                                             f"{hi}], got {text}")
+        return v
+    return parse
+
+
+def _threads(text: str) -> int:
+    from .runtime.pipeline import check_threads
+
+    try:
+        return check_threads(_bounded_int(1, what="--threads")(text))
+    except EdgeClipError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _labels(value: str | None, file: str | None = None, what: str = "--labels") -> list[str] | None:
+    """`--labels a,b,c`, `--labels @FILE` or `--labels-file FILE` (one label per line) as a list."""
+    from .heads.zero_shot import read_labels_file, split_labels
+
+    if value is not None and file is not None:
+        raise UsageError(f"pass {what} or {what}-file, not both")
+    if file is not None:
+        return read_labels_file(file)
+    if value is None:
+        return None
+    return read_labels_file(value[1:]) if value.startswith("@") else split_labels(value)
 
 
 def _step(msg: str, quiet: bool = False) -> float:
@@ -57,7 +115,11 @@ def cmd_models(args) -> int:
 def cmd_export(args) -> int:
     import edgeclip
 
+    from .export.artifact import check_out
+
     quiet = args.json
+    check_out(args.out, args.overwrite)  # a bad --out fails before the model loads
+    labels = _labels(args.labels, args.labels_file) or []
     t0 = _step(f"loading {args.model}", quiet)
     kw = {}
     if args.checkpoint:
@@ -70,15 +132,16 @@ def cmd_export(args) -> int:
     t1 = _step(f"exporting {model.spec.name} -> {args.target} {args.precision or '(default precision)'} (loaded in {time.perf_counter() - t0:.1f} s)", quiet)
     art = edgeclip.export(
         model, target=args.target, precision=args.precision, out=args.out,
-        labels=args.labels or [], templates=args.templates, heads=args.head or [], trim_text=not args.no_trim,
+        labels=labels, templates=args.templates, heads=args.head or [], trim_text=not args.no_trim,
         pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
         fuse=not args.no_fuse, **_int8_options(args), **_coreml_options(args),
     )
     elapsed = time.perf_counter() - t1
     if args.json:
-        _print_json({"path": str(art.path), "seconds": elapsed, **_summary(art.manifest)})
+        _print_json({"path": str(art.path), "digest": art.digest, "seconds": elapsed, **_summary(art.manifest)})
         return 0
     print(f"\nwrote {art.path}  ({_mb(art.size_bytes())}, {elapsed:.1f} s)")
+    print(f"digest {art.digest}  (pin it: Pipeline.load(dir, digest=...) or edgeclip run --digest)")
     _print_quantization(art.manifest)
     _print_fidelity(art.manifest)
     _print_heads(art.manifest)
@@ -151,10 +214,10 @@ def _print_fidelity(m: dict) -> None:
 def cmd_run(args) -> int:
     from .runtime import Pipeline
 
+    labels = _labels(args.labels, args.labels_file)
     p = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads,
-                      inference_precision=args.inference_precision)
-    labels = args.labels or None
-    result = {"artifact": str(args.artifact), "images": []}
+                      inference_precision=args.inference_precision, digest=args.digest)
+    result = {"artifact": str(args.artifact), "digest": p.digest, "images": []}
     if args.image:
         if labels is not None or p.head is not None or args.head or p.heads:
             preds = p.classify(list(args.image), labels=labels, head=args.head)
@@ -192,14 +255,15 @@ def cmd_run(args) -> int:
 # ------------------------------------------------------------------------------------------ inspect
 
 def cmd_inspect(args) -> int:
-    from .runtime.manifest import read_manifest
+    from .runtime.manifest import load_manifest
 
-    m = read_manifest(args.artifact, verify=True)
+    m, digest = load_manifest(args.artifact, verify=True, digest=args.digest)
     if args.json:
-        _print_json(m)
+        _print_json({"digest": digest, **m})
         return 0
     s = m["model"]["spec"]
     print(f"artifact   {args.artifact}   (format v{m['format_version']}, created {m.get('created')}, checksums ok)")
+    print(f"digest     {digest}")
     print(f"model      {m['model']['name']} ({m['model']['family']}), embed {m['model']['embed_dim']}, "
           f"image {s['vision']['image_size']} px / patch {s['vision']['patch_size']}, "
           f"text context {s['text']['context_length']}")
@@ -270,7 +334,7 @@ def _full_bench(args) -> int:
     from .bench.runner import BenchConfig, run_bench
 
     cfg = BenchConfig(artifacts=args.artifacts, batches=args.batch, threads=args.threads, seconds=args.seconds,
-                      eval_dir=args.eval, labels=args.labels, templates=args.templates, eval_limit=args.eval_limit,
+                      eval_dir=args.eval, labels=_labels(args.labels), templates=args.templates, eval_limit=args.eval_limit,
                       baselines=args.baselines, model=args.model, calib=args.calib, cache=args.baseline_cache,
                       report=args.report, inference_precision=args.inference_precision, memory=not args.no_memory,
                       progress=not args.quiet,
@@ -287,14 +351,18 @@ def _full_bench(args) -> int:
     return 0
 
 
-def _int_list(text: str) -> list:
+def _int_list(text: str, hi: int = 4096) -> list:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    if not values or min(values) < 1 or max(values) > hi or len(values) > 64:
+        raise argparse.ArgumentTypeError(f"expected up to 64 integers from 1 to {hi}, got '{text}'")
     return values
+
+
+def _thread_list(text: str) -> list:
+    return [_threads(str(t)) for t in _int_list(text, hi=1 << 20)]
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -314,7 +382,7 @@ def cmd_heads_fit(args) -> int:
     if args.train:
         t = _step(f"encoding {args.shots or 'all'} shot(s) per class from {args.train}"
                   + (f" (+{args.augment} shifted views each)" if args.augment else ""), quiet)
-        data = H.encode_folder(enc.image, args.train, labels=args.labels, shots=args.shots, seed=args.seed,
+        data = H.encode_folder(enc.image, args.train, labels=_labels(args.labels), shots=args.shots, seed=args.seed,
                                augment=args.augment)
         classes = data.classes
         _step(f"encoded {len(data.labels)} images in {time.perf_counter() - t:.1f} s", quiet)
@@ -323,7 +391,7 @@ def cmd_heads_fit(args) -> int:
     else:
         from .heads.zero_shot import parse_labels
 
-        classes = parse_labels(args.labels)
+        classes = parse_labels(_labels(args.labels))
     zs = H.zero_shot_head(enc.text, classes, templates, enc.scale, enc.bias, enc.family == "siglip",
                           name=args.name or "zero_shot", info={"model": enc.source or enc.name})
     if kind == "zero_shot":
@@ -335,7 +403,7 @@ def cmd_heads_fit(args) -> int:
                           "fit_seconds": round(time.perf_counter() - t, 2)})
     evaluation = None
     if args.eval:
-        ev = H.encode_folder(enc.image, args.eval, labels=args.eval_labels or classes, what="--eval")
+        ev = H.encode_folder(enc.image, args.eval, labels=_labels(args.eval_labels) or classes, what="--eval")
         feats = ev.feats[:, 0]
         evaluation = {"folder": str(args.eval), "images": int(len(ev.labels)),
                       "top1": H.top1(head, feats, ev.labels), "zero_shot_top1": H.top1(zs, feats, ev.labels)}
@@ -360,7 +428,7 @@ def cmd_heads_import(args) -> int:
     from .heads.importers import import_head, zero_shot_weights
     from .heads.zero_shot import parse_labels
 
-    classes = parse_labels(args.classes) if args.classes else None
+    classes = parse_labels(_labels(args.classes, what="--classes")) if args.classes else None
     text, scale, dim, model = None, None, None, ""
     if args.model:
         enc = H.encoder_for(args.model)
@@ -403,9 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibration.recipes import RECIPES, recipes_help
     from .export import targets
 
-    ap = argparse.ArgumentParser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
+    ap = _Parser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
     ap.add_argument("--version", action="version", version=f"edgeclip {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("models", help="list the model specs edgeclip knows")
     p.add_argument("--json", action="store_true")
@@ -416,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="onnx", choices=targets())
     p.add_argument("--precision", help="fp32 | fp16 | int8 (per target; default fp32, fp16 for coreml)")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels or a file, one per line")
+    p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels, or @FILE (one label per line)")
+    p.add_argument("--labels-file", metavar="FILE", help="labels to bake, one per line")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the label")
     p.add_argument("--head", action="append", metavar="[NAME=]FILE",
                    help="append an adapter head (.npz from `edgeclip heads fit/import`) to the image graph; "
@@ -440,11 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib", help="folder of calibration images (recursive; jpg/png/webp/bmp); "
                                    "builtin:tiny ships its own")
     g.add_argument("--calib-captions", help="captions for the text tower: .txt (one per line) or .jsonl")
-    g.add_argument("--calib-size", type=int, default=256, help="at most this many images and captions (seeded sample)")
+    g.add_argument("--calib-size", type=_bounded_int(1, 1_000_000, "--calib-size"), default=256, help="at most this many images and captions (seeded sample)")
     g.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
                    help="activation range estimation for static recipes")
-    g.add_argument("--smoothquant-alpha", type=float, default=0.5, help="migration strength for int8-smoothquant")
-    g.add_argument("--max-cosine-drop", type=float, default=0.005,
+    g.add_argument("--smoothquant-alpha", type=_bounded_float(0.0, 1.0, "--smoothquant-alpha"), default=0.5, help="migration strength for int8-smoothquant")
+    g.add_argument("--max-cosine-drop", type=_bounded_float(0.0, 1.0, "--max-cosine-drop"), default=0.005,
                    help="accuracy guard: most allowed 1 - cosine to FP32 on held-out calibration samples; "
                         "layers go back to float until it holds")
     p.add_argument("--json", action="store_true")
@@ -454,19 +523,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--image", nargs="+", help="image files")
     p.add_argument("--text", nargs="+", help="texts to embed (and compare with the images)")
-    p.add_argument("--labels", help="labels for zero-shot classification (default: the baked head)")
+    p.add_argument("--labels", help="labels for zero-shot classification: a,b,c or @FILE (default: the baked head)")
+    p.add_argument("--labels-file", metavar="FILE", help="labels for zero-shot classification, one per line")
+    p.add_argument("--digest", help="refuse the artifact unless its digest is this one (sha256:…, as inspect prints)")
     p.add_argument("--head", help="classify with this adapter head of the artifact (edgeclip inspect lists them)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_bounded_int(1, 100_000, "--top-k"), default=5)
     p.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_threads, help="inference threads (default: the backend's)")
     p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
                    help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("inspect", help="show an artifact's manifest (checksums verified)")
+    p = sub.add_parser("inspect", help="show an artifact's manifest and digest (checksums verified)")
     p.add_argument("artifact")
+    p.add_argument("--digest", help="also check that the artifact's digest is this one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
@@ -477,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and HTML.")
     p.add_argument("artifacts", nargs="+")
     p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, e.g. 1,8")
-    p.add_argument("--threads", type=_int_list, default=[None], help="thread counts, e.g. 1,2 (default: the backend's)")
-    p.add_argument("--seconds", type=float, default=2.0,
+    p.add_argument("--threads", type=_thread_list, default=[None], help="thread counts, e.g. 1,2 (default: the backend's)")
+    p.add_argument("--seconds", type=_bounded_float(0.0, 3600.0, "--seconds", open_low=True), default=2.0,
                    help="time budget per graph and batch (and per variant, in the interleaved rounds)")
     p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
                    help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
@@ -487,10 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also build and time what a user would otherwise ship from the same model: plain "
                         "torch.onnx.export on ONNX Runtime (FP32, quantize_dynamic INT8), OpenVINO + NNCF defaults")
     p.add_argument("--eval", metavar="DIR", help="labelled images, one sub-folder per class: zero-shot accuracy")
-    p.add_argument("--labels", help="class names of --eval's sub-folders in folder order (comma-separated or a file; "
+    p.add_argument("--labels", help="class names of --eval's sub-folders in folder order (a,b,c or @FILE; "
                                     "default: the folder names)")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the class (default: the model's)")
-    p.add_argument("--eval-limit", type=int, default=1000, help="at most this many --eval images (seeded sample)")
+    p.add_argument("--eval-limit", type=_bounded_int(1, 10_000_000, "--eval-limit"), default=1000, help="at most this many --eval images (seeded sample)")
     p.add_argument("--model", help="model URI for the FP32 reference and baselines (default: the manifest's source)")
     p.add_argument("--calib", metavar="DIR", help="calibration images for the NNCF baseline (built-in model: its own)")
     p.add_argument("--baseline-cache", metavar="DIR", help="where baselines are built once (default: beside the "
@@ -506,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model URI (builtin:tiny, hf:DIR, ...) or an exported artifact folder")
     p.add_argument("--kind", required=True, help="linear | tip | gda | zero_shot")
     p.add_argument("--train", help="labelled images, one sub-folder per class (not needed for zero_shot)")
-    p.add_argument("--shots", type=int, help="images per class, a seeded sample (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--augment", type=int, default=4, help="shifted views added per shot (0-8, default 4)")
+    p.add_argument("--shots", type=_bounded_int(1, 100_000, "--shots"), help="images per class, a seeded sample (default: all)")
+    p.add_argument("--seed", type=_bounded_int(0, 2**32 - 1, "--seed"), default=0)
+    p.add_argument("--augment", type=_bounded_int(0, 8, "--augment"), default=4, help="shifted views added per shot (0-8, default 4)")
     p.add_argument("--labels", help="class names of the sub-folders in folder order (default: folder names); "
                                     "for zero_shot without --train: the classes")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} (default: the model's)")
@@ -541,19 +613,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
-    if getattr(args, "command", None) == "run" and not (args.image or args.text):
-        print("error: run needs --image and/or --text", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except EdgeClipError as e:
+def _report_error(e: BaseException, as_json: bool) -> None:
+    if as_json:  # scripts read stdout: the error is a JSON object there too
+        _print_json({"error": {"type": type(e).__name__, "message": str(e)}})
+    else:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            args.argv = argv  # reports quote the command that made them
+            if getattr(args, "command", None) == "run" and not (args.image or args.text):
+                raise UsageError("run needs --image and/or --text")
+            return args.func(args)
+        except EdgeClipError as e:
+            _report_error(e, as_json)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        except Exception as e:  # a bug of ours: JSON readers still get JSON, others the traceback
+            if not as_json:
+                raise
+            _report_error(e, True)
+            return 1
+    except BrokenPipeError:  # `edgeclip inspect art | head -1`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

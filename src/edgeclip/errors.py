@@ -121,3 +121,7 @@ class DigestError(ArtifactError):
 
 class OutputPathError(ArtifactError):
     """An export's --out names something that is not safe to write or replace."""
+
+
+class UsageError(InputError):
+    """A command-line argument is missing, malformed or out of range."""

@@ -12,7 +12,7 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
-from ..errors import EdgeClipError
+from ..errors import EdgeClipError, InputError
 from .artifact import Artifact  # noqa: F401
 
 _TARGETS: dict[str, type] = {}
@@ -73,6 +73,23 @@ class ExportOptions:
     # Core ML
     min_ios: int = 18             # deployment target: 18 (fused SDPA), 17 or 16 (ANE-layout attention)
     compress: str | None = None   # weight compression: w8 | palettize6 | palettize4 | int4-blockwise
+
+    # numeric options: (low, high); out of range is an InputError before any work
+    RANGES = {"calib_size": (1, 1_000_000), "calib_seed": (0, 2**32 - 1), "smoothquant_alpha": (0.0, 1.0),
+              "max_cosine_drop": (0.0, 1.0), "min_head_agreement": (0.0, 1.0), "opset": (7, 30)}
+
+    def __post_init__(self):
+        import math
+
+        for name, (lo, hi) in self.RANGES.items():
+            v = getattr(self, name)
+            if v is None and name == "opset":
+                continue
+            integral = isinstance(lo, int)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integral or isinstance(v, int))
+            if not ok or not math.isfinite(v) or not lo <= v <= hi:
+                raise InputError(f"export option {name}={v!r} must be {'an integer' if integral else 'a number'} "
+                                 f"from {lo} to {hi}")
 
     @classmethod
     def from_kwargs(cls, **kw) -> "ExportOptions":

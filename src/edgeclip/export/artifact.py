@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import OutputPathError
-from ..runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, artifact_digest, read_manifest, sha256_file
+from ..runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, _json_default, artifact_digest,  # noqa: F401
+                                dumps, read_manifest, sha256_file)
 
 
 @dataclass
@@ -215,33 +216,6 @@ class ArtifactWriter:
         os.replace(self.staging, self.out)
         self._on_step("placed")
         shutil.rmtree(old, ignore_errors=True)
-
-
-def dumps(obj) -> str:
-    """JSON for manifests and `--json` output: numpy values as plain ones, NaN/Infinity as null."""
-    return json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
-
-
-def _finite(o):
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return _finite(o.item())
-    if isinstance(o, np.ndarray):
-        return _finite(o.tolist())
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def tool_versions() -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -158,3 +159,39 @@ def read_verified(root: Path, rel: str, manifest: dict) -> bytes:
         raise ChecksumError(f"artifact file {rel} changed since the artifact was verified (its bytes no longer "
                             "match the manifest's sha256); re-export or restore the artifact")
     return data
+
+
+def dumps(obj, fallback=None) -> str:
+    """JSON for manifests and `--json` output: numpy values as plain ones, NaN/Infinity as null.
+    `fallback(o)` renders any other object (default: refuse it)."""
+    def default(o):
+        try:
+            return _json_default(o)
+        except TypeError:
+            if fallback is None:
+                raise
+            return fallback(o)
+
+    return json.dumps(_finite(obj), indent=2, default=default, allow_nan=False)
+
+
+def _finite(o):
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _json_default(o):
+    import numpy as np  # (the runtime has numpy; imported here to keep reading manifests light)
+
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return _finite(o.item())
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
