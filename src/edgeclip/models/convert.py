@@ -78,16 +78,21 @@ HF_IGNORED = re.compile(r"(position_ids)$")
 LONG_CLIP_KEEP = 20  # Long-CLIP keeps CLIP's first 20 positions and learns the rest in a residual table
 
 
-def unwrap_state_dict(obj) -> dict:
-    """Accept {'state_dict': ...}, {'model': ...}, DDP 'module.' prefixes."""
+def unwrap_state_dict(obj, source=None) -> dict:
+    """Accept {'state_dict': ...}, {'model': ...}, DDP 'module.' prefixes; anything else but a flat
+    dict of str -> tensor raises CheckpointError naming the first offending entry."""
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(
-            "the checkpoint does not hold a state dict of tensors; save one with "
-            "torch.save(model.state_dict(), path)"
-        )
+    where = f"{source}: " if source is not None else ""
+    fix = "save one with torch.save(model.state_dict(), path)"
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}the checkpoint holds a {type(obj).__name__}, not a state dict of tensors; {fix}")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(
+                f"{where}the checkpoint does not hold a state dict of tensors: entry {str(k)[:80]!r} is a "
+                f"{type(v).__name__}{'' if isinstance(k, str) else ' under a ' + type(k).__name__ + ' key'}; {fix}")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj

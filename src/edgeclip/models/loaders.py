@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import warnings
 import zipfile
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, UnknownModelError, WeightShapeError
+from ..errors import CheckpointError, SpecError, UnknownModelError, UnsafeCheckpointError, WeightShapeError
 from ..specs import ModelSpec, get_spec, list_specs
 from .clip import ClipModel
 from .convert import from_hf, from_openai, unwrap_state_dict
+from .safe_pickle import check_zip_bounds, read_torchscript
 
 SCHEMES = ("hf", "openai", "open_clip", "random", "builtin")
 BUILTINS = ("tiny",)
@@ -61,7 +63,7 @@ def _load_bare(uri: str, spec=None) -> ClipModel:
 # ---------------------------------------------------------------------------------------------- files
 
 def read_state_dict(path: Path) -> dict:
-    """Tensors from .safetensors, a pickle (weights_only) or a TorchScript archive."""
+    """Tensors from .safetensors, a pickle (weights_only) or a TorchScript archive (no code run)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -74,29 +76,45 @@ def read_state_dict(path: Path) -> dict:
         except Exception as e:
             raise CheckpointError(f"cannot read {path}: {e}; the file is corrupt or not safetensors") from e
     if _is_torchscript(path):
-        # OpenAI's released .pt files are TorchScript archives: read their parameters, run no code.
-        try:
-            with warnings.catch_warnings():  # torch.jit is deprecated, but these files exist in the wild
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        except Exception as e:
-            raise CheckpointError(f"cannot read TorchScript archive {path}: {e}") from e
+        # OpenAI's released .pt files are TorchScript archives; torch.jit.load would run the archive's
+        # scripted __setstate__ code, so they are read by a restricted unpickler instead.
+        return unwrap_state_dict(read_torchscript(path), source=path)
+    return unwrap_state_dict(_weights_only_load(path), source=path)
+
+
+def _weights_only_load(path: Path):
+    """torch.load(weights_only=True) for plain pickles, zipped (torch.save) or legacy (non-zip)."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's message names the refused global
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise UnsafeCheckpointError(
+                f"{path} asks to rebuild the Python object '{found.group(1)}', which could run code; "
+                "edgeclip never unpickles arbitrary objects (weights-only loading). If you trust the file, "
+                "re-save the weights with torch.save(model.state_dict(), path) or as .safetensors"
+            ) from e
         raise CheckpointError(
             f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: {str(e)[:200]}). "
             "edgeclip never unpickles arbitrary objects; re-save the weights with "
             "torch.save(model.state_dict(), path) or as .safetensors"
         ) from e
-    return unwrap_state_dict(obj)
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+    """A zip with a constants.pkl at any depth (torch.load's own test, made stricter); zips are bounded."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} looks like a zip archive but cannot be opened ({e}); "
+                              "the file is truncated or corrupt") from e
+    check_zip_bounds(path, infos)
+    return any(i.filename.rsplit("/", 1)[-1] == "constants.pkl" for i in infos)
 
 
 def load_weights(model: ClipModel, ours: dict, origin: dict) -> ClipModel:
@@ -222,75 +240,231 @@ def load_open_clip(arch: str, checkpoint=None, spec=None) -> ClipModel:
 
 # ----------------------------------------------------------------------------------- transformers
 
+MAX_JSON_BYTES = 16 << 20  # config / index files are kilobytes; bound what a crafted one costs
+MAX_SHARDS = 10_000
+# Sane maxima for transformers config numbers (largest released CLIPs are far below these).
+HF_MAX = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256, "num_attention_heads": 1024,
+          "image_size": 4096, "patch_size": 4096, "vocab_size": 1_000_000, "max_position_embeddings": 4096,
+          "projection_dim": 16384}
+# PIL resample codes transformers stores; the runtime resizes with these.
+HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def _read_json(f: Path) -> dict:
+    """A JSON object from a model folder, or CheckpointError naming the file."""
+    try:
+        if f.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{f} is over {MAX_JSON_BYTES} bytes; not a transformers config file")
+        obj = json.loads(f.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}; fix or re-download the file") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{f} nests too deeply to read; not a transformers config file") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(obj).__name__}, not an object; fix or re-download the file")
+    return obj
+
+
 def _hf_files(d: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (d / index).is_file():
-            shards = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
-            return [d / s for s in shards]
+            return _shards(d, d / index)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (d / name).is_file():
             return [d / name]
     raise CheckpointError(f"{d} has no model.safetensors or pytorch_model.bin; is it a transformers model folder?")
 
 
+def _shards(d: Path, index: Path) -> list[Path]:
+    """The shard files an index names; each must be a plain file name inside the folder."""
+    wm = _read_json(index).get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object of tensor name -> shard "
+                              "file name; fix or re-download the index")
+    shards = sorted(set(wm.values()))
+    if len(shards) > MAX_SHARDS:
+        raise CheckpointError(f"{index}: field 'weight_map' names {len(shards)} shards (over {MAX_SHARDS})")
+    root = d.resolve()
+    for s in shards:
+        p = Path(s)
+        if not s or "\\" in s or "\x00" in s or p.is_absolute() or ".." in p.parts \
+                or not (d / p).resolve().is_relative_to(root):
+            raise CheckpointError(f"{index}: field 'weight_map' names the shard {s!r}, which is outside the model "
+                                  f"folder {d}; shards must be files inside it")
+    return [d / s for s in shards]
+
+
+def _bad(where: str, key: str, value, want: str):
+    return CheckpointError(f"{where}: field '{key}' is {value!r}; it must be {want}. Fix the file, or pass spec=...")
+
+
+def _hf_int(c: dict, key: str, default, where: str, allow_pair: bool = False) -> int:
+    v = c.get(key, default)
+    if allow_pair and isinstance(v, list) and len(v) in (1, 2) and len(set(map(repr, v))) == 1:
+        v = v[0]  # image_size / patch_size may be [n] or [n, n]
+    hi = HF_MAX[key]
+    if type(v) is not int or not 1 <= v <= hi:
+        raise _bad(where, key, v, f"an integer from 1 to {hi}")
+    return v
+
+
+def _hf_tower(c: dict, tower: str, siglip: bool, where: str) -> dict:
+    """One tower's numbers; transformers omits values equal to its defaults, so those fill in."""
+    small_text = tower == "text" and not siglip
+    t = {"width": _hf_int(c, "hidden_size", 512 if small_text else 768, where),
+         "mlp_dim": _hf_int(c, "intermediate_size", 2048 if small_text else 3072, where),
+         "layers": _hf_int(c, "num_hidden_layers", 12, where),
+         "heads": _hf_int(c, "num_attention_heads", 8 if small_text else 12, where)}
+    if t["width"] % t["heads"]:
+        raise _bad(where, "num_attention_heads", t["heads"], f"a divisor of hidden_size={t['width']}")
+    act = c.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
+    if not isinstance(act, str) or act not in HF_ACT:
+        raise _bad(where, "hidden_act", act, f"one of {', '.join(HF_ACT)}")
+    eps = c.get("layer_norm_eps", 1e-6 if siglip else 1e-5)
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise _bad(where, "layer_norm_eps", eps, "a number between 0 and 1")
+    return {**t, "act": HF_ACT[act], "ln_eps": float(eps)}
+
+
+def _hf_sections(cfg: dict, f: str) -> tuple[dict, dict]:
+    out = []
+    for name in ("text_config", "vision_config"):
+        c = cfg.get(name)
+        if c is not None and not isinstance(c, dict):
+            raise _bad(f, name, type(c).__name__, "an object")
+        out.append(c or {})
+    return out[0], out[1]
+
+
 def spec_from_hf_config(cfg: dict, folder: Path | None = None) -> ModelSpec:
+    """A spec from a transformers config.json (validated: every bad field names the file and field)."""
+    f = str(folder / "config.json") if folder is not None else "config.json"
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object")
     kind = cfg.get("model_type")
     if kind not in ("clip", "siglip"):
-        raise CheckpointError(f"model_type '{kind}' is not supported by hf: (supported: clip, siglip)")
+        raise CheckpointError(f"{f}: model_type {kind!r} is not supported by hf: (supported: clip, siglip)")
     siglip = kind == "siglip"
     base = get_spec("SigLIP-B-16" if siglip else "ViT-B-32").to_dict()
-    tc, vc = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
-    # transformers may omit values equal to its defaults: fall back to those.
-    for tower, c in (("vision", vc), ("text", tc)):
-        t = base[tower]
-        t["width"] = c.get("hidden_size", 768 if tower == "vision" or siglip else 512)
-        t["mlp_dim"] = c.get("intermediate_size", 3072 if tower == "vision" or siglip else 2048)
-        t["layers"] = c.get("num_hidden_layers", 12)
-        t["heads"] = c.get("num_attention_heads", 12 if tower == "vision" or siglip else 8)
-        t["act"] = HF_ACT.get(c.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu"), "gelu")
-        t["ln_eps"] = c.get("layer_norm_eps", 1e-6 if siglip else 1e-5)
+    tc, vc = _hf_sections(cfg, f)
+    base["vision"].update(_hf_tower(vc, "vision", siglip, f"{f} vision_config"))
+    base["text"].update(_hf_tower(tc, "text", siglip, f"{f} text_config"))
     v, t = base["vision"], base["text"]
-    v["image_size"] = _int(vc.get("image_size", 224))
-    v["patch_size"] = _int(vc.get("patch_size", 16 if siglip else 32))
-    t["vocab_size"] = tc.get("vocab_size", 32000 if siglip else 49408)
-    t["context_length"] = tc.get("max_position_embeddings", 64 if siglip else 77)
+    v["image_size"] = _hf_int(vc, "image_size", 224, f"{f} vision_config", allow_pair=True)
+    v["patch_size"] = _hf_int(vc, "patch_size", 16 if siglip else 32, f"{f} vision_config", allow_pair=True)
+    if v["image_size"] % v["patch_size"]:
+        raise _bad(f"{f} vision_config", "patch_size", v["patch_size"], f"a divisor of image_size={v['image_size']}")
+    t["vocab_size"] = _hf_int(tc, "vocab_size", 32000 if siglip else 49408, f"{f} text_config")
+    t["context_length"] = _hf_int(tc, "max_position_embeddings", 64 if siglip else 77, f"{f} text_config")
+    eos = tc.get("eos_token_id", 1 if siglip else 49407)
+    if eos is not None and (type(eos) is not int or not 0 <= eos < t["vocab_size"]):
+        raise _bad(f"{f} text_config", "eos_token_id", eos, f"a token id from 0 to {t['vocab_size'] - 1}")
     if siglip:
         base["embed_dim"] = v["width"]  # the pooled image width; the text head must project to it
-        v["mlp_dim"] = vc.get("intermediate_size", 3072)
-        if not vc.get("vision_use_head", True):
+        use_head = vc.get("vision_use_head", True)
+        if not isinstance(use_head, bool):
+            raise _bad(f"{f} vision_config", "vision_use_head", use_head, "true or false")
+        if not use_head:
             raise CheckpointError("SigLIP vision towers without the attention-pooling head are not supported")
-        t["eot_token_id"] = tc.get("eos_token_id", 1)
+        t["eot_token_id"] = eos
         base["tokenizer"]["file"] = "tokenizer.json"
     else:
-        base["embed_dim"] = cfg.get("projection_dim", 512)
-        eos = tc.get("eos_token_id", 49407)
-        t["eot_token_id"] = None if eos == 2 else eos  # eos 2: pre-2023 configs, pool at argmax(ids)
+        base["embed_dim"] = _hf_int(cfg, "projection_dim", 512, f)
+        t["eot_token_id"] = None if eos in (2, None) else eos  # eos 2: pre-2023 configs, pool at argmax(ids)
     base["preprocess"]["image_size"] = v["image_size"]
     base["tokenizer"]["context_length"] = t["context_length"]
     if folder is not None:
-        base["preprocess"].update(_hf_preprocess(folder, v["image_size"]))
-    base["name"] = cfg.get("_name_or_path") or (folder.name if folder else "hf")
-    base["name"] = Path(base["name"]).name or "hf"
+        base["preprocess"].update(_hf_preprocess(folder, v["image_size"], base["preprocess"]["resize"]))
+    name = cfg.get("_name_or_path")
+    base["name"] = Path(name if isinstance(name, str) and name else (folder.name if folder else "hf")).name or "hf"
     base["aliases"] = []
     base["description"] = f"transformers {kind} checkpoint"
-    return ModelSpec.from_dict(base)
+    try:
+        return ModelSpec.from_dict(base)
+    except SpecError as e:
+        raise CheckpointError(f"{f} describes a model edgeclip cannot build: {e}") from e
 
 
-def _int(x):
-    return int(x[0] if isinstance(x, (list, tuple)) else x)
-
-
-def _hf_preprocess(folder: Path, image_size: int) -> dict:
+def _hf_preprocess(folder: Path, image_size: int, resize: str = "shortest") -> dict:
+    """preprocessor_config.json -> spec preprocess fields; what the runtime cannot reproduce is an error."""
     f = folder / "preprocessor_config.json"
     if not f.is_file():
         return {}
-    c = json.loads(f.read_text())
+    c, where = _read_json(f), str(f)
+    for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"):
+        if flag in c and not isinstance(c[flag], bool):
+            raise _bad(where, flag, c[flag], "true or false")
+    for flag in ("do_resize", "do_rescale"):
+        if c.get(flag) is False:
+            raise CheckpointError(f"{where}: field '{flag}' is false; edgeclip's preprocessing always resizes and "
+                                  "rescales to 0..1, so it cannot reproduce this processor")
+    rf = c.get("rescale_factor", 1 / 255)
+    if type(rf) not in (int, float) or not math.isclose(rf, 1 / 255, rel_tol=1e-6):
+        raise _bad(where, "rescale_factor", rf, "1/255 (0.00392156862745098), the only scale edgeclip applies")
+    resample = c.get("resample", 3)
+    if type(resample) is not int or resample not in HF_RESAMPLE:
+        raise _bad(where, "resample", resample, "a PIL resample code the runtime supports: " +
+                   ", ".join(f"{k} ({n})" for k, n in HF_RESAMPLE.items()))
+    out = {"interpolation": HF_RESAMPLE[resample]}
+    if c.get("do_normalize") is False:  # no normalisation is exactly mean 0, std 1
+        out.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    else:
+        out.update(_hf_norm(c, where))
+    out.update(_hf_sizes(c, where, image_size, resize))
+    return out
+
+
+def _hf_norm(c: dict, where: str) -> dict:
     out = {}
-    if "image_mean" in c:
-        out["mean"] = list(c["image_mean"])
-    if "image_std" in c:
-        out["std"] = list(c["image_std"])
-    out["interpolation"] = {2: "bilinear", 3: "bicubic"}.get(c.get("resample"), "bicubic")
+    for key, name in (("image_mean", "mean"), ("image_std", "std")):
+        if key not in c:
+            continue
+        v = c[key]
+        vals = [v] * 3 if type(v) in (int, float) else v
+        if not isinstance(vals, list) or len(vals) != 3 or not all(type(x) in (int, float) for x in vals) \
+                or not all(math.isfinite(x) and abs(x) <= 1e3 for x in vals) \
+                or (key == "image_std" and not all(x > 0 for x in vals)):
+            want = "3 positive finite numbers" if key == "image_std" else "3 finite numbers (one per RGB channel)"
+            raise _bad(where, key, v, want)
+        out[name] = [float(x) for x in vals]
+    return out
+
+
+def _hf_size_value(v, where: str, key: str, keys: tuple) -> dict:
+    """int or {keys...} of ints in 1..4096 -> dict."""
+    d = {k: v for k in keys} if type(v) is int else v
+    ok = isinstance(d, dict) and d and set(d) <= set(keys) and all(
+        type(x) is int and 1 <= x <= HF_MAX["image_size"] for x in d.values())
+    if not ok:
+        raise _bad(where, key, v, f"an integer from 1 to {HF_MAX['image_size']} or an object of {'/'.join(keys)}")
+    return d
+
+
+def _hf_sizes(c: dict, where: str, image_size: int, resize: str) -> dict:
+    """size / crop_size must agree with the model's input size; a larger resize becomes resize_size."""
+    out = {}
+    if "size" in c:
+        d = _hf_size_value(c["size"], where, "size", ("shortest_edge", "height", "width")
+                           if type(c["size"]) is not int else ("shortest_edge",))
+        if set(d) not in ({"shortest_edge"}, {"height", "width"}):
+            raise _bad(where, "size", c["size"], "{'shortest_edge': N} or {'height': N, 'width': N}")
+        if "shortest_edge" in d and resize == "shortest":
+            if d["shortest_edge"] < image_size:
+                raise _bad(where, "size", c["size"], f"at least the model's image_size {image_size}")
+            if d["shortest_edge"] != image_size:
+                out["resize_size"] = d["shortest_edge"]
+        elif d != {"height": image_size, "width": image_size} and "height" in d:
+            raise _bad(where, "size", c["size"], f"{{'height': {image_size}, 'width': {image_size}}}, the model's "
+                       "image_size")
+    if "crop_size" in c:
+        d = _hf_size_value(c["crop_size"], where, "crop_size", ("height", "width"))
+        if c.get("do_center_crop", True) and resize == "shortest" and d != {"height": image_size, "width": image_size}:
+            raise _bad(where, "crop_size", c["crop_size"], f"{image_size}, the model's image_size")
+    if resize == "shortest" and c.get("do_center_crop") is False:
+        raise CheckpointError(f"{where}: field 'do_center_crop' is false; a CLIP model needs a square "
+                              f"{image_size}x{image_size} input, so edgeclip cannot reproduce this processor")
     return out
 
 
@@ -299,10 +473,7 @@ def load_hf(path: str, spec=None) -> ClipModel:
     d = Path(path)
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{d} is not a transformers model folder: no config.json there")
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / 'config.json'} is not valid JSON: {e}") from e
+    cfg = _read_json(d / "config.json")
     chosen = get_spec(spec) if spec is not None else spec_from_hf_config(cfg, d)
     if chosen.tokenizer.get("kind") == "hf":
         tok = d / chosen.tokenizer.get("file", "tokenizer.json")
@@ -312,7 +483,6 @@ def load_hf(path: str, spec=None) -> ClipModel:
         sd.update(read_state_dict(f))
     ours, origin = from_hf(sd)
     return load_weights(ClipModel(chosen), ours, origin)
-
 
 # ---------------------------------------------------------------------------------------- built-in
 

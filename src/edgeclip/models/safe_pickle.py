@@ -1,0 +1,391 @@
+"""Tensors out of TorchScript archives without torch.jit: nothing in the archive is ever run.
+
+`torch.jit.load` compiles the archive's `code/` and runs its scripted `__setstate__` methods, so a
+crafted `.pt` can write files or worse on load. OpenAI's released CLIP `.pt` files are TorchScript
+archives, so edgeclip reads them itself:
+
+* `<prefix>/data.pkl` is unpickled by `RestrictedUnpickler`: `find_class` hands out only harmless
+  stand-ins for the few globals a tensor archive uses (`torch._utils._rebuild_tensor_v2`,
+  `torch._utils._rebuild_parameter`, `collections.OrderedDict`, `torch.<Dtype>Storage`, the list
+  builders of `torch.jit._pickle`) and refuses every other global with `UnsafeCheckpointError`.
+  `__torch__.*` classes (the scripted modules) become `ScriptStub`s, which only record the
+  attribute dict BUILD passes them. Storage records are mapped to the bytes of
+  `<prefix>/data/<key>`; the declared sizes are checked against those bytes.
+* The stubs' tree is walked into a flat `name -> tensor` dict, with the dotted names
+  `torch.jit.load(path).state_dict()` gives: a module's parameters and buffers are those its class
+  declares in `code/` (`__parameters__ = [...]`, `__buffers__ = [...]`, read as text, never run).
+
+Every stand-in object refuses BUILD (`__setstate__`), so a pickle cannot rewire them either.
+"""
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, EdgeClipError, UnsafeCheckpointError
+
+MAX_PICKLE_BYTES = 16 << 20     # OpenAI ViT-L/14's data.pkl is well under 1 MiB
+MAX_CODE_BYTES = 64 << 20       # all of code/*.py read for declarations, together
+MAX_ENTRIES = 100_000           # zip entries; CLIP archives hold a few hundred
+MAX_TENSORS = 100_000
+MAX_DEPTH = 64                  # module nesting; CLIP is ~5 deep
+MAX_DIMS = 32
+MAX_INFLATION = 100             # uncompressed bytes per byte on disk, whole archive (zip bombs)
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
+}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_KEY = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
+_CLASS = re.compile(r"^class ([A-Za-z_][A-Za-z0-9_]*)\(([A-Za-z_][A-Za-z0-9_.]*)\):", re.M)
+_DECL = re.compile(r"^  (__parameters__|__buffers__) = \[([^\]\n]*)\]", re.M)
+_QUOTED = re.compile(r'"([^"\\\n]*)"')
+_RE_SAVE = ("re-save the weights from a trusted environment with torch.save(model.state_dict(), path) "
+            "or as .safetensors")
+
+
+class _Sealed:
+    """Stand-ins refuse BUILD: a pickle may not set their attributes or call their __setstate__."""
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(f"the archive tries to change the state of {self!r} (pickle BUILD); "
+                                    "a weights archive never does this")
+
+
+class _Tensor(_Sealed):
+    __slots__ = ("t",)
+
+    def __init__(self, t):
+        self.t = t
+
+
+class _Storage(_Sealed):
+    __slots__ = ("key", "dtype", "data")
+
+    def __init__(self, key, dtype, data):
+        self.key, self.dtype, self.data = key, dtype, data
+
+    def numel(self) -> int:
+        return self.data.numel() // self.dtype.itemsize
+
+
+class _StorageType(_Sealed):
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name, dtype):
+        self.name, self.dtype = name, dtype
+
+
+class _Call(_Sealed):
+    """An allowed global: a function of ours, given fresh to each unpickler so none can be altered."""
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __repr__(self):
+        return self.name
+
+
+class ScriptStub:
+    """A `__torch__.*` object of the archive: records its constructor args and BUILD state, runs nothing."""
+    __slots__ = ("args", "state", "built")
+    qualified = "__torch__"
+
+    def __new__(cls, *args):
+        obj = object.__new__(cls)
+        obj.args, obj.state, obj.built = args, None, False
+        return obj
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):
+        if self.built:
+            raise CheckpointError(f"'{self.qualified}' is built twice in the archive; the archive is corrupt")
+        self.state, self.built = state, True
+
+    def __repr__(self):
+        return f"<{self.qualified}>"
+
+
+def _ints(x, what: str) -> tuple:
+    if not isinstance(x, tuple) or len(x) > MAX_DIMS or not all(type(v) is int and v >= 0 for v in x):
+        raise CheckpointError(f"tensor {what} {x!r} is not a tuple of at most {MAX_DIMS} non-negative ints")
+    return x
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad, hooks, metadata=None):
+    if not isinstance(storage, _Storage):
+        raise CheckpointError(f"a tensor's storage is {type(storage).__name__}, not a storage record")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0 or len(size) != len(stride):
+        raise CheckpointError(f"tensor offset {offset!r} / size {size} / stride {stride} are inconsistent")
+    if not isinstance(requires_grad, bool) or not isinstance(hooks, dict) or hooks:
+        raise CheckpointError("a tensor carries backward hooks or a non-bool requires_grad; not a weights file")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CheckpointError(f"tensor metadata is {type(metadata).__name__}, not a dict")
+    numel, have = math.prod(size), storage.numel()
+    # The furthest element a view reaches must lie inside its storage; views that repeat elements
+    # (more elements than the storage) are not weights and could blow up memory on .float()/.clone().
+    if numel and (offset + sum((n - 1) * s for n, s in zip(size, stride)) >= have or numel > have):
+        raise CheckpointError(f"a tensor of size {size} (stride {stride}, offset {offset}) reaches past its "
+                              f"storage '{storage.key}' of {have} elements")
+    flat = storage.data.view(storage.dtype) if storage.data.numel() else torch.empty(0, dtype=storage.dtype)
+    return _Tensor(torch.as_strided(flat, size, stride, offset) if numel else torch.empty(size, dtype=storage.dtype))
+
+
+def _rebuild_parameter(data, requires_grad, hooks, *rest):
+    if not isinstance(data, _Tensor) or not isinstance(requires_grad, bool) or not isinstance(hooks, dict) \
+            or hooks or rest:
+        raise CheckpointError("a parameter record is malformed (not a tensor, or with hooks/state)")
+    return data
+
+
+def _ordered_dict(*args):
+    if len(args) > 1 or (args and not isinstance(args[0], (list, tuple))):
+        raise CheckpointError("collections.OrderedDict is called with unexpected arguments")
+    return OrderedDict(*args)
+
+
+def _build_list(items, *rest):
+    if not isinstance(items, list) or rest:
+        raise CheckpointError("a typed list record of the archive is malformed")
+    return items
+
+
+def _restore_type_tag(value, type_str=None):
+    return value  # the tag only tells TorchScript a container's element type
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript data.pkl into stand-ins; see the module docstring."""
+
+    def __init__(self, data: bytes, archive: "_Archive"):
+        super().__init__(io.BytesIO(data))
+        self._archive = archive
+        self._stubs: dict[str, type] = {}
+        self._storages: dict[str, _Storage] = {}
+        fns = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+               ("collections", "OrderedDict"): _ordered_dict,
+               ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag}
+        fns.update({("torch.jit._pickle", f"build_{k}list"): _build_list
+                    for k in ("int", "double", "bool", "tensor")})
+        self._globals = {k: _Call(".".join(k), f) for k, f in fns.items()}
+        self._globals.update({("torch", n): _StorageType(n, d) for n, d in _STORAGE_DTYPES.items()})
+
+    def find_class(self, module, name):
+        if (module, name) in self._globals:
+            return self._globals[(module, name)]
+        parts = str(module).split(".")
+        if parts[0] == "__torch__" and all(_IDENT.match(p) for p in parts + [str(name)]):
+            qualified = f"{module}.{name}"
+            if qualified not in self._stubs:
+                self._stubs[qualified] = type(str(name), (ScriptStub,), {"__slots__": (), "qualified": qualified})
+            return self._stubs[qualified]
+        raise UnsafeCheckpointError(
+            f"{self._archive.path}: the archive's pickle asks for the Python global '{module}.{name}', "
+            "which could run code; edgeclip only rebuilds tensors and plain containers from checkpoints. "
+            f"If you trust the file, {_RE_SAVE}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"unknown persistent record {str(pid)[:80]!r} (expected a storage record)")
+        _, kind, key, location, numel = pid
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not _KEY.match(key) \
+                or not isinstance(location, str) or len(location) > 64 or type(numel) is not int or numel < 0:
+            raise CheckpointError(f"malformed storage record {str(pid)[:120]!r}")
+        if key not in self._storages:
+            self._storages[key] = self._archive.storage(key, kind.dtype, numel)
+        storage = self._storages[key]
+        if numel * kind.dtype.itemsize > storage.data.numel():
+            raise CheckpointError(f"storage '{key}' is declared with {numel} {kind.name} elements but holds "
+                                  f"{storage.data.numel()} bytes")
+        return _Storage(key, kind.dtype, storage.data[: numel * kind.dtype.itemsize])
+
+
+# ------------------------------------------------------------------------------------------ archive
+
+class _Archive:
+    """A checked view of the zip: bounded entry count and sizes, one TorchScript prefix."""
+
+    def __init__(self, path: Path, z: zipfile.ZipFile):
+        self.path, self.z = path, z
+        infos = z.infolist()
+        check_zip_bounds(path, infos)
+        consts = [i.filename for i in infos if i.filename.rsplit("/", 1)[-1] == "constants.pkl"]
+        if len(consts) != 1:
+            raise CheckpointError(f"{path}: a TorchScript archive has one constants.pkl, this one has "
+                                  f"{len(consts)}; the file is corrupt")
+        self.prefix = consts[0][: -len("constants.pkl")]
+        self.infos = {i.filename: i for i in infos}
+        self._code: dict[str, dict] = {}
+        self._code_bytes = 0
+        self.visits = 0
+
+    def read(self, name: str, limit: int) -> bytes:
+        info = self.infos.get(self.prefix + name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: the archive has no '{self.prefix + name}'; the file is truncated "
+                                  "or not a TorchScript archive")
+        if info.file_size > limit:
+            raise CheckpointError(f"{self.path}: '{info.filename}' declares {info.file_size} bytes, more than the "
+                                  f"{limit} edgeclip reads for it")
+        data = self.z.read(info)  # checks the CRC: a corrupt entry raises here
+        if len(data) != info.file_size:
+            raise CheckpointError(f"{self.path}: '{info.filename}' holds {len(data)} bytes, not the "
+                                  f"{info.file_size} its header declares")
+        return data
+
+    def storage(self, key: str, dtype, numel: int) -> _Storage:
+        info = self.infos.get(f"{self.prefix}data/{key}")
+        need = numel * dtype.itemsize
+        if info is None or info.file_size < need:
+            have = "no such entry" if info is None else f"{info.file_size} bytes"
+            raise CheckpointError(f"{self.path}: storage '{key}' declares {numel} elements ({need} bytes) but the "
+                                  f"archive has {have} for it; the file is truncated or corrupt")
+        raw = bytearray(self.read(f"data/{key}", info.file_size))
+        data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return _Storage(key, dtype, data)
+
+    def declarations(self, qualified: str):
+        """(base class, parameter names, buffer names) of a scripted class, from its code/ text."""
+        module, _, name = qualified.rpartition(".")
+        fname = f"code/{module.replace('.', '/')}.py"
+        if fname not in self._code:
+            self._code[fname] = {}
+            info = self.infos.get(self.prefix + fname)
+            if info is not None:
+                self._code_bytes += info.file_size
+                if self._code_bytes > MAX_CODE_BYTES:
+                    raise CheckpointError(f"{self.path}: the archive's code/ is over {MAX_CODE_BYTES} bytes")
+                text = self.read(fname, MAX_CODE_BYTES).decode("utf-8", "replace")
+                self._code[fname] = _parse_classes(text)
+        return self._code[fname].get(name)
+
+
+def _parse_classes(text: str) -> dict:
+    """class name -> (base, params, buffers) from TorchScript's printed code (read, never run)."""
+    out = {}
+    heads = list(_CLASS.finditer(text))
+    for m, nxt in zip(heads, heads[1:] + [None]):
+        block = text[m.end(): nxt.start() if nxt else len(text)]
+        decl = {k: _QUOTED.findall(v) for k, v in _DECL.findall(block)}
+        out[m.group(1)] = (m.group(2), decl.get("__parameters__", []), decl.get("__buffers__", []))
+    return out
+
+
+def check_zip_bounds(path: Path, infos: list) -> None:
+    """Refuse zips with absurd entry counts, duplicate names or sizes no real file inflates to."""
+    if len(infos) > MAX_ENTRIES:
+        raise CheckpointError(f"{path}: the archive has {len(infos)} entries (over {MAX_ENTRIES}); not a checkpoint")
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: the archive holds two entries of the same name; the file is corrupt "
+                              "or crafted")
+    total, on_disk = sum(i.file_size for i in infos), path.stat().st_size
+    if total > MAX_INFLATION * on_disk + (1 << 20):
+        raise CheckpointError(f"{path}: the archive declares {total} uncompressed bytes for a {on_disk}-byte "
+                              "file; refusing it as a zip bomb")
+
+
+# ------------------------------------------------------------------------------------------- walk
+
+def _collect(obj: ScriptStub, prefix: str, out: dict, arch: _Archive, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{arch.path}: modules nest more than {MAX_DEPTH} deep (or refer to themselves) "
+                              f"at '{prefix}'; not a model archive")
+    arch.visits += 1  # shared sub-objects could make the walk exponential: bound the visits
+    if arch.visits > MAX_TENSORS:
+        raise CheckpointError(f"{arch.path}: more than {MAX_TENSORS} modules to visit; not a model archive")
+    state = obj.state
+    if not obj.built or not isinstance(state, dict):
+        raise UnsafeCheckpointError(
+            f"{arch.path}: module '{prefix.rstrip('.') or '<root>'}' ({obj.qualified}) restores itself through "
+            "its own __setstate__, code inside the archive that edgeclip never runs, so its tensors cannot "
+            f"be named. {_RE_SAVE}")
+    for k in state:
+        if not isinstance(k, str) or not k or "." in k or len(k) > 256:
+            raise CheckpointError(f"{arch.path}: module '{obj.qualified}' has an attribute named {str(k)[:80]!r}")
+    decl = arch.declarations(obj.qualified)
+    names = decl[1] + decl[2] if decl else [k for k, v in state.items() if isinstance(v, _Tensor)]
+    for name in names:
+        value = state.get(name)
+        if isinstance(value, _Tensor):
+            out[prefix + name] = value.t
+        elif value is not None:  # None: an unset optional buffer, absent from state_dict() too
+            raise CheckpointError(f"{arch.path}: '{prefix + name}' is declared a parameter/buffer but holds "
+                                  f"{type(value).__name__}")
+        if len(out) > MAX_TENSORS:
+            raise CheckpointError(f"{arch.path}: more than {MAX_TENSORS} tensors; not a model archive")
+    for key, value in state.items():
+        if isinstance(value, ScriptStub) and _is_module(value, arch):
+            _collect(value, f"{prefix}{key}.", out, arch, depth + 1)
+
+
+def _is_module(stub: ScriptStub, arch: _Archive) -> bool:
+    decl = arch.declarations(stub.qualified)
+    return decl is None or decl[0] == "Module"  # scripted classes that are not modules hold no state_dict
+
+
+def _plain(obj, where: str, depth: int = 0, seen: list | None = None):
+    """A pickled container (not a module) with tensor stand-ins replaced by tensors."""
+    seen = [0] if seen is None else seen
+    seen[0] += 1  # shared sub-containers could make the walk exponential: bound the visits
+    if depth > MAX_DEPTH or seen[0] > MAX_TENSORS:
+        raise CheckpointError(f"{where}: containers nest more than {MAX_DEPTH} deep or hold over {MAX_TENSORS} "
+                              "objects; not a checkpoint")
+    if isinstance(obj, _Tensor):
+        return obj.t
+    if isinstance(obj, dict):
+        return {k: _plain(v, where, depth + 1, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v, where, depth + 1, seen) for v in obj)
+    if isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        return obj
+    raise CheckpointError(f"{where}: the archive holds a {type(obj).__name__} where a state dict was expected")
+
+
+def read_torchscript(path) -> dict:
+    """`name -> tensor` of a TorchScript archive, the names `torch.jit.load(path).state_dict()` gives.
+
+    A plain container pickled into the archive (not a scripted module) comes back with its tensors.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            arch = _Archive(path, z)
+            order = arch.read("byteorder", 16).strip() if arch.prefix + "byteorder" in arch.infos else b"little"
+            if order != b"little":
+                raise CheckpointError(f"{path}: byte order {order[:16]!r} archives are not supported (little only)")
+            root = RestrictedUnpickler(arch.read("data.pkl", MAX_PICKLE_BYTES), arch).load()
+            if isinstance(root, ScriptStub):
+                out: dict = {}
+                _collect(root, "", out, arch, 0)
+                return out
+            return _plain(root, str(path))
+    except EdgeClipError:
+        raise
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: the archive nests too deeply to read; not a checkpoint") from e
+    except MemoryError as e:
+        raise CheckpointError(f"{path}: the archive needs more memory than is available to read") from e
+    except Exception as e:  # zipfile, zlib and pickle raise many types on corrupt data
+        raise CheckpointError(f"cannot read TorchScript archive {path}: {type(e).__name__}: {str(e)[:200]}; "
+                              "the file is truncated or corrupt") from e
