@@ -18,6 +18,7 @@ the same call signature and padding / truncation rules; it needs the optional
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import html.entities
 import json
@@ -38,8 +39,10 @@ from ..errors import InputError, TextTooLongError, TokenizerError
 __all__ = [
     "ClipTokenizer",
     "HFTokenizer",
+    "check_token_ids",
     "load_tokenizer",
     "tokenize",
+    "MAX_WORD_BYTES",
     "DEFAULT_CONTEXT_LENGTH",
     "TOKENIZER_KINDS",
 ]
@@ -53,6 +56,15 @@ _N_MERGES = 49152 - 256 - 2
 _SOT = "<|startoftext|>"
 _EOT = "<|endoftext|>"
 _CACHE_LIMIT = 200_000  # words; the BPE cache is cleared when it grows past this
+_CACHE_WORD_CHARS = 64  # only words up to this long are cached (captions' words are short)
+# One pre-token (a run of letters, or of punctuation/symbols) longer than this many UTF-8
+# bytes raises TextTooLongError, with or without truncate: CLIP's longest vocabulary entry
+# is 16 bytes, so 77 tokens never need more than ~1.2 kB of one word, and BPE of such a word
+# stays well under 0.1 s.  A word past the bound is hostile or garbage (base64, Zalgo text).
+MAX_WORD_BYTES = 16_384
+# With truncate=False, ids are counted up to this many so the error can give the exact
+# length of an over-long text; past it the message says "more than".
+_COUNT_LIMIT = 1024
 
 
 # --------------------------------------------------------------------------- helpers
@@ -91,11 +103,15 @@ def _check_context_length(context_length) -> int:
     return int(context_length)
 
 
-def _too_long_error(texts: Sequence[str], lengths: Sequence[int], bad: list[int], L: int) -> TextTooLongError:
+def _too_long_error(
+    texts: Sequence[str], lengths: Sequence[int], bad: list[int], L: int, counted: int | None = None
+) -> TextTooLongError:
+    """`counted`: lengths were counted only up to this many (then the text has "more than")."""
     i = bad[0]
     more = f" ({len(bad)} of {len(texts)} texts are too long; this is texts[{i}])" if len(bad) > 1 else ""
+    n = f"more than {counted - 1}" if counted is not None and lengths[i] >= counted else str(lengths[i])
     return TextTooLongError(
-        f"Text {_shorten(texts[i])!r} has {lengths[i]} tokens (including the start/end tokens), "
+        f"Text {_shorten(texts[i])!r} has {n} tokens (including the start/end tokens), "
         f"more than the context length {L}{more}. Shorten it, or pass truncate=True to cut it "
         f"to {L} tokens keeping the end token."
     )
@@ -108,6 +124,48 @@ def _warn_truncated(n: int, total: int, L: int) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def check_token_ids(ids, vocab_size: int, context_length: int) -> np.ndarray:
+    """Check pre-made token ids before they reach a text graph; return them as int64.
+
+    `ids` must be a 2-D integer array (N >= 1 rows, 1 <= L <= context_length columns) of
+    ids in [0, vocab_size).  A negative id would silently wrap around in the embedding
+    Gather (row -1 is the last vocabulary entry) and one >= vocab_size reads out of range,
+    so both raise InputError naming the value and its [row, column].
+    """
+    if not isinstance(ids, np.ndarray):
+        raise InputError(
+            f"token ids must be a numpy integer array of shape (N, L), got a {type(ids).__name__}; "
+            "tokenize texts with tokenize(texts) or pass np.asarray(ids, dtype=np.int64)."
+        )
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(
+            f"token ids must have an integer dtype, got {ids.dtype}; pass ids.astype(np.int64) "
+            "only if the values are whole numbers, or tokenize the texts."
+        )
+    if ids.ndim != 2:
+        raise InputError(
+            f"token ids must be 2-D (N texts, L positions), got shape {ids.shape}; "
+            "wrap one row as ids[None, :]."
+        )
+    n, length = ids.shape
+    if n < 1:
+        raise InputError(f"token ids have no rows (shape {ids.shape}); pass at least one text.")
+    if not 1 <= length <= context_length:
+        raise InputError(
+            f"token ids have {length} positions per row, the model takes 1 to {context_length}; "
+            "tokenize(texts, truncate=True) cuts longer texts to the context."
+        )
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        r, c = (int(v) for v in bad[0])
+        raise InputError(
+            f"token id {int(ids[r, c])} at [{r}, {c}] is outside the vocabulary [0, {vocab_size}) "
+            f"({len(bad)} bad id{'s' if len(bad) > 1 else ''} in all); ids must come from this "
+            "model's tokenizer."
+        )
+    return ids.astype(np.int64, copy=False)
 
 
 # --------------------------------------------------------------------------- byte level
@@ -221,11 +279,20 @@ def _unescape_entity(match: re.Match) -> str:
     return text
 
 
+# "&amp;amp;amp;...;" loses one level per pass of the fixed-point loop below, so k levels
+# cost k passes over the text: quadratic (a 400 kB chain would take minutes).  Every such
+# level decodes to "&" again, so k >= 2 levels are cut to one before each pass; the loop
+# then reaches the same fixed point in a few passes.  (The {0,22} bounds keep every level
+# an entity _HTML_ENTITY_RE itself matches.)
+_AMP_CHAIN_RE = re.compile(r"&(?:(?:amp|AMP|#0{0,22}38|#[xX]0{0,21}26);){2,}")
+
+
 def _fix_segment(text: str, unescape: bool) -> str:
     (table, controls), _ = _fix_tables()
     while True:
         orig = text
         if unescape:
+            text = _AMP_CHAIN_RE.sub("&amp;", text)
             text = _HTML_ENTITY_RE.sub(_unescape_entity, text)
         text = text.translate(table)  # c1 controls, ligatures, width, quotes
         text = (
@@ -240,15 +307,42 @@ def _fix_segment(text: str, unescape: bool) -> str:
             text = _SURROGATE_RE.sub("\ufffd", text)
         text = _ANSI_RE.sub("", text)
         text = text.translate(controls)
-        text = unicodedata.normalize("NFC", text)
+        text = _nfc(text)
         if text == orig:
             return text
+
+
+# CPython's normalize() puts a run of combining marks in canonical order with an insertion
+# sort: a run of alternating classes (U+0301 U+0316 ...) is quadratic, 400k marks took 78 s.
+# A long run is replaced first by its canonical order (each mark decomposed, then a stable
+# sort by combining class, O(n log n)): a canonically equivalent string, so NFC gives the
+# same text, and normalize() then finds the run already sorted.  Valid because every
+# non-starter decomposes into non-starters only (checked over all of Unicode in the tests).
+_LONG_RUN = 32  # Unicode's stream-safe format allows 30 non-starters in a row
+
+
+@lru_cache(maxsize=1)
+def _long_mark_run_re() -> re.Pattern:
+    marks = [(cp, cp + 1) for cp in range(0x110000)
+             if not 0xD800 <= cp < 0xE000 and unicodedata.combining(chr(cp))]
+    return re.compile(f"[{_ranges_to_class(_merge_ranges(marks))}]{{{_LONG_RUN},}}")
+
+
+def _canonical_run(match: re.Match) -> str:
+    marks = "".join(unicodedata.normalize("NFD", c) for c in match.group(0))
+    return "".join(sorted(marks, key=unicodedata.combining))
+
+
+def _nfc(text: str) -> str:
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFC", _long_mark_run_re().sub(_canonical_run, text))
 
 
 def _ftfy_lite(text: str) -> str:
     """The deterministic part of ftfy.fix_text (see the comment above)."""
     if not _FIXABLE_RE.search(text):
-        return unicodedata.normalize("NFC", text) if not text.isascii() else text
+        return _nfc(text)
     out = []
     unescape = True  # ftfy's unescape_html="auto" turns off for good at the first '<'
     pos = 0
@@ -400,6 +494,7 @@ class ClipTokenizer:
             )
         self.decoder: list[str] = vocab
         self.bpe_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self._merges: list[tuple[str, str]] = merges
         self.sot_token_id: int = self.encoder[_SOT]
         self.eot_token_id: int = self.encoder[_EOT]
         self.pad_token_id: int = 0
@@ -413,48 +508,89 @@ class ClipTokenizer:
 
     # -- BPE
     def _bpe(self, word: str) -> tuple[int, ...]:
-        """Ids of one pre-token (raw text, not yet byte-encoded)."""
+        """Ids of one pre-token (raw text, not yet byte-encoded).
+
+        The reference loop ("merge every occurrence of the lowest-ranked adjacent pair,
+        left to right; repeat") rescans the word per merge, O(n^2); a 100 kB word took
+        40 s.  Here the pairs sit in a heap keyed by (rank, position) over a linked list of
+        symbols, O(n log n).  All occurrences of one rank are taken off the heap before any
+        of them is merged, so pairs a merge creates (even lower-ranked ones) wait for the
+        next round, exactly as in the reference.  A merge never re-creates its own pair
+        (first+second is longer than either side), so one round is one rank.
+        """
         chars = _byte_encode(word)
-        symbols = list(chars[:-1]) + [chars[-1] + "</w>"]
-        ranks = self.bpe_ranks
-        while len(symbols) > 1:
-            best_rank, best = None, None
-            for pair in zip(symbols, symbols[1:]):
-                r = ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best_rank, best = r, pair
-            if best is None:
-                break
-            first, second = best
+        if len(chars) > MAX_WORD_BYTES:
+            raise TextTooLongError(
+                f"a single word of {len(chars)} UTF-8 bytes ({_shorten(word, 40)!r}) is longer than "
+                f"the {MAX_WORD_BYTES}-byte limit of one CLIP BPE word (no caption needs more); "
+                "split it with spaces or shorten it"
+            )
+        symbols: list = list(chars)
+        symbols[-1] += "</w>"
+        n = len(symbols)
+        ranks, merges = self.bpe_ranks, self._merges
+        heap = [(r, i) for i, pair in enumerate(zip(symbols, symbols[1:])) if (r := ranks.get(pair)) is not None]
+        heapq.heapify(heap)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        while heap:
+            rank = heap[0][0]
+            batch = []
+            while heap and heap[0][0] == rank:
+                batch.append(heapq.heappop(heap)[1])
+            first, second = merges[rank]
             merged = first + second
-            out = []
-            i, n = 0, len(symbols)
-            while i < n:
-                if i < n - 1 and symbols[i] == first and symbols[i + 1] == second:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            symbols = out
+            for i in batch:  # ascending positions = left to right
+                j = nxt[i]
+                # stale entry: i was merged away (None) or into something else
+                if j < 0 or symbols[i] != first or symbols[j] != second:
+                    continue
+                symbols[i], symbols[j] = merged, None
+                k = nxt[i] = nxt[j]
+                if k >= 0:
+                    prv[k] = i
+                    r = ranks.get((merged, symbols[k]))
+                    if r is not None:
+                        heapq.heappush(heap, (r, i))
+                p = prv[i]
+                if p >= 0:
+                    r = ranks.get((symbols[p], merged))
+                    if r is not None:
+                        heapq.heappush(heap, (r, p))
         enc = self.encoder
-        return tuple(enc[s] for s in symbols)
+        return tuple(enc[s] for s in symbols if s is not None)
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        cache = self._cache
+        toks = cache.get(word)
+        if toks is None:
+            toks = self._bpe(word)
+            if len(word) <= _CACHE_WORD_CHARS:  # long (hostile) words would pin memory
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = toks
+        return toks
+
+    def _encode_upto(self, text: str, limit: int | None) -> list[int]:
+        """Ids of `text`, stopping as soon as at least `limit` exist (None: all of them).
+
+        Words are tokenized in order and each word's ids do not depend on later words, so
+        the first `limit` ids are those of the whole text: a long text costs only its
+        clean-up, not its BPE.
+        """
+        ids: list[int] = []
+        for word in self._pattern.findall(_clean(text)):
+            ids.extend(self._word_ids(word))
+            if limit is not None and len(ids) >= limit:
+                break
+        return ids
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` without the start/end tokens."""
         if not isinstance(text, str):
             raise InputError(f"encode() takes a str, got {type(text).__name__}.")
-        cache = self._cache
-        ids: list[int] = []
-        for word in self._pattern.findall(_clean(text)):
-            toks = cache.get(word)
-            if toks is None:
-                toks = self._bpe(word)
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = toks
-            ids.extend(toks)
-        return ids
+        return self._encode_upto(text, None)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids` (a list or 1-D array). Words are separated by single spaces.
@@ -487,11 +623,19 @@ class ClipTokenizer:
         """
         texts = _as_text_list(texts)
         L = self.context_length if context_length is None else _check_context_length(context_length)
-        rows = [[self.sot_token_id, *self.encode(t), self.eot_token_id] for t in texts]
+        # L - 1 content ids are enough to fill a truncated row and to know it was cut; without
+        # truncate, count far enough to report the length (a few hundred tokens) exactly.
+        limit = L - 1 if truncate else max(L - 1, _COUNT_LIMIT + 1)
+        rows = []
+        for i, t in enumerate(texts):
+            try:
+                rows.append([self.sot_token_id, *self._encode_upto(t, limit), self.eot_token_id])
+            except TextTooLongError as e:  # an over-long word: say which text holds it
+                raise TextTooLongError(f"texts[{i}]: {e}") from None
         lengths = [len(r) for r in rows]
         bad = [i for i, n in enumerate(lengths) if n > L]
         if bad and not truncate:
-            raise _too_long_error(texts, lengths, bad, L)
+            raise _too_long_error(texts, lengths, bad, L, counted=limit + 2)
         out = np.full((len(rows), L), self.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             if len(row) > L:
@@ -617,7 +761,24 @@ class HFTokenizer:
         """Ids of `text` without the post-processor's special tokens."""
         if not isinstance(text, str):
             raise InputError(f"encode() takes a str, got {type(text).__name__}.")
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._encode_batch([text], add_special_tokens=False)[0].ids)
+
+    def _encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list:
+        """`tokenizers`' encode_batch with its plain TypeError/Exception (e.g. on a lone
+        surrogate, which Rust strings cannot hold) turned into an InputError naming the text."""
+        try:
+            return self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain exceptions
+            for i, t in enumerate(texts):
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as bad:
+                    raise InputError(
+                        f"texts[{i}] {_shorten(t)!r} holds the lone surrogate {t[bad.start]!r} at "
+                        f"character {bad.start}, which is not valid Unicode text; decode the bytes "
+                        "it came from with errors='replace'."
+                    ) from None
+            raise TokenizerError(f"{self.path} could not tokenize the texts ({type(e).__name__}: {e}).") from e
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; by default without padding and start/end tokens."""
@@ -634,7 +795,7 @@ class HFTokenizer:
     def __call__(self, texts, context_length: int | None = None, truncate: bool = False) -> np.ndarray:
         texts = _as_text_list(texts)
         L = self.context_length if context_length is None else _check_context_length(context_length)
-        rows = [list(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+        rows = [list(e.ids) for e in self._encode_batch(texts)]
         lengths = [len(r) for r in rows]
         bad = [i for i, n in enumerate(lengths) if n > L]
         if bad and not truncate:
@@ -647,7 +808,7 @@ class HFTokenizer:
                     "this tokenizer adds; use a larger context_length."
                 )
             for i in bad:
-                enc = self._tok.encode(texts[i], add_special_tokens=False)
+                enc = self._encode_batch([texts[i]], add_special_tokens=False)[0]
                 enc.truncate(room)
                 rows[i] = list(self._tok.post_process(enc, None, True).ids)[:L]
         width = L if self.pad_to_max else max([len(r) for r in rows], default=0)
