@@ -443,14 +443,16 @@ def _clip_pattern() -> re.Pattern:
 # --------------------------------------------------------------------------- CLIP BPE
 
 
-def _read_merges(bpe_path) -> list[tuple[str, str]]:
+def _read_merges(bpe_path, data: bytes | None = None) -> list[tuple[str, str]]:
     hint = (
         "Reinstall edgeclip (pip install --force-reinstall edgeclip) to restore the shipped "
         f"{_VOCAB_FILE}, or pass bpe_path= pointing to an intact copy of OpenAI CLIP's "
         "vocabulary file."
     )
     try:
-        if bpe_path is None:
+        if data is not None:
+            where, raw = str(bpe_path or "the given vocabulary bytes"), data
+        elif bpe_path is None:
             where = f"edgeclip.runtime/{_VOCAB_FILE}"
             raw = resources.files(__package__).joinpath(_VOCAB_FILE).read_bytes()
         else:
@@ -479,9 +481,9 @@ class ClipTokenizer:
         context_length: default row length of `__call__` (77 for CLIP, 248 for Long-CLIP).
     """
 
-    def __init__(self, bpe_path=None, context_length: int = DEFAULT_CONTEXT_LENGTH):
+    def __init__(self, bpe_path=None, context_length: int = DEFAULT_CONTEXT_LENGTH, data: bytes | None = None):
         self.context_length = _check_context_length(context_length)
-        merges = _read_merges(bpe_path)
+        merges = _read_merges(bpe_path, data)
         vocab = list(bytes_to_unicode().values())
         vocab = vocab + [v + "</w>" for v in vocab]
         vocab.extend("".join(m) for m in merges)
@@ -692,7 +694,8 @@ class HFTokenizer:
 
     _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
 
-    def __init__(self, path, context_length: int = 64, pad_to_max: bool = True, pad_token_id: int | None = None):
+    def __init__(self, path, context_length: int = 64, pad_to_max: bool = True, pad_token_id: int | None = None,
+                 data: bytes | None = None):
         from .._lazy import require
 
         tokenizers = require("tokenizers", "loading tokenizer.json")
@@ -701,15 +704,16 @@ class HFTokenizer:
         if path is None:
             raise TokenizerError("HFTokenizer needs the path of a tokenizer.json or of the model folder holding it.")
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() and data is None:
             p = p / "tokenizer.json"
-        if not p.is_file():
+        if data is None and not p.is_file():
             raise TokenizerError(
                 f"tokenizer file {p} not found. Pass the path of a tokenizer.json or of a model "
                 "folder that holds one (save it with tokenizer.save_pretrained(folder))."
             )
         try:
-            tok = tokenizers.Tokenizer.from_file(str(p))
+            tok = tokenizers.Tokenizer.from_file(str(p)) if data is None else \
+                tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # the Rust side raises plain Exceptions
             raise TokenizerError(f"{p} is not a valid tokenizer.json ({e}). Re-save it with the tokenizers library.") from e
         self.path = p
@@ -823,14 +827,16 @@ class HFTokenizer:
 # --------------------------------------------------------------------------- factory
 
 
-def load_tokenizer(kind: str, context_length: int, path=None):
-    """"clip_bpe" -> ClipTokenizer(bpe_path=path); "hf" -> HFTokenizer(path)."""
+def load_tokenizer(kind: str, context_length: int, path=None, data: bytes | None = None):
+    """"clip_bpe" -> ClipTokenizer(bpe_path=path); "hf" -> HFTokenizer(path).
+
+    `data`: the file's bytes, already verified (an artifact's tokenizer); `path` then only names it."""
     if kind == "clip_bpe":
-        return ClipTokenizer(bpe_path=path, context_length=context_length)
+        return ClipTokenizer(bpe_path=path, context_length=context_length, data=data)
     if kind == "hf":
         if path is None:
             raise TokenizerError(
                 "tokenizer kind 'hf' needs path= (a tokenizer.json or the model folder holding it)."
             )
-        return HFTokenizer(path, context_length=context_length)
+        return HFTokenizer(path, context_length=context_length, data=data)
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; known kinds: {', '.join(TOKENIZER_KINDS)}.")
