@@ -1,0 +1,406 @@
+"""Hostile checkpoints: TorchScript archives that run code, crafted pickles, corrupt zips, bad
+transformers configs, preprocessor configs and shard maps, state dicts that are not tensors.
+
+Every case asserts the typed error and a key part of its message (or an exact load), and, where the
+file tries to write one, that no marker file appears.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import pickletools
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+import torch
+
+import edgeclip
+from edgeclip.errors import CheckpointError, UnsafeCheckpointError
+from edgeclip.models.loaders import read_state_dict, spec_from_hf_config
+from edgeclip.models.safe_pickle import read_torchscript
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/save, to build files
+
+
+# ----------------------------------------------------------------------------------- tiny weights
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Our state dict of a random 'tiny' model (the spec ships with edgeclip)."""
+    return edgeclip.load_model("random:tiny", seed=1).state_dict()
+
+
+_TO_OPENAI = [(r"^visual\.patch_embed\.weight$", "visual.conv1.weight"),
+              (r"^visual\.pos_embed$", "visual.positional_embedding"), (r"^visual\.proj\.weight$", "visual.proj"),
+              (r"^visual\.blocks\.", "visual.transformer.resblocks."),
+              (r"^text\.token_embed\.weight$", "token_embedding.weight"), (r"^text\.pos_embed$", "positional_embedding"),
+              (r"^text\.blocks\.", "transformer.resblocks."), (r"^text\.ln_final\.", "ln_final."),
+              (r"^text\.proj\.weight$", "text_projection"), (r"\.attn\.qkv\.", ".attn.in_proj_"),
+              (r"\.attn\.out\.", ".attn.out_proj."), (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
+_TO_HF = [(r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),
+          (r"^visual\.patch_embed\.", "vision_model.embeddings.patch_embedding."),
+          (r"^visual\.pos_embed$", "vision_model.embeddings.position_embedding.weight"),
+          (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."), (r"^visual\.ln_post\.", "vision_model.post_layernorm."),
+          (r"^visual\.blocks\.", "vision_model.encoder.layers."), (r"^visual\.proj\.", "visual_projection."),
+          (r"^text\.token_embed\.", "text_model.embeddings.token_embedding."),
+          (r"^text\.pos_embed$", "text_model.embeddings.position_embedding.weight"),
+          (r"^text\.blocks\.", "text_model.encoder.layers."), (r"^text\.ln_final\.", "text_model.final_layer_norm."),
+          (r"^text\.proj\.", "text_projection."), (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
+          (r"\.attn\.out\.", ".self_attn.out_proj.")]
+
+
+def to_openai(ours: dict) -> dict:
+    """Our names -> OpenAI CLIP names (projections stored as x @ P, i.e. transposed)."""
+    out = {}
+    for k, v in ours.items():
+        name = k
+        for pat, rep in _TO_OPENAI:
+            name = re.sub(pat, rep, name)
+        out[name] = v.t().contiguous() if k.endswith("proj.weight") else v.clone()
+    return out
+
+
+def to_hf(ours: dict) -> dict:
+    """Our names -> transformers CLIPModel names (Q/K/V split)."""
+    out = {}
+    for k, v in ours.items():
+        name = k
+        for pat, rep in _TO_HF:
+            name = re.sub(pat, rep, name)
+        if ".attn.qkv." in name:
+            for part, chunk in zip("qkv", v.chunk(3, dim=0)):
+                out[name.replace(".attn.qkv.", f".self_attn.{part}_proj.")] = chunk.clone()
+        else:
+            out[name] = v.clone()
+    return out
+
+
+def hf_config(**changes) -> dict:
+    """config.json of the 'tiny' spec in transformers' CLIP layout; `changes`: {'vision_config.x': v}."""
+    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cfg = {"model_type": "clip", "projection_dim": 64,
+           "vision_config": {**tower, "image_size": 32, "patch_size": 8},
+           "text_config": {**tower, "vocab_size": 49408, "max_position_embeddings": 77, "eos_token_id": 49407}}
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition(".")
+        target = cfg[section] if section else cfg
+        target[key] = value
+    return cfg
+
+
+def assert_same_weights(model, ours: dict):
+    got = model.state_dict()
+    assert set(got) == set(ours)
+    for k, v in ours.items():
+        assert torch.equal(got[k], v.float().reshape(got[k].shape)), k
+
+
+# ------------------------------------------------------------------------ real scripted modules
+
+class Node(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class EvilTuple(torch.nn.Module):
+    """Its scripted __setstate__ creates a file (torch.from_file(shared=True) creates what it maps)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        self.path = marker
+        self.scratch = torch.zeros(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+        return (self.w, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+        self.w = state[0]
+        self.path = state[1]
+        self.training = state[2]
+        self.scratch = torch.from_file(self.path, True, 4)  # kept in an attribute, so not dead code
+
+
+class EvilDict(torch.nn.Module):
+    """Same attack, but its state is a dict, like any module's attribute dict."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.path = marker
+        self.scratch = torch.zeros(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Dict[str, str]:
+        return {"path": self.path}
+
+    @torch.jit.export
+    def __setstate__(self, state: Dict[str, str]) -> None:
+        self.path = state["path"]
+        self.training = False
+        self.scratch = torch.from_file(self.path, True, 4)
+
+
+EVIL = {"tuple-state": EvilTuple, "dict-state": EvilDict}
+
+
+def scripted_archive(path: Path, sd: dict, evil=None, marker: Path | None = None) -> Path:
+    """torch.jit.save of a module tree holding `sd` under its dotted names, plus an optional evil child."""
+    root = Node()
+    for key, value in sd.items():
+        *parts, leaf = key.split(".")
+        mod = root
+        for part in parts:
+            if not hasattr(mod, part):
+                mod.add_module(part, Node())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    if evil is not None:
+        root.add_module("evil", EVIL[evil](str(marker)))
+    torch.jit.save(torch.jit.script(root), str(path))
+    return path
+
+
+@pytest.mark.parametrize("evil", sorted(EVIL))
+def test_the_attack_is_real_with_torch_jit_load(tmp_path, evil):
+    """The files below do write a file when loaded the old way: the tests that follow prove a defence."""
+    marker = tmp_path / "pwned"
+    path = scripted_archive(tmp_path / "evil.pt", {"a.w": torch.ones(2)}, evil, marker)
+    assert not marker.exists()
+    torch.jit.load(str(path))
+    assert marker.exists()
+
+
+def _route(route: str, tmp_path: Path, tiny: dict, evil: str, marker: Path):
+    """load_model through one of the three routes that read .pt/.bin files."""
+    if route == "hf":
+        d = tmp_path / "hf"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(hf_config()))
+        scripted_archive(d / "pytorch_model.bin", to_hf(tiny), evil, marker)
+        return lambda: edgeclip.load_model(f"hf:{d}")
+    path = scripted_archive(tmp_path / "clip.pt", to_openai(tiny), evil, marker)
+    if route == "openai":
+        return lambda: edgeclip.load_model(f"openai:{path}")
+    return lambda: edgeclip.load_model("open_clip:tiny", checkpoint=path)
+
+
+@pytest.mark.parametrize("evil", sorted(EVIL))
+@pytest.mark.parametrize("route", ["openai", "open_clip", "hf"])
+def test_torchscript_archives_run_no_code(tmp_path, tiny, route, evil):
+    marker = tmp_path / "pwned"
+    load = _route(route, tmp_path, tiny, evil, marker)
+    if evil == "tuple-state":  # its tensors live in a tuple only its own code could name: refused
+        with pytest.raises(UnsafeCheckpointError, match=r"module 'evil' \(__torch__\..*EvilTuple\) restores itself"):
+            load()
+    else:  # an attribute dict like any module's: only its tensors are read (it has none)
+        assert_same_weights(load(), tiny)
+    assert not marker.exists()
+
+
+def test_scripted_clip_loads_exactly_with_every_route(tmp_path, tiny):
+    for route in ("openai", "open_clip", "hf"):
+        sub = tmp_path / route
+        sub.mkdir()
+        assert_same_weights(_route(route, sub, tiny, None, sub / "unused")(), tiny)
+
+
+class Views(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        base = torch.arange(24.0).reshape(4, 6)
+        self.col = torch.nn.Parameter(base[:, 1])            # a strided view with an offset
+        self.tail = torch.nn.Parameter(base.flatten()[5:])
+        self.fp16 = torch.nn.Parameter(torch.randn(3, 2).half())
+        self.register_buffer("bf", torch.randn(2).bfloat16())
+        self.register_buffer("flags", torch.tensor([True, False]))
+        self.register_buffer("count", torch.tensor(7))
+        self.register_buffer("empty", torch.zeros(0, 3))
+        self.register_buffer("unset", None)
+        self.plain = torch.ones(3)                           # an attribute, not a buffer
+        self.many = [torch.ones(1), torch.zeros(1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.plain.sum() + self.many[0]
+
+
+class Containers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ml = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+        self.md = torch.nn.ModuleDict({"x": torch.nn.LayerNorm(2)})
+        self.pl = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(2))])
+        self.bn = torch.nn.BatchNorm1d(2)
+        self.seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        self.tied = self.ml[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.ml:
+            x = m(x)
+        return self.md["x"](x) + self.pl[0] + self.bn(x) + self.tied(x) + self.seq(x)
+
+
+@pytest.mark.parametrize("make", [Views, Containers, lambda: torch.nn.Sequential(Views(), Containers())],
+                         ids=["views-dtypes-attributes", "containers-tied", "nested"])
+def test_reader_matches_torch_jit_state_dict(tmp_path, make):
+    """Same names, order, dtypes, strides and values as torch.jit.load(...).state_dict()."""
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(make()), str(path))
+    ref, ours = dict(torch.jit.load(str(path)).state_dict()), read_torchscript(path)
+    assert list(ours) == list(ref)
+    for k, v in ref.items():
+        assert ours[k].dtype == v.dtype and ours[k].stride() == v.stride() and torch.equal(ours[k], v), k
+
+
+# ------------------------------------------------------------------- hand-written pickle opcodes
+
+def lit(x) -> bytes:
+    """Opcodes that push a plain Python value (no memo use)."""
+    return pickletools.optimize(pickle.dumps(x, protocol=2))[2:-1]
+
+
+def glob(module: str, name: str, form: str = "GLOBAL") -> bytes:
+    if form == "STACK_GLOBAL":
+        return lit(module) + lit(name) + b"\x93"
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def call(fn: bytes, *args: bytes) -> bytes:
+    return fn + b"(" + b"".join(args) + b"tR"
+
+
+def storage(key="0", kind="FloatStorage", numel=4, loc="cpu") -> bytes:
+    return b"(" + lit("storage") + glob("torch", kind) + lit(key) + lit(loc) + lit(numel) + b"tQ"
+
+
+def tensor(key="0", size=(4,), stride=None, offset=0, numel=4, kind="FloatStorage", grad=False, hooks=None,
+           store=None) -> bytes:
+    stride = stride if stride is not None else tuple(int(torch.tensor(size[i + 1:]).prod()) for i in range(len(size)))
+    return call(glob("torch._utils", "_rebuild_tensor_v2"), store or storage(key, kind, numel), lit(offset),
+                lit(tuple(size)), lit(tuple(stride)), lit(grad), hooks or call(glob("collections", "OrderedDict")))
+
+
+def module(name: str, attrs: list, qual: str = "__torch__") -> bytes:
+    """A scripted module the way torch.jit.save writes it: NEWOBJ, then BUILD with its attribute dict."""
+    return glob(qual, name) + b")\x81}(" + b"".join(lit(k) + v for k, v in attrs) + b"ub"
+
+
+def dump(body: bytes) -> bytes:
+    return b"\x80\x02" + body + b"."
+
+
+FLOATS = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+CODE = 'class Root(Module):\n  __parameters__ = ["w", ]\n  __buffers__ = []\n  w : Tensor\n'
+
+
+def write_archive(path: Path, data_pkl: bytes, storages=None, code=None, extra=(), prefix="arch",
+                  skip=()) -> Path:
+    """A TorchScript-shaped zip: <prefix>/data.pkl, data/<key>, constants.pkl, code/, version, byteorder."""
+    entries = {"data.pkl": data_pkl, "constants.pkl": dump(b")"), "version": b"3\n", "byteorder": b"little",
+               **{f"data/{k}": v for k, v in (storages if storages is not None else {"0": FLOATS}).items()},
+               **{f"code/{k}": v.encode() for k, v in (code or {"__torch__.py": CODE}).items()}}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            if name not in skip:
+                z.writestr(f"{prefix}/{name}", data)
+        for name, data in extra:
+            z.writestr(name, data)
+    return path
+
+
+GOOD = dump(module("Root", [("w", tensor()), ("training", lit(False))]))
+
+
+def test_crafted_archive_loads_its_declared_tensors(tmp_path):
+    path = write_archive(tmp_path / "ok.pt", GOOD)
+    assert torch.equal(read_state_dict(path)["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(torch.jit.load(str(path)).state_dict()["w"], read_state_dict(path)["w"])  # a real archive
+
+
+# Globals that run code, read or write files, import modules or rebuild arbitrary objects.
+FORBIDDEN = [
+    ("posix", "system"), ("os", "system"), ("nt", "system"), ("os", "popen"), ("os", "execv"), ("os", "remove"),
+    ("builtins", "eval"), ("builtins", "exec"), ("builtins", "open"), ("builtins", "getattr"),
+    ("builtins", "__import__"), ("builtins", "compile"), ("__builtin__", "eval"), ("subprocess", "Popen"),
+    ("subprocess", "call"), ("shutil", "rmtree"), ("runpy", "_run_code"), ("pickle", "loads"),
+    ("torch", "load"), ("torch.jit", "load"), ("torch", "from_file"), ("torch", "save"),
+    ("torch.serialization", "load"), ("torch._utils", "_rebuild_qtensor"), ("torch.storage", "_load_from_bytes"),
+    ("torch.nn.modules.module", "Module"), ("torch", "Tensor"), ("torch", "UntypedStorage"),
+    ("numpy.core.multiarray", "_reconstruct"), ("collections", "defaultdict"), ("__torch__evil", "system"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+]
+
+
+@pytest.mark.parametrize("form", ["GLOBAL", "STACK_GLOBAL"])
+@pytest.mark.parametrize("module_name,name", FORBIDDEN, ids=[".".join(g) for g in FORBIDDEN])
+def test_forbidden_global_in_torchscript_archive(tmp_path, module_name, name, form):
+    marker = tmp_path / "pwned"
+    evil = call(glob(module_name, name, form), lit(f"touch {marker}"))
+    pkl = dump(module("Root", [("w", tensor()), ("x", evil)]))
+    path = write_archive(tmp_path / "evil.pt", b"\x80\x04" + pkl[2:] if form == "STACK_GLOBAL" else pkl)
+    with pytest.raises(UnsafeCheckpointError, match=re.escape(f"global '{module_name}.{name}'")):
+        edgeclip.load_model(f"openai:{path}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("container", ["torch.save zip", "raw pickle"])
+@pytest.mark.parametrize("module_name,name", FORBIDDEN[:12], ids=[".".join(g) for g in FORBIDDEN[:12]])
+def test_forbidden_global_in_plain_pickle(tmp_path, module_name, name, container):
+    """Plain pickles stay on torch.load(weights_only=True): refused, the global named."""
+    marker = tmp_path / "pwned"
+    evil = dump(call(glob(module_name, name), lit(f"touch {marker}")))
+    path = tmp_path / "evil.pt"
+    if container == "raw pickle":
+        path.write_bytes(evil)
+    else:
+        torch.save({"w": torch.ones(1)}, path)
+        entries = {n: zipfile.ZipFile(path).read(n) for n in zipfile.ZipFile(path).namelist()}
+        with zipfile.ZipFile(path, "w") as z:
+            for n, data in entries.items():
+                z.writestr(n, evil if n.endswith("/data.pkl") else data)
+    # torch names builtins without their module ('eval')
+    with pytest.raises(UnsafeCheckpointError, match=rf"'({re.escape(module_name)}\.)?{re.escape(name)}'"):
+        edgeclip.load_model(f"openai:{path}")
+    assert not marker.exists()
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["state dict value", "nested in a list", "dict key"])
+def test_pickled_class_with_reduce_is_refused(tmp_path, where):
+    marker = tmp_path / "pwned"
+    obj = {"state dict value": {"w": Payload(marker)}, "nested in a list": {"w": [[Payload(marker)]]},
+           "dict key": {Payload(marker): torch.ones(1)}}[where]
+    path = tmp_path / "evil.pt"
+    torch.save(obj, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"'(posix|os|nt)\.system'"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_torchscript_stub_names_are_inert(tmp_path):
+    """'__torch__.*' names become record-only stand-ins: calling one runs nothing, and it holds no tensors."""
+    marker = tmp_path / "pwned"
+    pkl = dump(call(glob("__torch__.os", "system"), lit(f"touch {marker}")))
+    with pytest.raises(UnsafeCheckpointError, match=r"__torch__\.os\.system\) restores itself"):
+        read_state_dict(write_archive(tmp_path / "evil.pt", pkl))
+    assert not marker.exists()
