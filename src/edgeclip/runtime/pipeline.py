@@ -14,7 +14,7 @@ from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, To
 from .backends import backend_for_target, get_backend
 from .manifest import _check_files, load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor
-from .tokenizer import load_tokenizer
+from .tokenizer import check_token_ids, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -206,17 +206,13 @@ class Pipeline:
 
     def encode_text(self, texts, truncate: bool = False) -> np.ndarray:
         """(N, E) float32 L2-normalized text embeddings, from strings or int64 token ids (N, L)."""
-        if isinstance(texts, np.ndarray) and texts.dtype.kind in "iu":
-            ids = texts.astype(np.int64)
-            if ids.ndim != 2:
-                raise InputError(f"token ids must be 2-D (N, L), got shape {ids.shape}")
+        text = self.manifest["text"]
+        if isinstance(texts, np.ndarray) and texts.dtype.kind not in "UO":
+            # pre-made ids: a negative or out-of-vocabulary id would wrap or read out of range in the graph
+            vocab = ((self.manifest["model"].get("spec") or {}).get("text") or {}).get("vocab_size", 1 << 24)
+            ids = check_token_ids(texts, vocab, text["context_length"])
         else:
             ids = self.tokenize(texts, truncate=truncate)
-        text = self.manifest["text"]
-        if ids.shape[1] > text["context_length"]:
-            raise InputError(f"token ids have {ids.shape[1]} positions, the model's context is {text['context_length']}; "
-                             f"pass at most {text['context_length']} columns (tokenize(texts, truncate=True) cuts "
-                             "longer texts)")
         if text["trim"]:
             ids = trim(ids, text["eot_token_id"])
         return _normalize(self._graph("text").run({"input_ids": ids})["text_embeds"])
@@ -230,9 +226,10 @@ class Pipeline:
     # ----------------------------------------------------------------------------- classification
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        from ..heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings
+        from ..heads.zero_shot import DEFAULT_TEMPLATES, class_embeddings, parse_labels, resolve_templates
 
-        templates = check_templates(templates or (self.head or {}).get("templates") or DEFAULT_TEMPLATES)
+        labels = parse_labels(labels)
+        templates = resolve_templates(templates, (self.head or {}).get("templates") or DEFAULT_TEMPLATES)
         key = (tuple(labels), tuple(templates))
         with self._lock:
             cached = self._text_cache.get(key)
@@ -248,16 +245,21 @@ class Pipeline:
         return cached
 
     def classify(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-                 head: str | None = None):
+                 head: str | None = None, labels_file=None):
         """Labels for images: one image gives a Prediction, a batch a list of them.
 
-        `head="NAME"` uses that adapter head of the artifact (`heads` lists them); `labels=[...]` runs
-        zero-shot on those labels through the text graph. With neither, the baked zero-shot head
-        (`--labels` at export) is used, else the artifact's first adapter head. Heads run inside the
-        image graph: one graph call per batch, whatever the head.
+        `head="NAME"` uses that adapter head of the artifact (`heads` lists them); `labels=[...]` (a
+        list of strings) or `labels_file=PATH` (one label per line) runs zero-shot on those labels
+        through the text graph. With neither, the baked zero-shot head (`--labels` at export) is used,
+        else the artifact's first adapter head. Heads run inside the image graph: one graph call per
+        batch, whatever the head.
         """
-        from ..heads.zero_shot import parse_labels
+        from ..heads.zero_shot import parse_labels, read_labels_file
 
+        if labels_file is not None:
+            if labels is not None:
+                raise InputError("pass labels=[...] or labels_file=PATH, not both")
+            labels = read_labels_file(labels_file)
         if head is not None and labels is not None:
             raise InputError("pass either head='NAME' (an adapter head of the artifact) or labels=[...], not both")
         labels = parse_labels(labels) if labels is not None else None

@@ -26,7 +26,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Runtime options an export may ask of its backend: only what exports write, with the values they write.
 BACKEND_OPTIONS = {"session_config": {"session.disable_quant_qdq": ("0", "1")}, "ov_config": {}}
 DTYPES = ("float32", "float16", "int64", "int32")
-GRAPH_IO = {"image": ("pixel_values", "float32", 4, "image_embeds"), "text": ("input_ids", "int64", 2, "text_embeds")}
+# graph -> its one input, the dtypes it may take (Core ML feeds int32 ids), its rank, its embedding output
+GRAPH_IO = {"image": ("pixel_values", ("float32",), 4, "image_embeds"),
+            "text": ("input_ids", ("int64", "int32"), 2, "text_embeds")}
 
 MAX_DEPTH = 24           # nesting of any JSON value
 MAX_FILES = 20_000
@@ -188,8 +190,8 @@ def _graph(name: str, g, target: str, files: dict) -> None:
     inputs, outputs = _io(g["inputs"], f"{path}.inputs"), _io(g["outputs"], f"{path}.outputs")
     if name in GRAPH_IO:
         inp, dtype, rank, out = GRAPH_IO[name]
-        if list(inputs) != [inp] or inputs[inp]["dtype"] != dtype or len(inputs[inp]["shape"]) != rank:
-            raise _fail(f"{path}.inputs", f"must be one {dtype} tensor '{inp}' of rank {rank}")
+        if list(inputs) != [inp] or inputs[inp]["dtype"] not in dtype or len(inputs[inp]["shape"]) != rank:
+            raise _fail(f"{path}.inputs", f"must be one {' or '.join(dtype)} tensor '{inp}' of rank {rank}")
         if out not in outputs or len(outputs[out]["shape"]) != 2:
             raise _fail(f"{path}.outputs", f"must include '{out}' of shape (batch, embed_dim)")
     for key, allowed in BACKEND_OPTIONS.items():
@@ -232,8 +234,8 @@ def _preprocess(pre, graphs) -> None:
     hw = size if isinstance(size, list) and len(size) == 2 else [size, size]
     for i, d in enumerate(hw):
         _int(d, f"preprocess.image_size[{i}]" if isinstance(size, list) else "preprocess.image_size", 1, MAX_IMAGE)
-    shape = (((graphs or {}).get("image") or {}).get("inputs") or {}).get("pixel_values", {}).get("shape")
-    if isinstance(shape, list) and len(shape) == 4 and shape[2:] != hw:
+    shape = graphs["image"]["inputs"]["pixel_values"]["shape"]
+    if shape[2:] != hw:
         raise _fail("preprocess.image_size", f"is {size}, but the image graph takes {shape[2:]} pixels")
 
 
@@ -325,9 +327,9 @@ def validate_manifest(m) -> dict:
         raise _fail("backend", f"is {m['backend']!r}, but {target} artifacts run on {TARGET_BACKEND[target]!r}")
     files = _files(m["files"])
     _model(m["model"])
-    _preprocess(m["preprocess"], m["graphs"])
     _tokenizer_text(m["tokenizer"], m["text"], files)
     graphs = _graphs(m["graphs"], target, files)
+    _preprocess(m["preprocess"], graphs)
     image_outputs = graphs["image"]["outputs"]
     _head(m.get("head"), image_outputs)
     _heads(m.get("heads"), image_outputs)
