@@ -20,6 +20,7 @@ import operator
 import os
 import re
 import stat
+import struct
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,7 +115,9 @@ class Head:
         sizes = {"C": len(self.classes)}
         if embed_dim is not None:
             sizes["E"] = int(embed_dim)
-        where = {"C": f"{len(self.classes)} classes", "E": f"embedding width {embed_dim} of {model or 'the model'}"}
+        where = {"C": f"{len(self.classes)} classes"}
+        if embed_dim is not None:
+            where["E"] = f"embedding width {embed_dim} of {model or 'the model'}"
         for name, shape in {**k.arrays, **k.optional}.items():
             if name not in self.arrays:
                 continue
@@ -248,7 +251,8 @@ def _check_arrays(name: str, k: type[HeadKind], arrays) -> dict:
             raise HeadError(f"head '{name}': tensor '{n}' has dtype {a.dtype}; a head's arrays hold real numbers "
                             "(float32, float64, float16)")
         with np.errstate(over="ignore"):  # values beyond float32's range become inf: refused below
-            out[n] = np.ascontiguousarray(a, dtype=np.float32)
+            # not ascontiguousarray: it turns a 0-D array into shape (1,), which a 1-class head would accept
+            out[n] = np.asarray(a, dtype=np.float32, order="C")
     bad = [n for n, a in out.items() if not np.isfinite(a).all()]
     if bad:
         raise HeadError(f"head '{name}': tensor(s) {', '.join(bad)} hold NaN or infinite values "
@@ -386,13 +390,25 @@ def _check_dtype(path, name: str, dtype: np.dtype, kinds: str) -> None:
                         + (" (float16, float32 or float64)" if kinds == "f" else ""))
 
 
+def _check_entry_count(path: Path) -> None:
+    # zipfile parses the whole central directory when it opens a file: a 1 GiB zip of empty entries
+    # holds millions. The end record says how many there are; refuse before listing them.
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)   # stdlib's own reader of the end record (zip64 aware)
+    if end is None:
+        raise zipfile.BadZipFile("no end of central directory record")
+    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_NPZ_MEMBERS:
+        raise HeadError(f"{path} holds {end[zipfile._ECD_ENTRIES_TOTAL]} arrays; at most {MAX_NPZ_MEMBERS} are read")
+
+
 @contextmanager
 def open_npz(path, what: str = "head file"):
     """An `Npz` of a regular, bounded file; HeadError if it is not a readable zip."""
     path = regular_file(path, what)
     try:
+        _check_entry_count(path)
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
         raise HeadError(f"{path} is not a readable .npz {what} ({type(e).__name__}: {e})") from None
     with zf:
         yield Npz(path, zf)
@@ -407,7 +423,10 @@ def load_head(path, name: str | None = None) -> Head:
                             f"{', '.join(z.names) or 'none'}); convert it with `edgeclip heads import` "
                             "(e.g. --kind linear for coef_/intercept_)")
         meta = _read_meta(z)
-        k = get_kind(meta["kind"])
+        try:
+            k = get_kind(meta["kind"])
+        except HeadError as e:
+            raise HeadError(f"{path}: {e}") from None
         allowed = set(k.arrays) | set(k.optional)
         unknown = sorted(set(z.names) - allowed - {"__meta__"})
         if unknown:  # refused before reading: nothing unexpected is allocated

@@ -30,6 +30,7 @@ LAYOUTS = {
 TENSOR_NAMES = {"weight", "bias", "coef_", "intercept_", "cache_keys", "cache_values", "keys", "values"}
 MAX_DEPTH = 32           # state dicts nest a few levels (model.adapter.fc.0.weight)
 MAX_TENSORS = 100_000
+MAX_VISITS = 1_000_000
 
 
 def read_tensors(path) -> dict:
@@ -79,39 +80,51 @@ def _flatten(path: Path, obj) -> dict:
     non-tensor values under tensor names and tensors numpy cannot hold."""
     from .._lazy import require
 
-    torch = require("torch", "importing heads saved with torch.save")
-    out: dict = {}
-    _walk(path, torch, obj, "", out, set(), 0)
-    return out
+    walker = _Walker(path, require("torch", "importing heads saved with torch.save"))
+    walker.walk(obj, "", 0)
+    return walker.out
 
 
-def _walk(path, torch, obj, prefix: str, out: dict, stack: set, depth: int) -> None:
-    where = prefix.rstrip(".") or "(the file itself)"
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        if len(out) >= MAX_TENSORS:
-            raise HeadError(f"{path} holds more than {MAX_TENSORS} tensors; a head file holds a few")
-        out[prefix.rstrip(".") or "tensor"] = _numpy(path, torch, obj, where)
-        return
-    if isinstance(obj, (dict, list, tuple)):
-        if id(obj) in stack:
+class _Walker:
+    """Flattens a state dict. Pickle memoizes shared objects, so a small file can describe a list
+    holding itself, or a list holding the same list twice at each of 30 levels (2**30 paths): cycles
+    are refused and the number of values visited is bounded, not only the depth."""
+
+    def __init__(self, path: Path, torch):
+        self.path, self.torch, self.out = path, torch, {}
+        self.stack: set[int] = set()
+        self.visits = 0
+
+    def walk(self, obj, prefix: str, depth: int) -> None:
+        path, torch, where = self.path, self.torch, prefix.rstrip(".") or "(the file itself)"
+        self.visits += 1
+        if self.visits > MAX_VISITS:
+            raise HeadError(f"{path} holds more than {MAX_VISITS} values (or shares containers many times over); "
+                            "a head file holds a few tensors")
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            if len(self.out) >= MAX_TENSORS:
+                raise HeadError(f"{path} holds more than {MAX_TENSORS} tensors; a head file holds a few")
+            self.out[prefix.rstrip(".") or "tensor"] = _numpy(path, torch, obj, where)
+            return
+        if prefix.rstrip(".").rsplit(".", 1)[-1] in TENSOR_NAMES and not isinstance(obj, dict):
+            raise HeadError(f"{path}: field '{where}' is a {type(obj).__name__}, not a tensor; save tensors "
+                            "(torch.save(module.state_dict(), ...))")
+        if not isinstance(obj, (dict, list, tuple)):
+            return  # anything else (epoch counts, strings, dtypes, sizes) is not part of a head: skipped
+        if id(obj) in self.stack:
             raise HeadError(f"{path}: field '{where}' contains itself (a cyclic structure); save a plain state dict")
         if depth >= MAX_DEPTH:
             raise HeadError(f"{path}: field '{where}' is nested more than {MAX_DEPTH} levels deep; "
                             "save a plain state dict")
-        stack.add(id(obj))
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-        for k, v in items:
+        self.stack.add(id(obj))
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise HeadError(f"{path}: field '{where}' has a key of type {type(k).__name__}; "
                                 "state dict keys are strings")
-            _walk(path, torch, v, f"{prefix}{k}.", out, stack, depth + 1)
-        stack.discard(id(obj))
-        return
-    if prefix.rstrip(".").rsplit(".", 1)[-1] in TENSOR_NAMES:
-        raise HeadError(f"{path}: field '{where}' is a {type(obj).__name__}, not a tensor")
-    # anything else (epoch counts, strings, dtypes, sizes) is not part of a head: skipped
+            self.walk(v, f"{prefix}{k}.", depth + 1)
+        self.stack.discard(id(obj))
 
 
 def _numpy(path, torch, t, where: str) -> np.ndarray:

@@ -63,29 +63,31 @@ def parse_labels(labels, what: str = "label") -> list[str]:
     that are not strings, blank items, control characters, labels over MAX_LABEL_CHARS, more than
     MAX_LABELS labels, and two labels that differ only by case or whitespace ('Cat' and 'cat ').
     """
+    whats = what + ("es" if what.endswith("s") else "s")
     if isinstance(labels, (str, bytes, os.PathLike)):
-        raise LabelError(f"{what}s must be a list of strings, got a single {type(labels).__name__} "
+        raise LabelError(f"{whats} must be a list of strings, got a single {type(labels).__name__} "
                          f"{_short(str(labels))}: {_HOW}; to read a file with one {what} per line use "
                          "labels_file= (read_labels_file) or the CLI's --labels-file; to split 'a,b,c' use "
                          "split_labels")
     if not isinstance(labels, (list, tuple)):
-        raise LabelError(f"{what}s must be a list of strings, got {type(labels).__name__}: {_HOW}")
+        raise LabelError(f"{whats} must be a list of strings, got {type(labels).__name__}: {_HOW}")
     if len(labels) > MAX_LABELS:
-        raise LabelError(f"{len(labels)} {what}s given; at most {MAX_LABELS} are supported")
+        raise LabelError(f"{len(labels)} {whats} given; at most {MAX_LABELS} are supported")
     out = [_check_label(item, i, what) for i, item in enumerate(labels)]
     if not out:
-        raise LabelError(f"no {what}s given (an empty list): {_HOW}")
+        raise LabelError(f"no {whats} given (an empty list): {_HOW}")
     seen: dict[str, int] = {}
     for i, label in enumerate(out):
         j = seen.setdefault(_collision_key(label), i)
         if j != i:
             same = "are the same" if out[j] == label else "differ only by case or whitespace"
-            raise LabelError(f"{what}s {labels[j]!r} (item {j}) and {labels[i]!r} (item {i}) {same}: "
+            raise LabelError(f"{whats} {labels[j]!r} (item {j}) and {labels[i]!r} (item {i}) {same}: "
                              f"each {what} must be distinct; remove or rename one")
     return out
 
 
 def _check_label(item, i: int, what: str) -> str:
+    whats = what + ("es" if what.endswith("s") else "s")
     if not isinstance(item, str):
         raise LabelError(f"{what} {i} is {type(item).__name__} {_short(repr(item))}, not a string: {_HOW}")
     label = str(item).strip()   # str(): plain str, not a subclass such as numpy.str_
@@ -96,7 +98,7 @@ def _check_label(item, i: int, what: str) -> str:
     bad = _bad_char(label)
     if bad is not None:
         raise LabelError(f"{what} {i} {_short(label)} holds the control character {bad!r} "
-                         f"(U+{ord(bad):04X}); {what}s are plain text on one line")
+                         f"(U+{ord(bad):04X}); {whats} are plain text on one line")
     return label
 
 
