@@ -404,3 +404,155 @@ def test_torchscript_stub_names_are_inert(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"__torch__\.os\.system\) restores itself"):
         read_state_dict(write_archive(tmp_path / "evil.pt", pkl))
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- malformed archive pickles
+
+def _mod(*attrs):
+    return dump(module("Root", list(attrs)))
+
+
+# name -> (data.pkl, storages or None for the default, expected error type, key part of its message)
+BAD_PICKLES = {
+    "view past its storage": (_mod(("w", tensor(size=(1000,)))), None, CheckpointError, "reaches past"),
+    "offset past its storage": (_mod(("w", tensor(offset=4))), None, CheckpointError, "reaches past"),
+    "broadcast view (repeats elements)": (_mod(("w", tensor(size=(8, 4), stride=(0, 1)))), None, CheckpointError,
+                                          "reaches past"),
+    "declared numel over the entry": (_mod(("w", tensor(numel=2**40))), None, CheckpointError, "declares"),
+    "storage entry missing": (_mod(("w", tensor(key="7"))), None, CheckpointError, "no such entry"),
+    "storage entry short": (_mod(("w", tensor())), {"0": FLOATS[:7]}, CheckpointError, "declares 4 elements"),
+    "storage key escapes": (_mod(("w", tensor(key="../0"))), None, CheckpointError, "malformed storage record"),
+    "storage numel negative": (_mod(("w", tensor(numel=-1))), None, CheckpointError, "malformed storage record"),
+    "storage numel bool": (_mod(("w", tensor(numel=True))), None, CheckpointError, "malformed storage record"),
+    "storage location not str": (_mod(("w", tensor(store=b"(" + lit("storage") + glob("torch", "FloatStorage")
+                                                   + lit("0") + lit(3) + lit(4) + b"tQ"))),
+                                 None, CheckpointError, "malformed storage record"),
+    "storage type not a storage": (_mod(("w", tensor(store=b"(" + lit("storage")
+                                                     + glob("collections", "OrderedDict") + lit("0") + lit("cpu")
+                                                     + lit(4) + b"tQ"))), None, CheckpointError,
+                                   "malformed storage record"),
+    "persistent id not a storage": (_mod(("w", lit(("module", "x")) + b"Q")), None, CheckpointError,
+                                    "unknown persistent record"),
+    "negative offset": (_mod(("w", tensor(offset=-1))), None, CheckpointError, "inconsistent"),
+    "size not ints": (_mod(("w", tensor(size=(2.5,), stride=(1,)))), None, CheckpointError, "non-negative ints"),
+    "stride rank differs": (_mod(("w", tensor(size=(2, 2), stride=(1,)))), None, CheckpointError, "inconsistent"),
+    "too many dimensions": (_mod(("w", tensor(size=(1,) * 40))), None, CheckpointError, "at most 32"),
+    "backward hooks": (_mod(("w", tensor(hooks=lit({"h": 1})))), None, CheckpointError, "backward hooks"),
+    "requires_grad not bool": (_mod(("w", tensor(grad=1))), None, CheckpointError, "backward hooks"),
+    "storage passed as a tensor": (_mod(("w", call(glob("torch._utils", "_rebuild_tensor_v2"), lit(1), lit(0),
+                                                   lit((1,)), lit((1,)), lit(False), lit({})))),
+                                   None, CheckpointError, "not a storage record"),
+    "BUILD on a tensor (Tensor.__setstate__)": (_mod(("w", tensor() + lit((1, 2, 3, 4)) + b"b")), None,
+                                                UnsafeCheckpointError, "pickle BUILD"),
+    "BUILD on an allowed global": (_mod(("w", glob("collections", "OrderedDict") + lit({"x": 1}) + b"b")), None,
+                                   UnsafeCheckpointError, "pickle BUILD"),
+    "module built twice": (dump(module("Root", [("w", tensor())]) + lit({"w": 1}) + b"b"), None,
+                           CheckpointError, "built twice"),
+    "module without state": (dump(glob("__torch__", "Root") + b")\x81"), None, UnsafeCheckpointError,
+                             "restores itself"),
+    "attribute name with a dot": (_mod(("a.b", tensor())), None, CheckpointError, "attribute named 'a.b'"),
+    "declared parameter holds a str": (_mod(("w", lit("not a tensor"))), None, CheckpointError,
+                                       "'w' is declared a parameter/buffer but holds str"),
+    "module refers to itself": (dump(glob("__torch__", "Root") + b")\x81q\x00}(" + lit("w") + tensor()
+                                     + lit("me") + b"h\x00ub"), None, CheckpointError, "nest more than"),
+    "modules nest 100 deep": (dump(b"".join(glob("__torch__", "Root") + b")\x81}(" + lit("c") for _ in range(100))
+                                   + b"N" + b"ub" * 100), None, CheckpointError, "nest more than"),
+    "lists nest 100000 deep": (dump(b"]" * 1 + b"(]" * 100000 + b"e" * 100000), None, CheckpointError,
+                               "nest"),
+    "shared lists, exponential walk": (dump(b"]" + b"".join(b"q\x00h\x00h\x00\x86" for _ in range(60))), None,
+                                       CheckpointError, "objects"),
+    "root is a list of tensors": (dump(b"]" + tensor() + b"a"), None, CheckpointError, "holds a list"),
+    "root is an int": (dump(lit(3)), None, CheckpointError, "holds a int"),
+    "root dict with a non-tensor": (dump(lit({"w": 3})), None, CheckpointError, "entry 'w' is a int"),
+    "root dict with an int key": (dump(b"}" + lit(1) + tensor() + b"s"), None, CheckpointError, "under a int key"),
+    "out-of-band buffer (protocol 5)": (b"\x80\x05\x97.", None, CheckpointError, "truncated or corrupt"),
+    "extension code (copyreg)": (b"\x80\x02\x82\x7f.", None, CheckpointError, "truncated or corrupt"),
+    "truncated pickle": (GOOD[:40], None, CheckpointError, "truncated or corrupt"),
+    "not a pickle": (b"\x00garbage", None, CheckpointError, "truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PICKLES))
+def test_malformed_archive_pickle(tmp_path, case):
+    pkl, storages, err, msg = BAD_PICKLES[case]
+    path = write_archive(tmp_path / "bad.pt", pkl, storages)
+    with pytest.raises(err, match=re.escape(msg)):
+        edgeclip.load_model(f"openai:{path}")
+
+
+def test_tensor_names_without_code_fall_back_to_tensor_attributes(tmp_path):
+    pkl = dump(module("Root", [("w", tensor()), ("sub", module("Sub", [("b", tensor(size=(2,), offset=2))]))]))
+    got = read_state_dict(write_archive(tmp_path / "nocode.pt", pkl, code={"other.py": ""}))
+    assert list(got) == ["w", "sub.b"] and torch.equal(got["sub.b"], torch.tensor([3.0, 4.0]))
+
+
+# ------------------------------------------------------------------------------ corrupt zip files
+
+def _good_archive(tmp_path: Path) -> Path:
+    return scripted_archive(tmp_path / "good.pt", {"a.w": torch.arange(6.0), "b": torch.ones(2, 2)})
+
+
+def _patch_central_size(data: bytes, size: int) -> bytes:
+    """Rewrite the uncompressed size of the first central-directory entry (what zipfile trusts)."""
+    at = data.index(b"PK\x01\x02")
+    return data[: at + 24] + struct.pack("<I", size) + data[at + 28:]
+
+
+def _flip_in_storage(data: bytes) -> bytes:
+    at = data.index(torch.arange(6.0).numpy().tobytes())
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+CORRUPTIONS = {
+    "truncated to 10%": (lambda d: d[: len(d) // 10], "cannot read"),
+    "truncated to 50%": (lambda d: d[: len(d) // 2], "cannot read"),
+    "truncated by one byte": (lambda d: d[:-1], "cannot read"),
+    "truncated to the end record": (lambda d: d[-22:], "truncated or corrupt"),
+    "empty file": (lambda d: b"", "cannot read"),
+    "storage byte flipped (CRC)": (_flip_in_storage, "truncated or corrupt"),
+    "declared size of 4 GiB": (lambda d: _patch_central_size(d, 0xFFFFFFF0), "zip bomb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_archive(tmp_path, case):
+    change, msg = CORRUPTIONS[case]
+    good = _good_archive(tmp_path)
+    path = tmp_path / "bad.pt"
+    path.write_bytes(change(good.read_bytes()))
+    with pytest.raises(CheckpointError, match=re.escape(msg)) as e:
+        edgeclip.load_model(f"openai:{path}")
+    assert str(path) in str(e.value)
+
+
+ARCHIVE_LAYOUTS = {
+    "no data.pkl": (GOOD, dict(skip=("data.pkl",)), "has no 'arch/data.pkl'"),
+    "two constants.pkl": (GOOD, dict(extra=[("other/constants.pkl", b"")]), "one constants.pkl, this one has 2"),
+    "duplicate entry": (GOOD, dict(extra=[("arch/data/0", FLOATS)]), "same name"),
+    "big-endian": (GOOD, dict(skip=("byteorder",), extra=[("arch/byteorder", b"big")]), "byte order b'big'"),
+    "data.pkl over 16 MiB": (GOOD + b"\x00" * (17 << 20), {}, "more than the 16777216"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARCHIVE_LAYOUTS))
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_bad_archive_layout(tmp_path, case):
+    pkl, kwargs, msg = ARCHIVE_LAYOUTS[case]
+    path = write_archive(tmp_path / "bad.pt", pkl, **kwargs)
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        read_state_dict(path)
+
+
+def test_many_zip_entries_are_refused(tmp_path):
+    path = tmp_path / "many.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(100_001):
+            z.writestr(f"a/{i}", b"")
+    with pytest.raises(CheckpointError, match="100001 entries"):
+        read_state_dict(path)
+
+
+def test_legacy_pickle_loads_through_weights_only(tmp_path, tiny):
+    path = tmp_path / "legacy.pt"
+    torch.save(to_openai(tiny), path, _use_new_zipfile_serialization=False)
+    assert_same_weights(edgeclip.load_model(f"openai:{path}"), tiny)
