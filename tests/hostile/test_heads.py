@@ -623,6 +623,7 @@ TORCH_FILES = [
     ("quantized", _quantized, "tensor 'weight' is quantized"),
     ("tuple key", lambda: {("a", 1): torch.zeros(C, E)}, "has a key of type tuple"),
     ("no tensors", lambda: {"epoch": 3, "name": "x"}, "holds no tensors"),
+    ("big pickle", lambda: {"weight": torch.zeros(C, E), "notes": b"x" * (17 << 20)}, "its object structure (data.pkl)"),
     ("1-D weight", lambda: {"weight": torch.zeros(E)}, "unknown head layout"),
     ("bad cache", lambda: {"cache_keys": torch.zeros(E, 6), "cache_values": torch.zeros(6)},
      "tensor 'cache_values' has shape (6,); cache values are (K, C)"),

@@ -144,6 +144,8 @@ class Head:
         except TypeError:
             raise HeadError(f"embedding width must be an integer, got {type(embed_dim).__name__}") from None
         self._check_shapes(embed_dim, model)
+        if isinstance(classes, str):
+            raise HeadError(f"classes must be a list of strings, got a single string {classes!r:.60}")
         if classes is not None and list(classes) != self.classes:
             raise HeadShapeError(f"head '{self.name}' has classes {_short(self.classes)}, expected "
                                  f"{_short(list(classes))}")

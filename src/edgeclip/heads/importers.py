@@ -31,6 +31,7 @@ TENSOR_NAMES = {"weight", "bias", "coef_", "intercept_", "cache_keys", "cache_va
 MAX_DEPTH = 32           # state dicts nest a few levels (model.adapter.fc.0.weight)
 MAX_TENSORS = 100_000
 MAX_VISITS = 1_000_000
+MAX_PICKLE_BYTES = 16 << 20
 
 
 def read_tensors(path) -> dict:
@@ -65,6 +66,7 @@ def _torch_load(path: Path):
     from .._lazy import require
 
     torch = require("torch", "importing heads saved with torch.save")
+    _check_pickle_size(path)
     try:
         # weights only: no arbitrary code from the file; an nn.Linear saved whole is allowed by name
         with torch.serialization.safe_globals([torch.nn.Linear, torch.nn.Sequential, torch.nn.ReLU]):
@@ -73,6 +75,24 @@ def _torch_load(path: Path):
         first = (str(e).splitlines() or [""])[0][:200]
         raise HeadError(f"{path} could not be read as a weights-only torch file ({type(e).__name__}: "
                         f"{first}); save the state dict: torch.save(module.state_dict(), ...)") from e
+
+
+def _check_pickle_size(path: Path) -> None:
+    # torch's zip format keeps tensors in their own entries and the object structure in data.pkl;
+    # a state dict's structure is kilobytes, while a pickle of millions of tiny objects would cost
+    # far more memory than its size on disk: bound it before unpickling
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: bounded by the file size alone
+    try:
+        with zipfile.ZipFile(path) as zf:
+            sizes = [i.file_size for i in zf.infolist() if i.filename.endswith("data.pkl")]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise HeadError(f"{path} is not a readable torch file ({type(e).__name__}: {e})") from None
+    if sum(sizes) > MAX_PICKLE_BYTES:
+        raise HeadError(f"{path}: its object structure (data.pkl) is {sum(sizes) >> 20} MiB; a head's state dict "
+                        f"needs far less than {MAX_PICKLE_BYTES >> 20} MiB: save a plain state dict")
 
 
 def _flatten(path: Path, obj) -> dict:
