@@ -491,7 +491,8 @@ ZIPS = [
      "array 'weight' is unreadable"),
     ("npy v3", {"__meta__.npy": meta_member(), "weight.npy": b"\x93NUMPY\x03\x00" + W[8:], "bias.npy": BI},
      "format (3, 0)"),
-    ("shape lies big", {"__meta__.npy": meta_member(), "bias.npy": BI, "weight.npy": _npy_header_shape(W, "(1000000000, 8)")},
+    ("shape lies big", {"__meta__.npy": meta_member(), "bias.npy": BI,
+                        "weight.npy": _npy_header_shape(W, "(1000000000, 8)")},
      "declares shape (1000000000, 8)"),
     ("shape lies small", {"__meta__.npy": meta_member(), "bias.npy": BI, "weight.npy": _npy_header_shape(W, "(1, 8)")},
      "declares shape (1, 8)"),
@@ -623,7 +624,8 @@ TORCH_FILES = [
     ("quantized", _quantized, "tensor 'weight' is quantized"),
     ("tuple key", lambda: {("a", 1): torch.zeros(C, E)}, "has a key of type tuple"),
     ("no tensors", lambda: {"epoch": 3, "name": "x"}, "holds no tensors"),
-    ("big pickle", lambda: {"weight": torch.zeros(C, E), "notes": b"x" * (17 << 20)}, "its object structure (data.pkl)"),
+    ("big pickle", lambda: {"weight": torch.zeros(C, E), "notes": b"x" * (17 << 20)},
+     "its object structure (data.pkl)"),
     ("1-D weight", lambda: {"weight": torch.zeros(E)}, "unknown head layout"),
     ("bad cache", lambda: {"cache_keys": torch.zeros(E, 6), "cache_values": torch.zeros(6)},
      "tensor 'cache_values' has shape (6,); cache values are (K, C)"),
@@ -663,7 +665,8 @@ def test_torch_float_dtypes_import_to_the_same_head(tmp_path, dtype):
 def test_safetensors_files(tmp_path):
     from safetensors.numpy import save_file
 
-    save_file({"weight": np.ones((C, E), np.float32), "bias": np.zeros(C, np.float32)}, str(tmp_path / "ok.safetensors"))
+    save_file({"weight": np.ones((C, E), np.float32), "bias": np.zeros(C, np.float32)},
+              str(tmp_path / "ok.safetensors"))
     assert np.array_equal(import_head(tmp_path / "ok.safetensors", classes=CLASSES).arrays["weight"], np.ones((C, E)))
     save_file({"weight": np.ones((C, E), np.int32)}, str(tmp_path / "int.safetensors"))
     with pytest.raises(HeadError, match="tensor 'weight' has dtype int32"):
