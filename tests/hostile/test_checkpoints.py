@@ -556,3 +556,232 @@ def test_legacy_pickle_loads_through_weights_only(tmp_path, tiny):
     path = tmp_path / "legacy.pt"
     torch.save(to_openai(tiny), path, _use_new_zipfile_serialization=False)
     assert_same_weights(edgeclip.load_model(f"openai:{path}"), tiny)
+
+
+# ----------------------------------------------------------------------- transformers config.json
+
+def hf_folder(tmp_path: Path, cfg=None, preprocessor=None, weights=None) -> Path:
+    d = tmp_path / "hf"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg or hf_config()))
+    if preprocessor is not None:
+        (d / "preprocessor_config.json").write_text(
+            preprocessor if isinstance(preprocessor, str) else json.dumps(preprocessor))
+    if weights is not None:
+        torch.save(weights, d / "pytorch_model.bin")
+    return d
+
+
+SIZE_FIELDS = ["vision_config." + k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "image_size", "patch_size")] + \
+              ["text_config." + k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "vocab_size", "max_position_embeddings")] + \
+              ["projection_dim"]
+BAD_SIZES = {"zero": 0, "negative": -64, "huge": 10**7, "str": "64", "float": 64.0, "bool": True,
+             "list": [64, 32], "null": None, "object": {"n": 64}}
+
+
+@pytest.mark.parametrize("value", sorted(BAD_SIZES))
+@pytest.mark.parametrize("field", SIZE_FIELDS)
+def test_bad_config_size(tmp_path, field, value):
+    d = hf_folder(tmp_path, hf_config(**{field: BAD_SIZES[value]}))
+    key = field.rpartition(".")[2]
+    with pytest.raises(CheckpointError, match=rf"config\.json.*field '{key}' is .*must be an integer from 1 to"):
+        edgeclip.load_model(f"hf:{d}")
+
+
+BAD_FIELDS = {
+    **{f"{tower}.hidden_act={v!r}": (f"{tower}_config.hidden_act", v, "'hidden_act'.*one of quick_gelu, gelu")
+       for tower in ("vision", "text") for v in ("relu", "GELU", "", 3, None, ["gelu"])},
+    **{f"layer_norm_eps={v!r}": ("text_config.layer_norm_eps", v, "'layer_norm_eps'.*between 0 and 1")
+       for v in (0, -1e-5, 1.5, "1e-5", None, True, float("nan"), float("inf"))},
+    "vision heads do not divide width": ("vision_config.num_attention_heads", 5, "a divisor of hidden_size=64"),
+    "text heads do not divide width": ("text_config.num_attention_heads", 3, "a divisor of hidden_size=64"),
+    "patch does not divide image": ("vision_config.patch_size", 7, "a divisor of image_size=32"),
+    "image_size pair unequal": ("vision_config.image_size", [32, 16], "'image_size'"),
+    **{f"eos_token_id={v!r}": ("text_config.eos_token_id", v, "'eos_token_id'.*a token id from 0 to 49407")
+       for v in (-1, 49408, "49407", 1.5, True)},
+    **{f"{s}={v!r}": (s, v, f"field '{s}' is") for s in ("text_config", "vision_config") for v in ([], "x", 3)},
+    "model_type bert": ("model_type", "bert", "model_type 'bert' is not supported"),
+    "model_type missing": ("model_type", None, "model_type None is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIELDS))
+def test_bad_config_field(tmp_path, case):
+    field, value, msg = BAD_FIELDS[case]
+    d = hf_folder(tmp_path, hf_config(**{field: value}))
+    with pytest.raises(CheckpointError, match=r"config\.json.*" + msg):
+        edgeclip.load_model(f"hf:{d}")
+
+
+@pytest.mark.parametrize("text,msg", [("{", "not valid JSON"), ("\udcff", "not valid JSON"),
+                                      ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+                                      ("[]", "JSON list, not an object"), ('"clip"', "JSON str, not an object"),
+                                      ("3", "JSON int, not an object"), ("null", "JSON NoneType, not an object")],
+                         ids=["truncated", "not utf-8", "deep", "list", "str", "int", "null"])
+def test_config_not_a_json_object(tmp_path, text, msg):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(CheckpointError, match=re.escape(msg)) as e:
+        edgeclip.load_model(f"hf:{d}")
+    assert "config.json" in str(e.value)
+
+
+def test_good_config_loads_exactly(tmp_path, tiny):
+    d = hf_folder(tmp_path, hf_config(**{"vision_config.image_size": [32, 32]}), weights=to_hf(tiny))
+    model = edgeclip.load_model(f"hf:{d}")
+    assert_same_weights(model, tiny)
+    assert (model.spec.vision.act, model.spec.text.eot_token_id, model.spec.vision.image_size) == ("quick_gelu", 49407, 32)
+
+
+def test_spec_from_hf_config_refuses_a_non_object():
+    with pytest.raises(CheckpointError, match="JSON list, not an object"):
+        spec_from_hf_config([])
+
+
+# ---------------------------------------------------------------------- preprocessor_config.json
+
+GOOD_PREPROCESSOR = {"crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "do_normalize": True,
+                     "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+                     "size": {"shortest_edge": 32}, "rescale_factor": 1 / 255, "do_convert_rgb": True}
+BAD_PREPROCESSOR = {
+    **{f"{k}={v!r}": (k, v) for k in ("image_mean", "image_std")
+       for v in ([0.5, 0.5], [0.5] * 4, "0.5", [None, 0.5, 0.5], [float("nan"), 0.5, 0.5],
+                 [float("inf"), 0.5, 0.5], [True, 0.5, 0.5], {"r": 0.5}, [1e9, 0.5, 0.5], None)},
+    **{f"image_std={v!r}": ("image_std", v) for v in ([0, 0.5, 0.5], [-0.2, 0.5, 0.5], 0)},
+    **{f"resample={v!r}": ("resample", v) for v in (4, 5, 9, -1, "bicubic", 3.0, None, True)},
+    **{f"crop_size={v!r}": ("crop_size", v) for v in (0, -1, 5000, "32", {"height": 32}, {"h": 32, "w": 32},
+                                                      {"height": 32, "width": 16}, 16, None, [32, 32])},
+    **{f"size={v!r}": ("size", v) for v in (0, {"shortest_edge": 0}, {"shortest_edge": 16}, {"foo": 32}, "32",
+                                            {"height": 16, "width": 16}, {"height": 32}, None, 10**6,
+                                            {"shortest_edge": 32, "height": 32})},
+    **{f"{k}={v!r}": (k, v) for k in ("do_resize", "do_rescale", "do_center_crop") for v in (False, "yes", 1)},
+    **{f"do_normalize={v!r}": ("do_normalize", v) for v in ("no", 0, None)},
+    **{f"rescale_factor={v!r}": ("rescale_factor", v) for v in (1.0, 0, "1/255", None)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREPROCESSOR))
+def test_bad_preprocessor_config(tmp_path, case):
+    key, value = BAD_PREPROCESSOR[case]
+    d = hf_folder(tmp_path, preprocessor={**GOOD_PREPROCESSOR, key: value})
+    with pytest.raises(CheckpointError, match=rf"preprocessor_config\.json: field '{key}' is"):
+        edgeclip.load_model(f"hf:{d}")
+
+
+@pytest.mark.parametrize("text,msg", [("{", "not valid JSON"), ("[1, 2]", "JSON list, not an object"),
+                                      ("[" * 100_000, "nests too deeply"), ("", "not valid JSON")],
+                         ids=["truncated", "list", "deep", "empty"])
+def test_preprocessor_config_not_a_json_object(tmp_path, text, msg):
+    d = hf_folder(tmp_path, preprocessor=text)
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json.*" + re.escape(msg)):
+        edgeclip.load_model(f"hf:{d}")
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({}, dict(interpolation="bicubic", mean=[0.48145466, 0.4578275, 0.40821073])),
+    ({"resample": 2, "size": {"shortest_edge": 40}}, dict(interpolation="bilinear", resize_size=40)),
+    ({"resample": 0, "crop_size": 32, "size": 32}, dict(interpolation="nearest")),
+    ({"do_normalize": False}, dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])),
+    ({"image_mean": 0.5, "image_std": [1, 1, 1]}, dict(mean=[0.5, 0.5, 0.5], std=[1.0, 1.0, 1.0])),
+], ids=["clip", "bilinear-resize-40", "int-sizes", "no-normalize", "scalar-mean"])
+def test_good_preprocessor_config_reaches_the_spec(tmp_path, tiny, changes, expected):
+    d = hf_folder(tmp_path, preprocessor={**GOOD_PREPROCESSOR, **changes}, weights=to_hf(tiny))
+    model = edgeclip.load_model(f"hf:{d}")
+    pre = model.spec.preprocess_config()
+    assert {k: pre.get(k) for k in expected} == expected
+    assert "resize_size" in expected or "resize_size" not in pre
+    from edgeclip.runtime.preprocess import Preprocessor
+    assert Preprocessor.from_config(pre).image_size == (32, 32)  # the runtime accepts what was loaded
+
+
+# ----------------------------------------------------------------------------- sharded index maps
+
+ESCAPING_SHARDS = ["../x.bin", "/etc/passwd", "sub/../../x.bin", "..", "a\\..\\..\\x.bin", "x\x00.bin", "",
+                   "//server/share/x.bin", "./../x.bin"]
+
+
+@pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+@pytest.mark.parametrize("shard", ESCAPING_SHARDS, ids=[repr(s) for s in ESCAPING_SHARDS])
+def test_shard_outside_the_folder_is_refused(tmp_path, index, shard):
+    d = hf_folder(tmp_path)
+    (tmp_path / "x.bin").write_bytes(b"outside")
+    (d / index).write_text(json.dumps({"weight_map": {"a": "ok.bin", "b": shard}}))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(index)}: field 'weight_map' names the shard .*outside"):
+        edgeclip.load_model(f"hf:{d}")
+
+
+def test_shard_symlink_out_of_the_folder_is_refused(tmp_path):
+    d = hf_folder(tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"outside")
+    (d / "link.bin").symlink_to(tmp_path / "secret.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "link.bin"}}))
+    with pytest.raises(CheckpointError, match="'link.bin', which is outside the model folder"):
+        edgeclip.load_model(f"hf:{d}")
+
+
+@pytest.mark.parametrize("weight_map", [None, [], "x.bin", {}, {"a": 3}, {"a": None}, {"a": ["x.bin"]}],
+                         ids=["missing", "list", "str", "empty", "int", "null", "nested"])
+def test_bad_weight_map(tmp_path, weight_map):
+    d = hf_folder(tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps({} if weight_map is None else {"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: field 'weight_map' must be"):
+        edgeclip.load_model(f"hf:{d}")
+
+
+def test_index_not_json(tmp_path):
+    d = hf_folder(tmp_path)
+    (d / "pytorch_model.bin.index.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin\.index\.json is not valid JSON"):
+        edgeclip.load_model(f"hf:{d}")
+
+
+def test_good_sharded_folder_loads_exactly(tmp_path, tiny):
+    d = hf_folder(tmp_path)
+    hf = to_hf(tiny)
+    names = sorted(hf)
+    shards = {"pytorch_model-00001.bin": names[::2], "sub/pytorch_model-00002.bin": names[1::2]}
+    (d / "sub").mkdir()
+    for shard, keys in shards.items():
+        torch.save({k: hf[k] for k in keys}, d / shard)
+    (d / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    assert_same_weights(edgeclip.load_model(f"hf:{d}"), tiny)
+
+
+# ----------------------------------------------------------------- state dicts that are not tensors
+
+NOT_STATE_DICTS = {
+    "list": ([torch.ones(1)], "holds a list"),
+    "int": (3, "holds a int"),
+    "none": (None, "holds a NoneType"),
+    "str": ("weights", "holds a str"),
+    "int value": ({"w": 1}, "entry 'w' is a int"),
+    "nested dict": ({"w": {"b": torch.ones(1)}}, "entry 'w' is a dict"),
+    "list value": ({"w": [torch.ones(1)]}, "entry 'w' is a list"),
+    "wrapped non-tensor": ({"state_dict": {"w": "x"}}, "entry 'w' is a str"),
+    "int key": ({1: torch.ones(1)}, "under a int key"),
+    "tuple": ((torch.ones(1),), "holds a tuple"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_STATE_DICTS))
+@pytest.mark.parametrize("container", ["torch.save", "torchscript"])
+def test_not_a_state_dict_of_tensors(tmp_path, case, container):
+    obj, msg = NOT_STATE_DICTS[case]
+    path = tmp_path / "x.pt"
+    if container == "torch.save":
+        torch.save(obj, path)
+    else:  # the same object pickled by torch's own pickler, as a TorchScript archive's data.pkl
+        buf = tmp_path / "plain.pt"
+        torch.save(obj, buf)
+        with zipfile.ZipFile(buf) as z:
+            entries = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+        storages = {n[5:]: v for n, v in entries.items() if n.startswith("data/")}
+        write_archive(path, entries["data.pkl"], storages)
+    with pytest.raises(CheckpointError, match=re.escape(msg)) as e:
+        edgeclip.load_model(f"openai:{path}")
+    assert "state dict" in str(e.value) and str(path) in str(e.value)
