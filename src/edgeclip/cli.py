@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeat for several; NAME= renames it")
     p.add_argument("--checkpoint", help="checkpoint file for open_clip:ARCH")
     p.add_argument("--spec", help="spec name or .json to use instead of the inferred one")
-    p.add_argument("--seed", type=int, default=0, help="seed for random:SPEC")
+    p.add_argument("--seed", type=_bounded_int(0, 2**32 - 1, "--seed"), default=0, help="seed for random:SPEC")
     p.add_argument("--no-trim", action="store_true", help="feed text padded to the full context")
     p.add_argument("--no-pooled-last", action="store_true", help="compute every token in the last block")
     p.add_argument("--no-validate", action="store_true", help="keep the artifact even outside tolerance")

@@ -78,7 +78,7 @@ class CoreMLTarget:
                                 "use palettize4 or w8")
         if compress and opts.precision != "fp16":
             raise EdgeClipError("Core ML weight compression applies to fp16 models (--precision fp16)")
-        labels = parse_labels(opts.labels)
+        labels = parse_labels(opts.labels) if opts.labels else []
         templates = check_templates(opts.templates or default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
         heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)

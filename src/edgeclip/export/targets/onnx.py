@@ -43,7 +43,7 @@ class OnnxTarget:
     lower_int8 = True  # MatMulIntegerToFloat with the bias inside; ORT-format files keep portable QDQ
 
     def export(self, model, spec, opts, out) -> Artifact:
-        labels = parse_labels(opts.labels)
+        labels = parse_labels(opts.labels) if opts.labels else []
         templates = check_templates(opts.templates or default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
         heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
