@@ -37,7 +37,8 @@ def tiny():
 _TO_OPENAI = [(r"^visual\.patch_embed\.weight$", "visual.conv1.weight"),
               (r"^visual\.pos_embed$", "visual.positional_embedding"), (r"^visual\.proj\.weight$", "visual.proj"),
               (r"^visual\.blocks\.", "visual.transformer.resblocks."),
-              (r"^text\.token_embed\.weight$", "token_embedding.weight"), (r"^text\.pos_embed$", "positional_embedding"),
+              (r"^text\.token_embed\.weight$", "token_embedding.weight"),
+              (r"^text\.pos_embed$", "positional_embedding"),
               (r"^text\.blocks\.", "transformer.resblocks."), (r"^text\.ln_final\.", "ln_final."),
               (r"^text\.proj\.weight$", "text_projection"), (r"\.attn\.qkv\.", ".attn.in_proj_"),
               (r"\.attn\.out\.", ".attn.out_proj."), (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
@@ -633,7 +634,8 @@ def test_good_config_loads_exactly(tmp_path, tiny):
     d = hf_folder(tmp_path, hf_config(**{"vision_config.image_size": [32, 32]}), weights=to_hf(tiny))
     model = edgeclip.load_model(f"hf:{d}")
     assert_same_weights(model, tiny)
-    assert (model.spec.vision.act, model.spec.text.eot_token_id, model.spec.vision.image_size) == ("quick_gelu", 49407, 32)
+    spec = model.spec
+    assert (spec.vision.act, spec.text.eot_token_id, spec.vision.image_size) == ("quick_gelu", 49407, 32)
 
 
 def test_spec_from_hf_config_refuses_a_non_object():
@@ -727,7 +729,8 @@ def test_shard_symlink_out_of_the_folder_is_refused(tmp_path):
                          ids=["missing", "list", "str", "empty", "int", "null", "nested"])
 def test_bad_weight_map(tmp_path, weight_map):
     d = hf_folder(tmp_path)
-    (d / "model.safetensors.index.json").write_text(json.dumps({} if weight_map is None else {"weight_map": weight_map}))
+    index = {} if weight_map is None else {"weight_map": weight_map}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: field 'weight_map' must be"):
         edgeclip.load_model(f"hf:{d}")
 
@@ -785,3 +788,17 @@ def test_not_a_state_dict_of_tensors(tmp_path, case, container):
     with pytest.raises(CheckpointError, match=re.escape(msg)) as e:
         edgeclip.load_model(f"openai:{path}")
     assert "state dict" in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("evil", sorted(EVIL))
+def test_cli_export_of_a_scripted_archive_runs_no_code(tmp_path, tiny, evil, capsys):
+    from edgeclip.cli import main
+
+    marker = tmp_path / "pwned"
+    path = scripted_archive(tmp_path / "clip.pt", to_openai(tiny) if evil == "tuple-state" else {"x.w": torch.ones(1)},
+                            evil, marker)
+    rc = main(["export", f"openai:{path}", "--target", "onnx", "--out", str(tmp_path / "out"), "--json"])
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert rc == 2 and not marker.exists() and not (tmp_path / "out").exists()
+    want = ("UnsafeCheckpointError", "restores itself") if evil == "tuple-state" else ("CheckpointError", "x.w")
+    assert error["type"] == want[0] and want[1] in error["message"]
