@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help=".pt/.pth/.bin (torch.save), .npz or .safetensors")
     p.add_argument("--kind", choices=["linear", "residual_adapter", "tip_adapter"],
                    help="layout (default: recognised from the tensor names)")
-    p.add_argument("--classes", help="class names in the head's output order (comma-separated or a file)")
+    p.add_argument("--classes", help="class names in the head's output order (a,b,c or @FILE, one per line)")
     p.add_argument("--model", help="model URI or artifact: checks the width, computes zero-shot class embeddings")
     p.add_argument("--templates", nargs="+", help="prompt templates for the zero-shot class embeddings")
     p.add_argument("--ratio", type=float, help="residual adapter blend ratio (CLIP-Adapter default 0.2)")

@@ -12,6 +12,7 @@ PROMPT = "a photo of a dog"
 
 def time_calls(fn, seconds: float, min_iters: int = 10, warmup: int = 3) -> np.ndarray:
     """Milliseconds per call; iterations set by the time budget."""
+    check_seconds(seconds)
     for _ in range(warmup):
         fn()
     times, deadline = [], time.perf_counter() + seconds
@@ -50,3 +51,18 @@ def quick_bench(artifact, batch: int = 1, threads: int | None = None, seconds: f
             "backend": p.backend_name, "backend_info": info,
             "size_bytes": sum(v["size"] for v in p.manifest["files"].values()), "graphs": rows,
             "target": p.manifest["target"], "precision": p.manifest["precision"]}
+
+
+MAX_SECONDS = 3600.0
+
+
+def check_seconds(seconds) -> float:
+    """A time budget must be a finite number of seconds in (0, MAX_SECONDS]: `inf` would never end."""
+    import math
+
+    from ..errors import InputError
+
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) \
+            or not 0 < seconds <= MAX_SECONDS:
+        raise InputError(f"seconds must be a finite number in (0, {MAX_SECONDS:g}], got {seconds!r}")
+    return float(seconds)

@@ -70,6 +70,11 @@ class BenchConfig:
     progress: bool = True
     command: str = ""
 
+    def __post_init__(self):
+        from .quick import check_seconds
+
+        check_seconds(self.seconds)
+
 
 def _unique_names(variants: list[Variant]) -> None:
     """Folder names, made unique with the parent folder (then a counter) where two collide."""

@@ -35,6 +35,8 @@ class Prediction:
     ood: dict | None = None
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise InputError(f"top(k) needs a whole number k >= 1, got {k!r}")
         order = np.argsort(-self.scores)[:k]
         return [(self.labels[i], float(self.scores[i])) for i in order]
 
