@@ -462,6 +462,11 @@ BAD_PICKLES = {
                                "nest"),
     "shared lists, exponential walk": (dump(b"]" + b"".join(b"q\x00h\x00h\x00\x86" for _ in range(60))), None,
                                        CheckpointError, "objects"),
+    "parameter with hooks": (_mod(("w", call(glob("torch._utils", "_rebuild_parameter"), tensor(), lit(False),
+                                             lit({"h": 1})))), None, CheckpointError, "parameter record is malformed"),
+    "parameter of a non-tensor": (_mod(("w", call(glob("torch._utils", "_rebuild_parameter"), lit(3), lit(False),
+                                                  call(glob("collections", "OrderedDict"))))), None,
+                                  CheckpointError, "parameter record is malformed"),
     "root is a list of tensors": (dump(b"]" + tensor() + b"a"), None, CheckpointError, "holds a list"),
     "root is an int": (dump(lit(3)), None, CheckpointError, "holds a int"),
     "root dict with a non-tensor": (dump(lit({"w": 3})), None, CheckpointError, "entry 'w' is a int"),
@@ -479,6 +484,17 @@ def test_malformed_archive_pickle(tmp_path, case):
     path = write_archive(tmp_path / "bad.pt", pkl, storages)
     with pytest.raises(err, match=re.escape(msg)):
         edgeclip.load_model(f"openai:{path}")
+
+
+def test_rebuild_parameter_and_typed_storages(tmp_path):
+    halves = torch.tensor([1.5, -2.0], dtype=torch.float16).numpy().tobytes()
+    hooks = call(glob("collections", "OrderedDict"))
+    param = call(glob("torch._utils", "_rebuild_parameter"), tensor(), lit(True), hooks)
+    pkl = _mod(("w", param), ("h", tensor(key="1", size=(2,), numel=2, kind="HalfStorage")))
+    code = {"__torch__.py": CODE.replace("__buffers__ = []", '__buffers__ = ["h", ]')}
+    got = read_state_dict(write_archive(tmp_path / "p.pt", pkl, {"0": FLOATS, "1": halves}, code=code))
+    assert torch.equal(got["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert got["h"].dtype == torch.float16 and got["h"].tolist() == [1.5, -2.0]
 
 
 def test_tensor_names_without_code_fall_back_to_tensor_attributes(tmp_path):
