@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeclip.errors import ImageDecodeError, InputError, SpecError
+from edgeclip.errors import ImageDecodeError, ImageSizeError, InputError, SpecError
 from edgeclip.runtime.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -466,11 +466,11 @@ def test_corrupt_buffers_and_lazy_pil(tmp_path, jpeg_bytes):
     lazy.close()
 
 
-def test_decompression_bomb_is_a_decode_error(tmp_path, monkeypatch):
+def test_decompression_bomb_is_a_size_error(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10_000 px > 2 * limit -> error
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageSizeError, match="too large"):
         load_image(path)
 
 

@@ -66,18 +66,22 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageDecodeError, InputError, SpecError
+from ..errors import ImageDecodeError, ImageSizeError, InputError, SpecError
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "MAX_ASPECT_RATIO",
+    "MAX_FILE_BYTES",
     "Preprocessor",
+    "check_pixels",
     "load_image",
     "preprocess",
 ]
@@ -99,6 +103,17 @@ _RESIZE_MODES = ("shortest", "squash")
 _CROP_MODES = ("center", "none")
 _CONFIG_KEYS = ("image_size", "mean", "std", "resize", "interpolation", "crop", "resize_size")
 
+# Limits checked from the header, before any pixel is decoded (ImageSizeError):
+# * a side longer than MAX_ASPECT_RATIO times the other: no camera or screenshot is that
+#   thin, and a 1,000,000 x 1 PNG of 1 kB would otherwise decode and resize into gigabytes;
+# * more pixels than PIL.Image.MAX_IMAGE_PIXELS (read at call time; Pillow's default is
+#   89,478,485; set it to None to lift the limit for trusted images);
+# * a side of 0 pixels.
+MAX_ASPECT_RATIO = 100
+# Image files larger than this are refused before reading (ImageSizeError): a 256 MiB
+# photo would decode to far more than any CLIP input needs.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -115,6 +130,7 @@ def load_image(src: ImageLike) -> Image.Image:
     """
     if isinstance(src, Image.Image):
         name = _pil_name(src)
+        _check_dimensions(src.size[0], src.size[1], name)  # before decoding a lazy image
         try:
             src.load()  # a lazily opened image may still fail to decode here
         except (MemoryError, KeyboardInterrupt):
@@ -125,17 +141,12 @@ def load_image(src: ImageLike) -> Image.Image:
     if isinstance(src, np.ndarray):
         return _array_to_image(src)
     if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        name = repr(path)
-        if not os.path.exists(path):
-            raise ImageDecodeError(f"image file {name} does not exist; check the path")
-        if os.path.isdir(path):
-            raise ImageDecodeError(f"image path {name} is a directory, not an image file")
-        return _open(path, name)
+        return _open_path(os.fspath(src))
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
             raise ImageDecodeError("image buffer <0 bytes> is empty; nothing to decode")
+        _check_file_size(len(data), f"<{len(data)} bytes>")
         return _open(io.BytesIO(data), f"<{len(data)} bytes>")
     if hasattr(src, "read"):
         name = getattr(src, "name", None)
@@ -147,16 +158,86 @@ def load_image(src: ImageLike) -> Image.Image:
     )
 
 
+def _check_dimensions(width: int, height: int, name: str) -> None:
+    """Refuse empty, absurdly thin or absurdly large images (see MAX_ASPECT_RATIO)."""
+    if width <= 0 or height <= 0:
+        raise ImageSizeError(f"image {name} is empty ({width}x{height} pixels); pass a real image")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageSizeError(
+            f"image {name} is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; edgeclip "
+            f"refuses more than {MAX_ASPECT_RATIO}:1 (such an image is a strip, not a picture, and "
+            "resizing it costs gigabytes); crop it to the part you want first"
+        )
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageSizeError(
+            f"image {name} is {width}x{height} = {width * height:,} pixels, more than the "
+            f"{int(limit):,} of PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb guard); downscale "
+            "it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        )
+
+
+def _check_file_size(size: int, name: str) -> None:
+    if size > MAX_FILE_BYTES:
+        raise ImageSizeError(
+            f"image {name} is {size:,} bytes, more than the {MAX_FILE_BYTES:,}-byte limit "
+            "(edgeclip.runtime.preprocess.MAX_FILE_BYTES); downscale or recompress it first"
+        )
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(name: str, mode: int) -> ImageDecodeError:
+    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+    return ImageDecodeError(
+        f"image path {name} is {kind}, not an image file; pass the path of a regular file "
+        "(reading a pipe or device could block forever or never end)"
+    )
+
+
+def _open_path(path: str) -> Image.Image:
+    """Open only regular files of bounded size (a FIFO would block, /dev/zero never ends)."""
+    name = repr(path)
+    try:
+        st = os.stat(path)  # follows symlinks: a link to a device is judged as the device
+    except FileNotFoundError:
+        raise ImageDecodeError(f"image file {name} does not exist; check the path") from None
+    except OSError as e:
+        raise ImageDecodeError(f"image file {name} cannot be read ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(name, st.st_mode)
+    _check_file_size(st.st_size, name)
+    # O_NONBLOCK: if the path was swapped for a FIFO since stat(), open() must not hang;
+    # fstat() then checks what was really opened.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise _decode_error(name, e) from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(name, st.st_mode)
+        _check_file_size(st.st_size, name)
+        return _open(f, name)
+
+
 def _pil_name(img: Image.Image) -> str:
     filename = getattr(img, "filename", "")
     return repr(filename) if filename else f"<PIL.Image {img.mode} {img.size[0]}x{img.size[1]}>"
 
 
-def _decode_error(name: str, e: BaseException) -> ImageDecodeError:
-    if isinstance(e, Image.DecompressionBombError):
-        return ImageDecodeError(
-            f"image {name} is too large to decode safely ({e}); if you trust it, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS"
+def _decode_error(name: str, e: BaseException) -> InputError:
+    # Pillow raises the error past 2x MAX_IMAGE_PIXELS inside Image.open; its warning (past
+    # 1x) is an exception too when warnings are errors.  Either is a size refusal.
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageSizeError(
+            f"image {name} is too large to decode safely ({e}); downscale it first, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust it"
         )
     if isinstance(e, Image.UnidentifiedImageError):
         return ImageDecodeError(
@@ -175,13 +256,16 @@ def _decode_error(name: str, e: BaseException) -> ImageDecodeError:
 
 def _open(fp: Any, name: str) -> Image.Image:
     try:
-        with Image.open(fp) as img:
+        with Image.open(fp) as img:  # reads the header only
+            _check_dimensions(img.size[0], img.size[1], name)
             img.load()  # force decoding now: truncation errors are raised lazily
             out = _to_rgb(_apply_exif_orientation(img))
             if out is img:
                 out = img.copy()
-    except (InputError, MemoryError, KeyboardInterrupt):
+    except (InputError, KeyboardInterrupt):
         raise
+    except MemoryError as e:  # within the limits above only a pathological file gets here
+        raise ImageSizeError(f"image {name} needs more memory to decode than is available") from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data
         raise _decode_error(name, e) from e
     return out
@@ -285,8 +369,7 @@ def _array_to_image(a: np.ndarray) -> Image.Image:
         )
     if a.ndim not in (2, 3):
         raise InputError(f"{expected}, got a {a.ndim}-D array of shape {a.shape}")
-    if a.shape[0] == 0 or a.shape[1] == 0:
-        raise InputError(f"image array is empty (shape {a.shape})")
+    _check_dimensions(a.shape[1], a.shape[0], f"array of shape {a.shape}")
     a = np.ascontiguousarray(_to_uint8(a))
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -320,6 +403,72 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     padded[top_pad : top_pad + h, left_pad : left_pad + w] = arr
     top, bottom, left, right = top + top_pad, bottom + top_pad, left + left_pad, right + left_pad
     return padded[max(0, top) : min(new_h, bottom), max(0, left) : min(new_w, right)]
+
+
+def _axis_window(src: int, dst: int, want: int) -> tuple[int, int, int]:
+    """Output pixels [start, stop) of one axis of a ``dst``-long resize of ``src`` pixels that
+    hold the ``want`` centre pixels (all of them when dst < want: zero-padded later), widened so
+    that both ends map to source coordinates ``end * src / dst`` that are exact binary
+    fractions.  Pillow takes a box in float32: an inexact box would move every filter tap a
+    little and change some output pixels by one level.  Also returns the offset of the
+    wanted pixels inside the window."""
+    if dst <= want:
+        return 0, dst, 0
+    start = (dst - want) // 2
+    q = dst // math.gcd(src, dst)
+    unit = q // (q & -q)  # odd part of q: end * src / dst is a binary fraction iff unit | end
+    lo = start // unit * unit
+    hi = min(dst, -(-(start + want) // unit) * unit)
+    return lo, hi, start - lo
+
+
+def _crop_window(
+    source: tuple[int, int], target: tuple[int, int], crop: tuple[int, int]
+) -> list[tuple[int, int, int]]:
+    """Per axis (h, w): the exact-box window of a ``target``-sized resize of ``source`` that
+    holds what :func:`_center_crop` keeps for ``crop`` (see :func:`_axis_window`)."""
+    return [_axis_window(src, dst, want) for src, dst, want in zip(source, target, crop)]
+
+
+def _pillow_vertical_first(width: int, height: int, target: tuple[int, int]) -> bool:
+    """Whether Pillow's own resize of the whole image to ``target`` (h, w) runs its vertical
+    pass first.  Pillow >= 13 does when the height shrinks by more than twice the pixels the
+    width does; older versions always start with the horizontal pass (their tall-image rule
+    needs an aspect ratio past MAX_ASPECT_RATIO).  The order changes the 8-bit rounding
+    between the passes, so :func:`_resize_window` must follow it to give the same pixels."""
+    if _PILLOW_MAJOR < 13:
+        return False
+    dy, dx = height - target[0], width - target[1]
+    return dy > 0 and dy > 2 * dx
+
+
+_PILLOW_MAJOR = int(Image.__version__.split(".")[0])
+_WINDOW_GAIN = 2  # resize only the crop window once the full resize is this many times bigger
+
+
+def _resize_window(
+    img: Image.Image, target: tuple[int, int], crop: tuple[int, int], resample: int
+) -> Image.Image:
+    """The part of ``img.resize(target)`` that a centre crop to ``crop`` keeps, computed by
+    resizing only (a little more than) that window: two one-axis box resizes, in the order
+    Pillow's full resize uses.  Pillow reads a box resize's filter taps from the whole source
+    (clipped at the image edges, not at the box), so these are the same pixels; the cost
+    follows the crop instead of the resized long side (a 100:1 strip resizes 100x less)."""
+    width, height = img.size
+    (y_lo, y_hi, y_off), (x_lo, x_hi, x_off) = _crop_window((height, width), target, crop)
+    if target[0] * target[1] < _WINDOW_GAIN * (y_hi - y_lo) * (x_hi - x_lo):
+        return img.resize((target[1], target[0]), resample=resample)  # little to save
+    def horizontal(im: Image.Image) -> Image.Image:
+        box = (x_lo * width / target[1], 0, x_hi * width / target[1], im.height)  # exact
+        return im.resize((x_hi - x_lo, im.height), resample, box=box)
+
+    def vertical(im: Image.Image) -> Image.Image:
+        box = (0, y_lo * height / target[0], im.width, y_hi * height / target[0])
+        return im.resize((im.width, y_hi - y_lo), resample, box=box)
+
+    img = horizontal(vertical(img)) if _pillow_vertical_first(width, height, target) else vertical(horizontal(img))
+    h, w = min(crop[0], y_hi - y_lo), min(crop[1], x_hi - x_lo)
+    return img.crop((x_off, y_off, x_off + w, y_off + h))
 
 
 def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -476,7 +625,10 @@ class Preprocessor:
         else:
             target = _shortest_edge_size(height, width, self.shortest_edge)
         if target != (height, width):
-            img = img.resize((target[1], target[0]), resample=self._resample)
+            if self.crop == "center" and self._resample != Image.Resampling.NEAREST:
+                img = _resize_window(img, target, self.image_size, self._resample)
+            else:  # NEAREST samples by float stepping that a box would shift; it is cheap anyway
+                img = img.resize((target[1], target[0]), resample=self._resample)
         arr = np.asarray(img)
         if self.crop == "center":
             arr = _center_crop(arr, *self.image_size)
@@ -534,6 +686,40 @@ def _as_items(images: Any) -> list:
     if not items:
         raise InputError("no images given: the batch is empty")
     return items
+
+
+def check_pixels(pixels: Any, shape: Sequence[Any]) -> np.ndarray:
+    """Check pre-made pixels before they reach an image graph; return them unchanged.
+
+    ``shape`` is the graph's declared ``(N, 3, H, W)``, with None (or any non-int, such as
+    a symbolic name) for a dynamic dimension.  ``pixels`` must be a float32 numpy array of
+    that shape, N >= 1, every value finite: a NaN or infinity would run through the model
+    and come out as NaN features without any error.  Anything else raises InputError
+    saying what was wrong and how to make proper input.
+    """
+    fix = "pass the images themselves (paths, PIL images, uint8 arrays) or use preprocess(images)"
+    want = tuple(d if isinstance(d, int) and not isinstance(d, bool) else None for d in shape)
+    text = "(" + ", ".join("N" if i == 0 and d is None else str(d) for i, d in enumerate(want)) + ")"
+    if not isinstance(pixels, np.ndarray):
+        raise InputError(f"preprocessed pixels must be a float32 numpy array {text}, got a "
+                         f"{type(pixels).__name__}; {fix}")
+    if pixels.dtype != np.float32:
+        raise InputError(f"preprocessed pixels must be float32, got {pixels.dtype} of shape "
+                         f"{pixels.shape}; {fix}")
+    if pixels.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, pixels.shape)):
+        raise InputError(f"preprocessed pixels must have shape {text} for this model, got "
+                         f"{pixels.shape}; {fix}")
+    if pixels.shape[0] < 1:
+        raise InputError(f"preprocessed pixels hold no image (shape {pixels.shape}); pass at least one")
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise InputError(
+            f"preprocessed pixels hold {int(finite.size - finite.sum())} NaN/infinite value(s), "
+            f"the first {pixels[where]} at index {list(where)}; the model would return NaN "
+            f"features. Fix the array, or {fix}"
+        )
+    return pixels
 
 
 def preprocess(
