@@ -180,7 +180,7 @@ def test_bad_input_raises_typed_errors(artifacts, tmp_path, capsys):
         run_bench(BenchConfig([str(artifacts["fp32"])], eval_dir=str(flat)))
     assert "move them into class folders" in str(e.value)
     with pytest.raises(EvalDataError, match="10 class folders"):
-        run_bench(BenchConfig([str(artifacts["fp32"])], eval_dir=str(heldout_dir()), labels="zero,one"))
+        run_bench(BenchConfig([str(artifacts["fp32"])], eval_dir=str(heldout_dir()), labels=["zero", "one"]))
     with pytest.raises(UnknownModelError, match="known specs|Known specs"):
         run_bench(BenchConfig([str(artifacts["fp32"])], model="random:ViT-Q-9", memory=False))
     # the command line turns them into exit 2 and one readable line

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CalibrationError, UnknownModelError
+from ..heads.zero_shot import resolve_templates
 from . import fidelity as fid
 from .machine import machine
 from .memory import measure as measure_memory
@@ -122,7 +123,7 @@ class Bench:
         prep, tok, _ = _tools(Path(companion.path))
         templates = None
         if self.eval_set is not None:
-            templates = self.cfg.templates or fid.default_templates(companion.model, companion.source)
+            templates = resolve_templates(self.cfg.templates, fid.default_templates(companion.model, companion.source))
         return fid.make_probe(prep, tok, self.eval_set, templates, prep.output_size or spec_size), prep, tok
 
     # ------------------------------------------------------------------------------------ baselines

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError
 from .backends import backend_for_target, get_backend
 from .manifest import _check_files, load_manifest, read_verified, safe_path
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, check_pixels
 from .tokenizer import check_token_ids, load_tokenizer
 
 
@@ -183,21 +183,12 @@ class Pipeline:
     def _run_image(self, images) -> dict:
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32 \
                 and images.shape[1] == 3:
-            pixels = np.ascontiguousarray(images)  # already preprocessed NCHW
-            self._check_pixels(pixels)
+            # already preprocessed NCHW: the right shape, and no NaN/Inf (which would flow silently into scores)
+            pixels = check_pixels(np.ascontiguousarray(images), self.manifest["graphs"]["image"]["inputs"]
+                                  ["pixel_values"]["shape"])
         else:
             pixels = self.preprocess(images if _is_batch(images) else [images])
         return self._graph("image").run({"pixel_values": pixels})
-
-    def _check_pixels(self, pixels: np.ndarray) -> None:
-        """Preprocessed input must match the graph's (N, 3, H, W); say so before the backend does."""
-        declared = self.manifest["graphs"]["image"]["inputs"]["pixel_values"]["shape"]
-        want = tuple(d if isinstance(d, int) else None for d in declared)
-        if len(want) != pixels.ndim or any(w is not None and w != g for w, g in zip(want, pixels.shape)):
-            shape = "(N, " + ", ".join(str(d) for d in want[1:]) + ")"
-            raise InputError(f"preprocessed pixels must have shape {shape} for this model, got {pixels.shape}; "
-                             "pass the images themselves (paths, PIL images, uint8 arrays) to resize them, "
-                             "or prepare arrays with pipeline.preprocess(images)")
 
     def encode_image(self, images) -> np.ndarray:
         """(N, E) float32 L2-normalized image embeddings. One image in, one row out."""

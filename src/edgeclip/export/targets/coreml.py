@@ -33,7 +33,7 @@ import torch
 
 from ..._lazy import require
 from ...errors import EdgeClipError
-from ...heads.zero_shot import check_templates, parse_labels
+from ...heads.zero_shot import check_templates, parse_labels, resolve_templates
 from .. import register_target
 from ..artifact import Artifact, ArtifactWriter, tool_versions
 from ..graphs import ImageGraph, TextGraph, Tolerance, compare, prepare, raise_if_failed, reference_inputs
@@ -79,7 +79,7 @@ class CoreMLTarget:
         if compress and opts.precision != "fp16":
             raise EdgeClipError("Core ML weight compression applies to fp16 models (--precision fp16)")
         labels = parse_labels(opts.labels) if opts.labels else []
-        templates = check_templates(opts.templates or default_templates(spec)) if labels else []
+        templates = resolve_templates(opts.templates, default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
         heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
         fused = ios >= 18

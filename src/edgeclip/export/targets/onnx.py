@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ...heads.base import resolve as resolve_heads
-from ...heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings, parse_labels
+from ...heads.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings, parse_labels, resolve_templates
 from ...runtime.backends.ort import Backend as OrtBackend
 from ...runtime.pipeline import trim
 from ...runtime.tokenizer import load_tokenizer
@@ -44,7 +44,7 @@ class OnnxTarget:
 
     def export(self, model, spec, opts, out) -> Artifact:
         labels = parse_labels(opts.labels) if opts.labels else []
-        templates = check_templates(opts.templates or default_templates(spec)) if labels else []
+        templates = resolve_templates(opts.templates, default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
         heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
         dtype = self.trace_dtype[opts.precision]
