@@ -10,19 +10,22 @@ bound what they read and never leave the folder they were given:
   Entries with an image extension that are not regular files (FIFOs, sockets, devices) are skipped
   and counted too.  The walk visits at most ``MAX_WALK_ENTRIES`` directory entries and
   ``MAX_WALK_DEPTH`` levels of sub-folders; past either it raises ``CalibrationError``.  Each image
-  is opened with ``O_NOFOLLOW | O_NONBLOCK`` and must still be the very file (device, inode) the walk
-  saw, so a link or FIFO swapped in after the walk is refused, not followed.
+  is opened with ``O_NOFOLLOW | O_NONBLOCK`` and must still be the file (device, inode) the walk
+  saw, so a link or FIFO swapped in after the walk is refused, not followed.  (Hard links are
+  files of the folder's own file system and are read like any file.)
 * **Images** that decode are used exactly as the runtime would use them (1-pixel images upsampled,
   animated files by their first frame, CMYK converted, 16-bit scaled by ``round(v / 257)``); what
   the runtime refuses (empty, thinner than 100:1, decompression bombs, corrupt files) is skipped
   and counted.  If nothing is left, the ``CalibrationError`` names the count and the first reason.
 * **Caption files** must be regular files of at most ``MAX_CAPTION_FILE_BYTES``, in strict UTF-8
   (a leading BOM is allowed; an invalid byte or a NUL is an error naming the line, never replaced),
-  at most ``MAX_CAPTIONS`` captions of at most ``MAX_CAPTION_CHARS`` characters each.  Blank lines,
-  and JSONL captions that are empty strings, are skipped.  JSONL lines must be strict JSON (no
-  ``NaN``/``Infinity``, no repeated keys, no unpaired ``\\ud800`` surrogate escapes, nesting
-  Python can parse) holding a string or an object
-  with a string ``"caption"`` (or, failing that, ``"text"``) field; anything else names the line.
+  at most ``MAX_CAPTIONS`` captions of at most ``MAX_CAPTION_CHARS`` characters each.  Lines end at
+  ``\\n`` only (a JSON string may hold U+2028).  Blank lines, and JSONL captions that are empty
+  strings, are skipped.  ``.jsonl``/``.ndjson`` lines must be strict JSON (no ``NaN``/``Infinity``,
+  no repeated keys, no unpaired ``\\ud800`` escapes, nesting Python can parse) holding a string or
+  an object with a string ``"caption"`` (or, without one, ``"text"``) field; anything else is an
+  error naming the line.  A ``.json`` file is refused (one document, not one caption per line);
+  any other suffix is read as text.
 
 The bounds are module constants read at call time, so a caller with trusted, larger data can
 raise them.
@@ -54,7 +57,9 @@ MAX_CAPTION_FILE_BYTES = 64 * 1024 * 1024
 MAX_CAPTIONS = 1_000_000
 MAX_CAPTION_CHARS = 10_000
 
-_O_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+# O_NONBLOCK: a FIFO swapped in for a file opens at once (and fstat refuses it) instead of hanging
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -177,7 +182,8 @@ def _walk(root: Path) -> ImageScan:
                     _classify(entry, root, scan, subdirs)
         except OSError as e:
             if depth == 0:
-                raise CalibrationError(f"calibration folder {root} cannot be listed ({e.strerror or e})") from e
+                raise CalibrationError(
+                    f"calibration folder {root} cannot be listed ({e.strerror or e})") from e
             scan.skipped.append((folder, f"folder {folder!r} cannot be listed ({e.strerror or e}); skipped"))
         stack.extend((d, depth + 1) for d in sorted(subdirs, reverse=True))
     return scan
@@ -216,7 +222,7 @@ def _open_image(path: Path, identity: tuple):
 
     name = repr(str(path))
     try:
-        f = open(str(path), "rb", opener=lambda p, fl: os.open(p, _O_FLAGS | getattr(os, "O_NOFOLLOW", 0)))
+        f = open(str(path), "rb", opener=lambda p, fl: os.open(p, fl | _O_FLAGS | _O_NOFOLLOW))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise ImageDecodeError(f"image file {name} became a symbolic link after the folder was "
@@ -259,7 +265,8 @@ def _read_bounded(p: Path) -> bytes:
     try:
         fd = os.open(str(p), _O_FLAGS)
     except FileNotFoundError:
-        raise CalibrationError(f"caption file not found: {p}; pass --calib-captions FILE (.txt or .jsonl)") from None
+        raise CalibrationError(
+            f"caption file not found: {p}; pass --calib-captions FILE (.txt or .jsonl)") from None
     except OSError as e:
         raise CalibrationError(f"caption file {p} cannot be opened ({e.strerror or e})") from e
     st = os.fstat(fd)
@@ -357,7 +364,8 @@ def _captions(p: Path, text: str, jsonl: bool) -> list[str]:
             continue  # an empty JSONL caption is a blank line
         if len(cap) > MAX_CAPTION_CHARS:
             raise CalibrationError(f"{p}:{i} is a caption of {len(cap):,} characters, more than "
-                                   f"{MAX_CAPTION_CHARS:,}; shorten it (CLIP reads only the first few dozen words)")
+                                   f"{MAX_CAPTION_CHARS:,}; shorten it (CLIP reads only the first few "
+                                   "dozen words)")
         if len(caps) >= MAX_CAPTIONS:
             raise CalibrationError(f"{p} holds more than {MAX_CAPTIONS:,} captions; a calibration set needs "
                                    "a few hundred: pass a smaller file")
