@@ -66,11 +66,18 @@ def _torch_load(path: Path):
     from .._lazy import require
 
     torch = require("torch", "importing heads saved with torch.save")
+    from ..errors import CheckpointError
+    from ..models.safe_pickle import checked_torch_source  # imports torch: only once a torch file is read
+
     _check_pickle_size(path)
+    try:  # weights_only bounds code, not cost: storages' declared sizes are checked against the file first
+        source = checked_torch_source(path)
+    except CheckpointError as e:
+        raise HeadError(f"{e}; save the head's state dict again: torch.save(module.state_dict(), ...)") from e
     try:
         # weights only: no arbitrary code from the file; an nn.Linear saved whole is allowed by name
         with torch.serialization.safe_globals([torch.nn.Linear, torch.nn.Sequential, torch.nn.ReLU]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise HeadError(f"{path} could not be read as a weights-only torch file ({type(e).__name__}: "

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, SpecError, UnknownModelError, UnsafeCheckp
 from ..specs import ModelSpec, get_spec, list_specs
 from .clip import ClipModel
 from .convert import from_hf, from_openai, unwrap_state_dict
-from .safe_pickle import check_zip_bounds, read_torchscript
+from .safe_pickle import check_zip_bounds, checked_torch_source, read_torchscript
 
 SCHEMES = ("hf", "openai", "open_clip", "random", "builtin")
 BUILTINS = ("tiny",)
@@ -83,11 +83,16 @@ def read_state_dict(path: Path) -> dict:
 
 
 def _weights_only_load(path: Path):
-    """torch.load(weights_only=True) for plain pickles, zipped (torch.save) or legacy (non-zip)."""
+    """torch.load(weights_only=True) for plain pickles, zipped (torch.save) or legacy (non-zip).
+
+    weights_only bounds what a file may run, not what it may cost: its storages' declared sizes are
+    checked against the bytes the file holds first (checked_torch_source), as torch allocates them.
+    """
+    source = checked_torch_source(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's message names the refused global
         if isinstance(e, pickle.UnpicklingError) and found:
