@@ -259,13 +259,18 @@ def test_guard_returns_sensitive_layers_to_float_until_it_passes(tmp_path):
     cal = [{"pixel_values": _smooth_images(32, s)} for s in range(4)]
     held = {"pixel_values": _smooth_images(64, 99)}
     targets = qdq.find_targets(model)
-    for m in (model, smoothquant.smooth(model, targets, cal, alpha=0.5)):
+    for smoothed, m in ((False, model), (True, smoothquant.smooth(model, targets, cal, alpha=0.5))):
         ranges = qdq.collect_ranges(m, targets, cal, "minmax")
         quant, report = guarded_quantize(m, targets, ranges, held, "image_embeds", max_drop=0.005)
-        assert report.drop_all_int8 > 0.005           # without the guard the bound is missed
         assert report.ok and report.drop <= 0.005     # min cosine >= 0.995 on held-out images
+        weight_dq = [n for n in quant.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
+        if smoothed and report.drop_all_int8 <= 0.005:
+            # SmoothQuant alone meets the bound where the CPU's INT8 GEMM does not saturate its 16-bit
+            # sums (VNNI); then the guard must return nothing to float
+            assert report.float_layers == [] and len(weight_dq) == len(targets)
+            continue
+        assert report.drop_all_int8 > 0.005           # without the guard the bound is missed
         assert 0 < len(report.float_layers) < len(targets)
         # the layer returned first is the one that hurts most on its own
         assert report.float_layers[0] == max(report.sensitivity, key=report.sensitivity.get)
-        weight_dq = [n for n in quant.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
         assert len(weight_dq) == len(targets) - len(report.float_layers)

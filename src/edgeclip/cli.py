@@ -191,7 +191,7 @@ def _print_quantization(m: dict) -> None:
     for name, r in q["graphs"].items():
         data = r.get("data", {})
         held = f"{data.get('held_out', '?')} held-out of {data.get('source', '?')}"
-        skipped = f", {data['skipped']} unreadable file(s) skipped" if data.get("skipped") else ""
+        skipped = f", {data['skipped']} file(s) skipped (links, non-regular or unreadable)" if data.get("skipped") else ""
         floats = r["float_layers"]
         kept = f"; kept in float: {', '.join(floats)}" if floats else ""
         print(f"  {name:<5} {r['int8_layers']}/{r['quantizable_layers']} layers int8, min cosine "

@@ -19,19 +19,15 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from edgeclip.builtin import digit_labels  # noqa: E402
+
+from .conftest import TINY_ONNX  # noqa: E402
 from edgeclip.errors import (ArtifactError, ChecksumError, DigestError, EdgeClipError,  # noqa: E402
                              ManifestError)
 from edgeclip.runtime.manifest import artifact_digest, read_manifest, sha256_file  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 
-ONNX = {"model": "builtin:tiny", "target": "onnx", "precision": "fp32", "labels": digit_labels()}
 OPENVINO = {"model": "builtin:tiny", "labels": digit_labels(), "target": "openvino", "precision": "fp32"}
-SHARED_EXPORTS = {"art": [ONNX], "ov_art": [OPENVINO]}
-
-
-@pytest.fixture(scope="module")
-def art(shared_exports) -> Path:
-    return shared_exports.path(ONNX)
+SHARED_EXPORTS = {"art": [TINY_ONNX], "ov_art": [OPENVINO]}
 
 
 @pytest.fixture(scope="module")

@@ -818,3 +818,182 @@ def test_cli_export_of_a_scripted_archive_runs_no_code(tmp_path, tiny, evil, cap
     assert rc == 2 and not marker.exists() and not (tmp_path / "out").exists()
     want = ("UnsafeCheckpointError", "restores itself") if evil == "tuple-state" else ("CheckpointError", "x.w")
     assert error["type"] == want[0] and want[1] in error["message"]
+
+
+# ------------------------------------------- torch.save storages: declared sizes vs the bytes held
+#
+# torch.load(weights_only=True) allocates each storage at the size its pickle declares (legacy files)
+# or trusts it over the record (zip files). These files are real torch.save output with the numbers
+# edited in the pickle bytes; each must be refused before torch allocates anything.
+
+import io  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from edgeclip.errors import HeadError  # noqa: E402
+from edgeclip.heads.importers import import_head  # noqa: E402
+from edgeclip.models.safe_pickle import MAX_PICKLE_OPS  # noqa: E402
+
+SMALL = {"w": torch.arange(4.0), "h": torch.arange(6, dtype=torch.float16).reshape(2, 3)}
+ONE = {"w": torch.arange(4.0)}  # one storage: legacy files store storages in no fixed order
+
+
+def _int_op(n: int) -> bytes:
+    """Pickle opcode pushing the int n (BININT, or LONG1 for larger values)."""
+    if 0 <= n < 1 << 31:
+        return b"J" + struct.pack("<i", n)
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def _storage_tuples(pkl: bytes) -> list:
+    """[(ops of one storage record's tuple)] in the order the pickle builds them."""
+    ops, out = list(pickletools.genops(pkl)), []
+    for i, (op, _, _) in enumerate(ops):
+        if op.name == "BINPERSID":
+            end = next(j for j in range(i - 1, -1, -1) if ops[j][0].name == "TUPLE")
+            start = max(j for j in range(end) if ops[j][0].name == "MARK")
+            out.append(ops[start: i + 1])  # MARK ... TUPLE [BINPUT] BINPERSID
+    return out
+
+
+def patch_numel(pkl: bytes, numel: int, which: int = 0) -> bytes:
+    """The pickle with storage record `which`'s element count replaced (found by opcode, not by guess)."""
+    rec = _storage_tuples(pkl)[which]
+    ints = [(pos, nxt[2]) for (op, _, pos), nxt in zip(rec, rec[1:]) if op.name in ("BININT1", "BININT2", "BININT")]
+    start, end = ints[-1]
+    return pkl[:start] + _int_op(numel) + pkl[end:]
+
+
+def zip_entries(path: Path) -> Dict[str, bytes]:
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+def write_zip(path: Path, entries: Dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    return path
+
+
+def saved_zip(tmp_path: Path, change, sd=None) -> Path:
+    """torch.save(sd) as a zip, then `change(entries)` applied to its records (names without the folder)."""
+    src = tmp_path / "src.pt"
+    torch.save(SMALL if sd is None else sd, src)
+    entries = {n.split("/", 1)[1]: d for n, d in zip_entries(src).items()}
+    entries = change(entries) or entries
+    return write_zip(tmp_path / "bad.pt", {f"bad/{n}": d for n, d in entries.items()})
+
+
+def legacy_parts(data: bytes) -> list:
+    """A legacy torch.save file split as [magic, protocol, sys_info, main, keys, raw storages]."""
+    f, bounds = io.BytesIO(data), [0]
+    for _ in range(5):
+        for _op in pickletools.genops(f):
+            pass
+        bounds.append(f.tell())
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])] + [data[bounds[-1]:]]
+
+
+def saved_legacy(tmp_path: Path, change, sd=None) -> Path:
+    src = tmp_path / "src.pt"
+    torch.save(SMALL if sd is None else sd, src, _use_new_zipfile_serialization=False)
+    parts = legacy_parts(src.read_bytes())
+    parts = change(parts) or parts
+    out = tmp_path / "bad.pt"
+    out.write_bytes(b"".join(parts))
+    return out
+
+
+def _set(entries: dict, **changes):
+    entries.update({k.replace("__", "/").replace("_dot_", "."): v for k, v in changes.items()})
+
+
+def _legacy_main(parts, numel, which=0):
+    parts[3] = patch_numel(parts[3], numel, which)
+
+
+def _legacy_keys(parts, edit):
+    keys = pickle.loads(parts[4])
+    parts[4] = pickle.dumps(edit(keys), protocol=2)
+
+
+def _zip_numel(numel, which=0):
+    return lambda e: _set(e, data_dot_pkl=patch_numel(e["data.pkl"], numel, which))
+
+
+def _zip_view_bomb(e):
+    """The float tensor rebuilt as (100000, 100000) with stride (0, 0): 40 GB as float32, 16 bytes stored."""
+    pkl = e["data.pkl"]
+    rec = _storage_tuples(pkl)[0]
+    ops = list(pickletools.genops(pkl))
+    at = next(i for i, o in enumerate(ops) if o[2] == rec[-1][2]) + 1  # after BINPERSID
+    body = _int_op(0) + _int_op(100_000) + _int_op(100_000) + b"\x86" + _int_op(0) + _int_op(0) + b"\x86"
+    end = next(o[2] for o in ops[at:] if o[0].name == "NEWFALSE")  # offset, size, stride end at requires_grad
+    e["data.pkl"] = pkl[: ops[at][2]] + body + pkl[end:]
+
+
+INFLATED_ZIP = {  # name: (change to the records, message)
+    "numel +1": (_zip_numel(5), "storage '0' declares 5 elements (20 bytes) but the file has 16 bytes"),
+    "numel 2**30 (4 GiB)": (_zip_numel(1 << 30), "declares 1073741824 elements (4294967296 bytes) but the file has 16"),
+    "numel 2**62": (_zip_numel(1 << 62), f"declares {1 << 62} elements"),
+    "half numel 2**33": (_zip_numel(1 << 33, which=1), "storage '1' declares 8589934592 elements (17179869184 bytes)"),
+    "record missing": (lambda e: e.pop("data/0") and None, "storage '0' declares 4 elements (16 bytes) but the file "
+                                                          "has no record"),
+    "record truncated": (lambda e: _set(e, data__0=e["data/0"][:8]), "(16 bytes) but the file has 8 bytes"),
+    "record emptied": (lambda e: _set(e, data__1=b""), "storage '1' declares 6 elements (12 bytes) but the file has 0"),
+    "view repeats its storage": (_zip_view_bomb, "of size (100000, 100000) (stride (0, 0), offset 0) reaches past or "
+                                                 "repeats its storage '0' of 4 elements"),
+    "data.pkl over 16 MiB": (lambda e: _set(e, data_dot_pkl=e["data.pkl"] + b"\0" * (17 << 20)), "at most 16 MiB"),
+    "data.pkl missing": (lambda e: e.pop("data.pkl") and None, "data.pkl' (the object structure, at most 16 MiB) has "
+                                                               "no such record"),
+    "byteorder of 1 MiB": (lambda e: _set(e, byteorder=b"little" + b" " * (1 << 20)), "record 'bad/byteorder' is"),
+    "opcode flood": (lambda e: _set(e, data_dot_pkl=b"\x80\x02" + b"N0" * (MAX_PICKLE_OPS // 2 + 1) + b"N."),
+                     f"over {MAX_PICKLE_OPS} opcodes"),
+    "module record": (lambda e: _set(e, data_dot_pkl=b"\x80\x02(X\x06\x00\x00\x00moduleNNNtQ."),
+                      "unknown persistent record ('module', None, None, None)"),
+}
+
+INFLATED_LEGACY = {
+    "numel 2**31 (8 GiB)": (lambda p: _legacy_main(p, 1 << 31), "declares 2147483648 elements (8589934592 bytes)"),
+    "numel +1": (lambda p: _legacy_main(p, 5), "declares 5 elements (20 bytes) but the file has 16 bytes left", ONE),
+    "numel +1, bytes appended": (lambda p: _legacy_main(p, 5) or p.append(b"\0" * 4),
+                                 "declares 5 elements (20 bytes) but the file records 4 elements", ONE),
+    "half numel 2**40": (lambda p: _legacy_main(p, 1 << 40, which=1), "declares 1099511627776 elements"),
+    "numel -1": (lambda p: _legacy_main(p, -1), "malformed storage record"),
+    "numel below the tensor": (lambda p: _legacy_main(p, 3), "a tensor of size (4,) (stride (1,), offset 0) "
+                                                             "reaches past or repeats its storage", ONE),
+    "storage bytes truncated": (lambda p: p.__setitem__(5, p[5][:-4]), "(16 bytes) but the file has 12 bytes left", ONE),
+    "no storage bytes": (lambda p: p.__setitem__(5, b""), "but the file has 0 bytes (the file ends)"),
+    "key list lacks a storage": (lambda p: _legacy_keys(p, lambda k: k[:1]), "is declared but never stored"),
+    "key list names an unknown storage": (lambda p: _legacy_keys(p, lambda k: k + ["77"]),
+                                          "storage '77' is listed but never declared"),
+    "key list repeats a storage": (lambda p: _legacy_keys(p, lambda k: k + k[:1]), "not distinct strings"),
+    "key list is not a list": (lambda p: _legacy_keys(p, lambda k: {"a": 1}), "not distinct strings"),
+    "protocol 1000": (lambda p: p.__setitem__(1, pickle.dumps(1000, protocol=2)), "protocol version 1000"),
+    "main pickle over 16 MiB": (lambda p: p.__setitem__(2, pickle.dumps("x" * (17 << 20), protocol=2)),
+                                "its pickled structure is over 16 MiB"),
+    "opcode flood": (lambda p: p.__setitem__(2, b"\x80\x02" + b"N0" * (MAX_PICKLE_OPS // 2 + 1) + b"N."),
+                     f"over {MAX_PICKLE_OPS} opcodes"),
+    "storage record in sys_info": (lambda p: p.__setitem__(2, b"\x80\x02X\x01\x00\x00\x00aQ."),
+                                   "a persistent record 'a' outside the main pickle"),
+}
+
+
+def _crafted(tmp_path: Path, fmt: str, case: str) -> Path:
+    table, save = (INFLATED_ZIP, saved_zip) if fmt == "zip" else (INFLATED_LEGACY, saved_legacy)
+    change, _, *sd = table[case]
+    return save(tmp_path, change, *sd)
+
+
+ALL_INFLATED = [("zip", c) for c in INFLATED_ZIP] + [("legacy", c) for c in INFLATED_LEGACY]
+
+
+@pytest.mark.parametrize("fmt,case", ALL_INFLATED, ids=[f"{f}: {c}" for f, c in ALL_INFLATED])
+def test_storage_sizes_are_checked_before_torch_load(tmp_path, fmt, case):
+    path = _crafted(tmp_path, fmt, case)
+    msg = (INFLATED_ZIP if fmt == "zip" else INFLATED_LEGACY)[case][1]
+    with pytest.raises(CheckpointError, match=re.escape(msg)) as e:
+        read_state_dict(path)
+    assert str(path) in str(e.value)

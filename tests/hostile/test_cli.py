@@ -21,13 +21,9 @@ from edgeclip.builtin import digit_labels, heldout_dir  # noqa: E402
 from edgeclip.cli import main  # noqa: E402
 from edgeclip.runtime.manifest import artifact_digest, dumps  # noqa: E402
 
-ONNX = {"model": "builtin:tiny", "target": "onnx", "precision": "fp32", "labels": digit_labels()}
-SHARED_EXPORTS = {"art": [ONNX]}
+from .conftest import TINY_ONNX  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def art(shared_exports) -> Path:
-    return shared_exports.path(ONNX)
+SHARED_EXPORTS = {"art": [TINY_ONNX]}
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,13 @@ pytest.importorskip("onnxruntime")
 
 import edgeclip  # noqa: E402
 from edgeclip.builtin import digit_labels  # noqa: E402
+
+from .conftest import TINY_ONNX  # noqa: E402
 from edgeclip.errors import InputError, OutputPathError  # noqa: E402
 from edgeclip.export.artifact import STAGING_MARK, ArtifactWriter, check_out  # noqa: E402
 from edgeclip.runtime.manifest import artifact_digest, read_manifest  # noqa: E402
 
-ONNX = {"model": "builtin:tiny", "target": "onnx", "precision": "fp32", "labels": digit_labels()}
-SHARED_EXPORTS = {"art": [ONNX]}
-
-
-@pytest.fixture(scope="module")
-def art(shared_exports) -> Path:
-    return shared_exports.path(ONNX)
+SHARED_EXPORTS = {"art": [TINY_ONNX]}
 
 
 def write_like(src: Path, out: Path, overwrite: bool = False, on_step=None, tag: str = ""):

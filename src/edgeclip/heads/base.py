@@ -19,7 +19,6 @@ import numbers
 import operator
 import os
 import re
-import stat
 import struct
 import zipfile
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .._files import open_regular
 from ..errors import HeadError, HeadShapeError, LabelError, UnknownHeadError
 
 FORMAT = "edgeclip-head"
@@ -298,19 +298,8 @@ def regular_file(path, what: str = "head file") -> Path:
     """`path` as a Path if it is a regular file of at most MAX_HEAD_FILE_BYTES, else HeadError."""
     if not isinstance(path, (str, os.PathLike)):
         raise HeadError(f"{what} must be a path, got {type(path).__name__}")
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise HeadError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise HeadError(f"{what} {path} cannot be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise HeadError(f"{what} {path} is not a regular file (a folder, FIFO or device); pass a head file")
-    if st.st_size > MAX_HEAD_FILE_BYTES:
-        raise HeadError(f"{what} {path} is {st.st_size / 2**20:.0f} MiB; heads of more than "
-                        f"{MAX_HEAD_FILE_BYTES >> 20} MiB are refused")
-    return path
+    os.close(open_regular(path, HeadError, what, max_bytes=MAX_HEAD_FILE_BYTES))
+    return Path(path)
 
 
 class Npz:

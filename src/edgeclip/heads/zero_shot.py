@@ -8,12 +8,12 @@ turn that file into labels (`labels="/proc/self/environ"`). Files are read only 
 from __future__ import annotations
 
 import os
-import stat
 import string
 import unicodedata
 
 import numpy as np
 
+from .._files import read_regular
 from ..errors import HeadError, LabelError, TemplateError
 
 # A short ensemble in the spirit of CLIP's ImageNet prompts; users pass their own for their domain.
@@ -120,7 +120,7 @@ def read_labels_file(path) -> list[str]:
     """
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise LabelError(f"labels file must be a path (str or pathlib.Path), got {type(path).__name__}")
-    data = _read_regular_file(os.fspath(path), MAX_LABELS_FILE_BYTES)
+    data = read_regular(os.fspath(path), LabelError, "labels file", MAX_LABELS_FILE_BYTES)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -135,31 +135,6 @@ def read_labels_file(path) -> list[str]:
         return parse_labels(items)
     except LabelError as e:
         raise LabelError(f"labels file {path}: {e}") from None
-
-
-def _read_regular_file(path: str, limit: int) -> bytes:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise LabelError(f"labels file not found: {path}") from None
-    except OSError as e:
-        raise LabelError(f"labels file {path} cannot be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
-        raise LabelError(f"labels file {path} is {kind}; pass a text file with one label per line")
-    try:
-        # O_NONBLOCK: if the path was swapped for a FIFO after the stat, open must not hang
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise LabelError(f"labels file {path} cannot be opened ({e.strerror or e})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise LabelError(f"labels file {path} is not a regular file; pass a text file")
-        data = f.read(limit + 1)   # bounded even where st_size lies (0 for /proc files)
-    if len(data) > limit:
-        raise LabelError(f"labels file {path} is larger than {limit // (1024 * 1024)} MiB; "
-                         f"at most {MAX_LABELS} labels of {MAX_LABEL_CHARS} characters are supported")
-    return data
 
 
 # ---------------------------------------------------------------------------------- templates

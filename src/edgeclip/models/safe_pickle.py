@@ -689,14 +689,13 @@ def _check_legacy_bytes(path: Path, f, pos: int, keys, storages: dict) -> None:
         f.seek(pos)
         head = f.read(8)
         have = max(0, size - pos - 8)
-        if len(head) < 8:
-            raise _too_big(path, key, numel, numel * itemsize, "0 bytes (the file ends)")
+        if len(head) < 8 or numel * itemsize > have:
+            raise _too_big(path, key, numel, numel * itemsize,
+                           f"{have} bytes left" if len(head) == 8 else "0 bytes (the file ends)")
         count = int.from_bytes(head, "little", signed=True)
-        if count != numel:
+        if count != numel:  # torch would refuse it too, but only after allocating the declared size
             raise CheckpointError(f"{path}: storage '{key}' declares {numel} elements ({numel * itemsize} bytes) but "
                                   f"the file records {count} elements for it; the file is corrupt or crafted")
-        if numel * itemsize > have:
-            raise _too_big(path, key, numel, numel * itemsize, f"{have} bytes left")
         pos += 8 + numel * itemsize
 
 

@@ -11,9 +11,9 @@ import hashlib
 import json
 import math
 import os
-import stat
 from pathlib import Path
 
+from .._files import open_regular, read_regular
 from ..errors import ArtifactError, ChecksumError, DigestError
 from .schema import FORMAT, FORMAT_VERSION, validate_manifest  # noqa: F401  (FORMAT* re-exported)
 
@@ -43,26 +43,8 @@ def safe_path(root: Path, rel: str) -> Path:
     return p
 
 
-def _open_regular(path: Path, what: str) -> int:
-    """An fd of `path` if it is a regular file (no link, FIFO or device: those could hang or escape)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        kind = "a symbolic link" if os.path.islink(path) else "unreadable"
-        raise ArtifactError(f"{what} {path} is {kind} ({e.strerror}); an artifact holds plain files only") from e
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ArtifactError(f"{what} {path} is not a regular file; an artifact holds plain files only")
-    return fd
-
-
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    fd = _open_regular(path, what)
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ArtifactError(f"{what} {path} is larger than {limit} bytes")
-    return data
+    return read_regular(path, ArtifactError, what, limit, follow_links=False)
 
 
 def _digest(data: bytes) -> str:
@@ -95,7 +77,7 @@ def _check_files(root: Path, files: dict, verify: bool) -> None:
         p = safe_path(root, rel)
         if not p.exists():
             raise ArtifactError(f"artifact file {rel} is missing from {root}; re-export or restore it")
-        fd = _open_regular(p, "artifact file")
+        fd = open_regular(p, ArtifactError, "artifact file", follow_links=False)
         try:
             size = os.fstat(fd).st_size
             if size != meta["size"]:

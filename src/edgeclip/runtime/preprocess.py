@@ -66,13 +66,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import stat
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .._files import open_regular
 from ..errors import ImageDecodeError, ImageSizeError, InputError, SpecError
 
 __all__ = [
@@ -186,43 +186,12 @@ def _check_file_size(size: int, name: str) -> None:
         )
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
-
-
-def _not_regular(name: str, mode: int) -> ImageDecodeError:
-    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
-    return ImageDecodeError(
-        f"image path {name} is {kind}, not an image file; pass the path of a regular file "
-        "(reading a pipe or device could block forever or never end)"
-    )
-
-
 def _open_path(path: str) -> Image.Image:
     """Open only regular files of bounded size (a FIFO would block, /dev/zero never ends)."""
     name = repr(path)
-    try:
-        st = os.stat(path)  # follows symlinks: a link to a device is judged as the device
-    except FileNotFoundError:
-        raise ImageDecodeError(f"image file {name} does not exist; check the path") from None
-    except OSError as e:
-        raise ImageDecodeError(f"image file {name} cannot be read ({e.strerror or e})") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(name, st.st_mode)
-    _check_file_size(st.st_size, name)
-    # O_NONBLOCK: if the path was swapped for a FIFO since stat(), open() must not hang;
-    # fstat() then checks what was really opened.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise _decode_error(name, e) from e
+    fd = open_regular(path, ImageDecodeError, "image file", max_bytes=MAX_FILE_BYTES, size_error=ImageSizeError,
+                      name=name)
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(name, st.st_mode)
-        _check_file_size(st.st_size, name)
         return _open(f, name)
 
 

@@ -286,7 +286,7 @@ def calibration_sets(model, spec, opts, recipe, labels, templates, trim: bool) -
         image_info = {"source": "builtin" if not opts.calib else str(folder), "images": len(images.files),
                       "skipped": len(images.skipped), "skipped_files": [f for f, _ in images.skipped[:20]]}
         if images.skipped:
-            log.warning("calibration: skipped %d unreadable file(s) under %s (first: %s)", len(images.skipped),
+            log.warning("calibration: skipped %d file(s) under %s (links, non-regular or unreadable) (first: %s)", len(images.skipped),
                         folder, images.skipped[0][1])
         pixels = images.pixels
     elif recipe.needs_calibration:
