@@ -148,7 +148,7 @@ def test_cli_int8_export_with_broken_calibration_files(tmp_path):
                         "--calib", str(tmp_path / "calib"), "--calib-captions", str(caps), "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "2 unreadable file(s) skipped" in r.stdout
+    assert "2 file(s) skipped" in r.stdout
     data = json.loads((out / "manifest.json").read_text())["quantization"]["graphs"]
     assert data["image"]["data"]["images"] == 40 and data["image"]["data"]["skipped"] == 2
     assert sorted(Path(p).name for p in data["image"]["data"]["skipped_files"]) == ["not-an-image.jpg",
