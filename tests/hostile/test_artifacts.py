@@ -22,7 +22,7 @@ from edgeclip.builtin import digit_labels  # noqa: E402
 
 from .conftest import TINY_ONNX  # noqa: E402
 from edgeclip.errors import (ArtifactError, ChecksumError, DigestError, EdgeClipError,  # noqa: E402
-                             ManifestError)
+                             InputError, ManifestError)
 from edgeclip.runtime.manifest import artifact_digest, read_manifest, sha256_file  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 
@@ -402,3 +402,13 @@ def test_manifest_field_paths_are_listed_for_every_case():
     covered = {f.split(".")[0] for f, _ in FIELD_CASES}
     assert {"graphs", "files", "tokenizer", "text", "preprocess", "head", "heads", "model", "backend"} <= covered
     assert len(FIELD_CASES) >= 150, len(FIELD_CASES)
+
+
+@pytest.mark.parametrize("call", ["encode_text", "encode_image", "classify", "similarity", "ids"])
+def test_empty_batches_are_typed_errors(art, call):
+    p = Pipeline.load(art)
+    fn = {"encode_text": lambda: p.encode_text([]), "encode_image": lambda: p.encode_image([]),
+          "classify": lambda: p.classify([], labels=["a", "b"]), "similarity": lambda: p.similarity([], ["a"]),
+          "ids": lambda: p.encode_text(np.zeros((0, 5), np.int64))}[call]
+    with pytest.raises(InputError, match="no texts|no images|no rows"):
+        fn()

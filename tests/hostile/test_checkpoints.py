@@ -997,3 +997,104 @@ def test_storage_sizes_are_checked_before_torch_load(tmp_path, fmt, case):
     with pytest.raises(CheckpointError, match=re.escape(msg)) as e:
         read_state_dict(path)
     assert str(path) in str(e.value)
+
+
+def _valid_state_dict(fmt: str) -> dict:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 4, generator=g)
+    sd = {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(7, generator=g).half(),
+          "bf16": torch.randn(2, 2, generator=g).bfloat16(), "f64": torch.randn(3, generator=g).double(),
+          "i64": torch.arange(-3, 3), "i8": torch.arange(-4, 4, dtype=torch.int8), "bool": torch.tensor([True, False]),
+          "row view": base[2], "column view": base[:, 1], "shared base": base, "empty": torch.zeros(0, 3),
+          "scalar": torch.tensor(2.5), "transposed": torch.randn(3, 2, generator=g).t()}
+    if fmt == "zip":  # dtypes without a legacy storage class are saved untyped (_rebuild_tensor_v3)
+        sd["u16"] = torch.arange(5, dtype=torch.uint16)
+    return sd
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_valid_torch_files_load_exactly(tmp_path, fmt):
+    sd = _valid_state_dict(fmt)
+    path = tmp_path / "ok.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=fmt == "zip")
+    got = read_state_dict(path)
+    assert list(got) == list(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_valid_torch_clip_loads_exactly(tmp_path, tiny, fmt):
+    path = tmp_path / "clip.pt"
+    torch.save(to_openai(tiny), path, _use_new_zipfile_serialization=fmt == "zip")
+    assert_same_weights(edgeclip.load_model(f"openai:{path}"), tiny)
+
+
+HEAD_CASES = {"zip numel 2**30": ("zip", _zip_numel(1 << 30), "declares 1073741824 elements (4294967296 bytes)"),
+              "zip record missing": ("zip", lambda e: e.pop("data/0") and None, "has no record"),
+              "legacy numel 2**31": ("legacy", lambda p: _legacy_main(p, 1 << 31), "(8589934592 bytes) but the file "
+                                                                                  "has 16 bytes left"),
+              "legacy bytes truncated": ("legacy", lambda p: p.__setitem__(5, p[5][:-1]), "has 15 bytes left")}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_head_files_storage_sizes_are_checked(tmp_path, case):
+    fmt, change, msg = HEAD_CASES[case]
+    head = {"weight": torch.arange(12.0).reshape(3, 4)}
+    path = (saved_zip if fmt == "zip" else saved_legacy)(tmp_path, change, head)
+    with pytest.raises(HeadError, match=re.escape(msg)) as e:
+        import_head(path, classes=["a", "b", "c"])
+    assert "storage '" in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_valid_head_files_import_exactly(tmp_path, fmt):
+    w, b = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, -1.0, 2.0])
+    path = tmp_path / "head.pt"
+    torch.save({"fc": {"weight": w, "bias": b}}, path, _use_new_zipfile_serialization=fmt == "zip")
+    head = import_head(path, classes=["a", "b", "c"], embed_dim=4)
+    assert head.arrays["weight"].tolist() == w.double().tolist() and head.arrays["bias"].tolist() == b.tolist()
+
+
+# The costly ones, read in a fresh process whose peak memory is measured: refused, and cheaply.
+RSS_CASES = [("zip", "numel 2**30 (4 GiB)"), ("zip", "numel 2**62"), ("zip", "half numel 2**33"),
+             ("zip", "view repeats its storage"), ("zip", "data.pkl over 16 MiB"), ("zip", "opcode flood"),
+             ("legacy", "numel 2**31 (8 GiB)"), ("legacy", "half numel 2**40"), ("legacy", "main pickle over 16 MiB")]
+_RSS_SCRIPT = r"""
+import json, resource, sys
+from edgeclip.errors import EdgeClipError
+from edgeclip.heads.importers import import_head
+from edgeclip.models.loaders import read_state_dict
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+out, base = {}, peak()
+for name, path in json.loads(sys.argv[1]).items():
+    for reader, read in (("loader", read_state_dict), ("head", lambda p: import_head(p, classes=["a", "b"]))):
+        try:
+            read(path)
+            err = "loaded"
+        except EdgeClipError as e:
+            err = f"{type(e).__name__}: {e}"
+        out[f"{name} / {reader}"] = [err, peak() - base]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def rss_results(tmp_path_factory):
+    files = {}
+    for fmt, case in RSS_CASES:
+        d = tmp_path_factory.mktemp("rss")
+        files[f"{fmt}: {case}"] = str(_crafted(d, fmt, case))
+    run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(files)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("reader", ["loader", "head"])
+@pytest.mark.parametrize("fmt,case", RSS_CASES, ids=[f"{f}: {c}" for f, c in RSS_CASES])
+def test_refusing_inflated_storages_costs_little_memory(rss_results, fmt, case, reader):
+    err, growth = rss_results[f"{fmt}: {case} / {reader}"]
+    msg = (INFLATED_ZIP if fmt == "zip" else INFLATED_LEGACY)[case][1]
+    assert err.startswith("HeadError: " if reader == "head" else "CheckpointError: ") and msg in err, err
+    assert growth < 500 << 20, f"peak memory grew by {growth >> 20} MiB"

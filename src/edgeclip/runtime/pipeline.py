@@ -206,6 +206,8 @@ class Pipeline:
             ids = check_token_ids(texts, vocab, text["context_length"])
         else:
             ids = self.tokenize(texts, truncate=truncate)
+            if ids.shape[0] == 0:
+                raise InputError("no texts given: the list is empty; pass at least one string")
         if text["trim"]:
             ids = trim(ids, text["eot_token_id"])
         return _normalize(self._graph("text").run({"input_ids": ids})["text_embeds"])
