@@ -1008,7 +1008,7 @@ def _valid_state_dict(fmt: str) -> dict:
           "row view": base[2], "column view": base[:, 1], "shared base": base, "empty": torch.zeros(0, 3),
           "scalar": torch.tensor(2.5), "transposed": torch.randn(3, 2, generator=g).t()}
     if fmt == "zip":  # dtypes without a legacy storage class are saved untyped (_rebuild_tensor_v3)
-        sd["u16"] = torch.arange(5, dtype=torch.uint16)
+        sd["u16"] = torch.arange(5).to(torch.uint16)
     return sd
 
 
@@ -1033,8 +1033,8 @@ def test_valid_torch_clip_loads_exactly(tmp_path, tiny, fmt):
 HEAD_CASES = {"zip numel 2**30": ("zip", _zip_numel(1 << 30), "declares 1073741824 elements (4294967296 bytes)"),
               "zip record missing": ("zip", lambda e: e.pop("data/0") and None, "has no record"),
               "legacy numel 2**31": ("legacy", lambda p: _legacy_main(p, 1 << 31), "(8589934592 bytes) but the file "
-                                                                                  "has 16 bytes left"),
-              "legacy bytes truncated": ("legacy", lambda p: p.__setitem__(5, p[5][:-1]), "has 15 bytes left")}
+                                                                                  "has 48 bytes left"),
+              "legacy bytes truncated": ("legacy", lambda p: p.__setitem__(5, p[5][:-1]), "has 47 bytes left")}
 
 
 @pytest.mark.parametrize("case", sorted(HEAD_CASES))
@@ -1096,5 +1096,7 @@ def rss_results(tmp_path_factory):
 def test_refusing_inflated_storages_costs_little_memory(rss_results, fmt, case, reader):
     err, growth = rss_results[f"{fmt}: {case} / {reader}"]
     msg = (INFLATED_ZIP if fmt == "zip" else INFLATED_LEGACY)[case][1]
+    if reader == "head" and case == "data.pkl over 16 MiB":
+        msg = "its object structure (data.pkl) is 17 MiB"  # the head importer's own, earlier bound
     assert err.startswith("HeadError: " if reader == "head" else "CheckpointError: ") and msg in err, err
     assert growth < 500 << 20, f"peak memory grew by {growth >> 20} MiB"
