@@ -964,7 +964,8 @@ INFLATED_LEGACY = {
     "numel -1": (lambda p: _legacy_main(p, -1), "malformed storage record"),
     "numel below the tensor": (lambda p: _legacy_main(p, 3), "a tensor of size (4,) (stride (1,), offset 0) "
                                                              "reaches past or repeats its storage", ONE),
-    "storage bytes truncated": (lambda p: p.__setitem__(5, p[5][:-4]), "(16 bytes) but the file has 12 bytes left", ONE),
+    "storage bytes truncated": (lambda p: p.__setitem__(5, p[5][:-4]), "(16 bytes) but the file has 12 bytes left",
+                                ONE),
     "no storage bytes": (lambda p: p.__setitem__(5, b""), "but the file has 0 bytes (the file ends)"),
     "key list lacks a storage": (lambda p: _legacy_keys(p, lambda k: k[:1]), "is declared but never stored"),
     "key list names an unknown storage": (lambda p: _legacy_keys(p, lambda k: k + ["77"]),

@@ -576,7 +576,10 @@ def _check_rebuild(where: str, fn, args) -> None:
     itemsize = _dtype_itemsize(args[6]) if fn.name == "_rebuild_tensor_v3" and len(args) > 6 else ref.itemsize
     ok = isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= MAX_DIMS \
         and all(type(v) is int and v >= 0 for v in (offset, *size, *stride))
-    if not itemsize or not ok:
+    if not itemsize:
+        raise CheckpointError(f"{where}: a tensor on storage '{ref.key}' names the dtype {_brief(args[6])}, which "
+                              "edgeclip does not know; re-save the weights as .safetensors")
+    if not ok:
         raise CheckpointError(f"{where}: a tensor on storage '{ref.key}' has offset {_brief(offset)}, size "
                               f"{_brief(size)}, stride {_brief(stride)}: not non-negative integers; file is corrupt")
     have, numel = ref.nbytes // itemsize, math.prod(size)
