@@ -365,8 +365,6 @@ def _thread_list(text: str) -> list:
     return [_threads(str(t)) for t in _int_list(text, hi=1 << 20)]
 
 
-# ------------------------------------------------------------------------------------------ main
-
 # ------------------------------------------------------------------------------------------ heads
 
 def cmd_heads_fit(args) -> int:
@@ -467,17 +465,30 @@ def cmd_heads_show(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .calibration.recipes import RECIPES, recipes_help
-    from .export import targets
+# ------------------------------------------------------------------------------------------ parser
+# One builder per subcommand: each reads top to bottom as that command's --help does.
 
+_OV_PRECISION = "OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)"
+_SEED = _bounded_int(0, 2**32 - 1, "--seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
     ap.add_argument("--version", action="version", version=f"edgeclip {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_models, _add_export, _add_run, _add_inspect, _add_bench, _add_heads):
+        add(sub)
+    return ap
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the model specs edgeclip knows")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+
+def _add_export(sub) -> None:
+    from .export import targets
 
     p = sub.add_parser("export", help="export a model to a verified artifact folder")
     p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH")
@@ -492,33 +503,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeat for several; NAME= renames it")
     p.add_argument("--checkpoint", help="checkpoint file for open_clip:ARCH")
     p.add_argument("--spec", help="spec name or .json to use instead of the inferred one")
-    p.add_argument("--seed", type=_bounded_int(0, 2**32 - 1, "--seed"), default=0, help="seed for random:SPEC")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed for random:SPEC")
     p.add_argument("--no-trim", action="store_true", help="feed text padded to the full context")
     p.add_argument("--no-pooled-last", action="store_true", help="compute every token in the last block")
     p.add_argument("--no-validate", action="store_true", help="keep the artifact even outside tolerance")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-fuse", action="store_true", help="keep attention unfused (for comparisons)")
+    _add_coreml_group(p)
+    _add_int8_group(p)
+    p.add_argument("--json", action="store_true")  # after the groups: --help lists it last
+    p.set_defaults(func=cmd_export)
+
+
+def _add_coreml_group(p) -> None:
     c = p.add_argument_group("Core ML (--target coreml)")
     c.add_argument("--min-ios", type=int, choices=[16, 17, 18],
                    help="deployment target (default 18: fused attention; 16/17: Neural Engine layout)")
     c.add_argument("--compress", choices=["w8", "palettize6", "palettize4", "int4-blockwise"],
                    help="weight compression of the fp16 model; int4-blockwise needs iOS 18")
+
+
+def _add_int8_group(p) -> None:
+    from .calibration.recipes import RECIPES, recipes_help
+
     g = p.add_argument_group("INT8 (--precision int8)")
     g.add_argument("--recipe", choices=list(RECIPES),
                    help="quantization recipe (default int8). " + recipes_help().replace("%", "%%"))
     g.add_argument("--calib", help="folder of calibration images (recursive; jpg/png/webp/bmp); "
                                    "builtin:tiny ships its own")
     g.add_argument("--calib-captions", help="captions for the text tower: .txt (one per line) or .jsonl")
-    g.add_argument("--calib-size", type=_bounded_int(1, 1_000_000, "--calib-size"), default=256, help="at most this many images and captions (seeded sample)")
+    g.add_argument("--calib-size", type=_bounded_int(1, 1_000_000, "--calib-size"), default=256,
+                   help="at most this many images and captions (seeded sample)")
     g.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
                    help="activation range estimation for static recipes")
-    g.add_argument("--smoothquant-alpha", type=_bounded_float(0.0, 1.0, "--smoothquant-alpha"), default=0.5, help="migration strength for int8-smoothquant")
+    g.add_argument("--smoothquant-alpha", type=_bounded_float(0.0, 1.0, "--smoothquant-alpha"), default=0.5,
+                   help="migration strength for int8-smoothquant")
     g.add_argument("--max-cosine-drop", type=_bounded_float(0.0, 1.0, "--max-cosine-drop"), default=0.005,
                    help="accuracy guard: most allowed 1 - cosine to FP32 on held-out calibration samples; "
                         "layers go back to float until it holds")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_export)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="embed or classify images/texts with an artifact")
     p.add_argument("artifact")
     p.add_argument("--image", nargs="+", help="image files")
@@ -531,17 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="truncate over-long texts instead of failing")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=_threads, help="inference threads (default: the backend's)")
-    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
-                   help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
+    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"], help=_OV_PRECISION)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show an artifact's manifest and digest (checksums verified)")
     p.add_argument("artifact")
     p.add_argument("--digest", help="also check that the artifact's digest is this one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency, memory and fidelity of artifacts, vs the usual alternatives",
                        description="Without --report/--baselines/--eval/--model: a quick latency table. With "
                                    "them: every variant timed interleaved in one run, plus load time, peak "
@@ -552,8 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_thread_list, default=[None], help="thread counts, e.g. 1,2 (default: the backend's)")
     p.add_argument("--seconds", type=_bounded_float(0.0, 3600.0, "--seconds", open_low=True), default=2.0,
                    help="time budget per graph and batch (and per variant, in the interleaved rounds)")
-    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
-                   help="OpenVINO: force this precision (default: the device's; bf16 on CPUs with bf16)")
+    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"], help=_OV_PRECISION)
     p.add_argument("--report", metavar="FILE", help="write FILE.json, FILE.md and FILE.html")
     p.add_argument("--baselines", action="store_true",
                    help="also build and time what a user would otherwise ship from the same model: plain "
@@ -562,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="class names of --eval's sub-folders in folder order (a,b,c or @FILE; "
                                     "default: the folder names)")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the class (default: the model's)")
-    p.add_argument("--eval-limit", type=_bounded_int(1, 10_000_000, "--eval-limit"), default=1000, help="at most this many --eval images (seeded sample)")
+    p.add_argument("--eval-limit", type=_bounded_int(1, 10_000_000, "--eval-limit"), default=1000,
+                   help="at most this many --eval images (seeded sample)")
     p.add_argument("--model", help="model URI for the FP32 reference and baselines (default: the manifest's source)")
     p.add_argument("--calib", metavar="DIR", help="calibration images for the NNCF baseline (built-in model: its own)")
     p.add_argument("--baseline-cache", metavar="DIR", help="where baselines are built once (default: beside the "
@@ -572,15 +600,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_heads(sub) -> None:
     hp = sub.add_parser("heads", help="fit, import and show adapter heads (export them with export --head)")
     hsub = hp.add_subparsers(dest="heads_command", required=True)
+    _add_heads_fit(hsub)
+    _add_heads_import(hsub)
+    p = hsub.add_parser("show", help="describe a head file")
+    p.add_argument("head")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heads_show)
+
+
+def _add_heads_fit(hsub) -> None:
     p = hsub.add_parser("fit", help="fit a head on a few labelled images per class (seeded, deterministic)")
     p.add_argument("model", help="model URI (builtin:tiny, hf:DIR, ...) or an exported artifact folder")
     p.add_argument("--kind", required=True, help="linear | tip | gda | zero_shot")
     p.add_argument("--train", help="labelled images, one sub-folder per class (not needed for zero_shot)")
-    p.add_argument("--shots", type=_bounded_int(1, 100_000, "--shots"), help="images per class, a seeded sample (default: all)")
-    p.add_argument("--seed", type=_bounded_int(0, 2**32 - 1, "--seed"), default=0)
-    p.add_argument("--augment", type=_bounded_int(0, 8, "--augment"), default=4, help="shifted views added per shot (0-8, default 4)")
+    p.add_argument("--shots", type=_bounded_int(1, 100_000, "--shots"),
+                   help="images per class, a seeded sample (default: all)")
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--augment", type=_bounded_int(0, 8, "--augment"), default=4,
+                   help="shifted views added per shot (0-8, default 4)")
     p.add_argument("--labels", help="class names of the sub-folders in folder order (default: folder names); "
                                     "for zero_shot without --train: the classes")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} (default: the model's)")
@@ -590,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="head file to write (.npz)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_heads_fit)
+
+
+def _add_heads_import(hsub) -> None:
     p = hsub.add_parser("import", help="import a trained head: nn.Linear, CLIP-Adapter, Tip-Adapter cache, sklearn .npz")
     p.add_argument("src", help=".pt/.pth/.bin (torch.save), .npz or .safetensors")
     p.add_argument("--kind", choices=["linear", "residual_adapter", "tip_adapter"],
@@ -606,11 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="head file to write (.npz)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_heads_import)
-    p = hsub.add_parser("show", help="describe a head file")
-    p.add_argument("head")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_heads_show)
-    return ap
+
+
+# ------------------------------------------------------------------------------------------ main
 
 
 def _report_error(e: BaseException, as_json: bool) -> None:
