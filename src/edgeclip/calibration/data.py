@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CalibrationError, EdgeClipError, ImageDecodeError, ImageSizeError
+from ..errors import CalibrationError, EdgeClipError, EvalDataError, ImageDecodeError, ImageSizeError
+from ..runtime.labels import parse_labels
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 JSONL_EXTS = (".jsonl", ".ndjson")
@@ -396,3 +397,50 @@ def _split(x: np.ndarray, holdout: float, seed: int):
     idx = np.random.default_rng(seed).permutation(n)
     k = min(n - 1, max(1, int(round(n * holdout))))
     return x[np.sort(idx[k:])], x[np.sort(idx[:k])]
+
+
+# ------------------------------------------------------------------------ labelled folders (--eval, --train)
+
+@dataclass
+class EvalSet:
+    """A labelled folder: `files[i]` belongs to class `targets[i]`; `classes` are the prompt words."""
+
+    root: Path
+    files: list
+    targets: np.ndarray
+    classes: list
+    folders: list
+
+
+def _folder_order(names: list[str]) -> list[str]:
+    return sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
+
+
+def read_eval(root, labels=None, limit: int | None = None, seed: int = 0, what: str = "--eval") -> EvalSet:
+    """One sub-folder per class. `labels` (a list of strings) name the classes in folder order
+    (numeric order when every folder name is a number); by default the folder names are the classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalDataError(f"{what} folder not found: {root}; pass a folder with one sub-folder of images per class")
+    folders = _folder_order([d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")])
+    per_class = {f: sorted(p for p in (root / f).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+                 for f in folders}
+    folders = [f for f in folders if per_class[f]]
+    if len(folders) < 2:
+        loose = sum(1 for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        hint = f" (it holds {loose} images directly: move them into class folders)" if loose else ""
+        raise EvalDataError(f"{what} folder {root} has {len(folders)} class sub-folder(s) with images{hint}; "
+                            f"it needs at least two, e.g. {root}/cat/*.jpg and {root}/dog/*.jpg")
+    classes = parse_labels(labels) if labels is not None else list(folders)
+    if len(classes) != len(folders):
+        raise EvalDataError(f"{len(classes)} labels given for {len(folders)} class folders in {root} "
+                            f"({', '.join(folders)}); give one label per folder, in that order")
+    files, targets = [], []
+    for i, f in enumerate(folders):
+        files += per_class[f]
+        targets += [i] * len(per_class[f])
+    targets = np.asarray(targets)
+    if limit and len(files) > limit:  # a seeded sample keeps long evals affordable
+        keep = np.sort(np.random.default_rng(seed).choice(len(files), size=limit, replace=False))
+        files, targets = [files[i] for i in keep], targets[keep]
+    return EvalSet(root, files, targets, classes, folders)

@@ -115,7 +115,7 @@ def export(model, target: str = "onnx", precision: str | None = None, out=None, 
 
     check_out(out, bool(options.get("overwrite", False)))  # before any work: a bad --out costs nothing
     if isinstance(model, str):
-        from .. import load_model
+        from ..models.loaders import load_model
 
         model = load_model(model)
     tgt = get_target(target)

@@ -29,7 +29,8 @@ from typing import ClassVar
 import numpy as np
 
 from .._files import open_regular
-from ..errors import HeadError, HeadShapeError, LabelError, UnknownHeadError
+from ..runtime.labels import select  # noqa: F401  (heads and the runtime pick a head alike)
+from ..errors import HeadError, HeadShapeError, LabelError
 
 FORMAT = "edgeclip-head"
 FORMAT_VERSION = 1
@@ -201,9 +202,7 @@ class Head:
 
     def save(self, path) -> Path:
         """Write a self-describing .npz (arrays + JSON metadata); numpy only."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
+        path = _saved_name(Path(path))
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind, "name": self.name,
                 "classes": self.classes, "params": self.params, "info": self.info}
         from ..export.artifact import _json_default  # numpy scalars in fitting figures
@@ -467,14 +466,6 @@ def _read_meta(z: Npz) -> dict:
     return meta
 
 
-def select(heads: dict, name: str | None):
-    """The entry `name` of a {name: ...} mapping, with an error that lists the names there are."""
-    if not isinstance(name, str) or name not in heads:
-        raise UnknownHeadError(f"no head named {name!r:.80} in this artifact; it has: "
-                               f"{', '.join(heads) or 'no heads (export with --head FILE or --labels)'}")
-    return heads[name]
-
-
 # ---------------------------------------------------------------------------------- numpy helpers
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -499,6 +490,24 @@ def _short(items: list, n: int = 6) -> str:
 
 
 RESERVED = {"image_embeds", "logits"}
+SUFFIX = ".npz"
+
+
+def _saved_name(path: Path) -> Path:
+    """The file `Head.save(path)` writes: `path` with ".npz" appended unless it ends so already."""
+    return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
+
+
+def head_file(path):
+    """`path`, or the file `Head.save(path)` wrote (path + ".npz") where `path` itself does not exist:
+    `heads fit --out tip` writes tip.npz, and `--head tip` must find it. Only that one name is tried,
+    never another folder; a missing file is reported as the caller named it (by `load_head`)."""
+    return path
+    # "" or "dir/" name no file of their own: "dir/" + ".npz" would be a hidden file inside dir
+    if not isinstance(text, str) or not text or text.endswith(("/", os.sep)) or os.path.lexists(text):
+        return path
+    saved = _saved_name(Path(text))
+    return saved if saved != Path(text) and os.path.lexists(saved) else path
 
 
 def resolve(items, embed_dim: int, model: str = "") -> list[Head]:
@@ -513,10 +522,11 @@ def resolve(items, embed_dim: int, model: str = "") -> list[Head]:
         else:
             text = os.fspath(item)
             name, sep, file = text.partition("=")
-            if sep and NAME_RE.fullmatch(name) and not Path(text).exists():
-                head = load_head(file, name=name)
+            whole = head_file(text)  # a file of that whole name (even with '=' in it) wins over NAME=FILE
+            if sep and NAME_RE.fullmatch(name) and not Path(whole).exists():
+                head = load_head(head_file(file), name=name)
             else:
-                head = load_head(text)
+                head = load_head(whole)
         head.check(embed_dim, model)
         if any(h.name == head.name for h in out):
             raise HeadError(f"two heads are named '{head.name}'; rename one with --head NEWNAME=FILE")

@@ -93,7 +93,7 @@ def sample_shots(targets: np.ndarray, classes: list, shots: int | None, seed: in
 def encode_folder(encode, root, labels=None, shots: int | None = None, seed: int = 0, augment: int = 0,
                   what: str = "--train") -> FitData:
     """Encode a labelled folder (one sub-folder per class) with `encode(list of HWC uint8) -> (N, E)`."""
-    from ..bench.fidelity import read_eval
+    from ..calibration.data import read_eval
     from ..runtime.preprocess import load_image
 
     # arguments first: a bad one fails before a folder is listed or an image decoded
@@ -354,7 +354,7 @@ def encoder_for(source, batch: int = 64) -> Encoder:
     from .._lazy import require
 
     torch = require("torch", "fitting heads with a torch model (or pass an exported artifact folder)")
-    from .. import load_model
+    from ..models.loaders import load_model
     from ..export.targets.onnx import default_templates, model_tokenizer
     from ..runtime.preprocess import Preprocessor
 

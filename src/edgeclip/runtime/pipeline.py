@@ -221,7 +221,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------- classification
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        from ..heads.zero_shot import DEFAULT_TEMPLATES, class_embeddings, parse_labels, resolve_templates
+        from .labels import DEFAULT_TEMPLATES, class_embeddings, parse_labels, resolve_templates
 
         labels = parse_labels(labels)
         templates = resolve_templates(templates, (self.head or {}).get("templates") or DEFAULT_TEMPLATES)
@@ -249,7 +249,7 @@ class Pipeline:
         else the artifact's first adapter head. Heads run inside the image graph: one graph call per
         batch, whatever the head.
         """
-        from ..heads.zero_shot import parse_labels, read_labels_file
+        from .labels import parse_labels, read_labels_file
 
         if labels_file is not None:
             if labels is not None:
@@ -261,7 +261,7 @@ class Pipeline:
         if head is None and labels is None and self.head is None and self.heads:
             head = next(iter(self.heads))
         if head is not None:
-            from ..heads.base import select
+            from .labels import select
 
             return self._classify_head(images, select(self.heads, head))
         use_head = self.head is not None and (labels is None or list(labels) == self.labels) and templates is None

@@ -278,16 +278,16 @@ def calibration_sets(model, spec, opts, recipe, labels, templates, trim: bool) -
 
     builtin = getattr(model, "source", None) == "builtin:tiny"
     if builtin:
-        from ... import builtin as shipped
-    folder = opts.calib or (shipped.calib_dir() if builtin else None)
+        from ...builtin import calib_dir
+    folder = opts.calib or (calib_dir() if builtin else None)
     if folder is not None:
         images = load_images(folder, Preprocessor.from_config(spec.preprocess_config()), limit=opts.calib_size,
                              seed=opts.calib_seed)
         image_info = {"source": "builtin" if not opts.calib else str(folder), "images": len(images.files),
                       "skipped": len(images.skipped), "skipped_files": [f for f, _ in images.skipped[:20]]}
         if images.skipped:
-            log.warning("calibration: skipped %d file(s) under %s (links, non-regular or unreadable) (first: %s)", len(images.skipped),
-                        folder, images.skipped[0][1])
+            log.warning("calibration: skipped %d file(s) under %s (links, non-regular or unreadable; first: %s)",
+                        len(images.skipped), folder, images.skipped[0][1])
         pixels = images.pixels
     elif recipe.needs_calibration:
         raise CalibrationError(
