@@ -502,7 +502,7 @@ def head_file(path):
     """`path`, or the file `Head.save(path)` wrote (path + ".npz") where `path` itself does not exist:
     `heads fit --out tip` writes tip.npz, and `--head tip` must find it. Only that one name is tried,
     never another folder; a missing file is reported as the caller named it (by `load_head`)."""
-    return path
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
     # "" or "dir/" name no file of their own: "dir/" + ".npz" would be a hidden file inside dir
     if not isinstance(text, str) or not text or text.endswith(("/", os.sep)) or os.path.lexists(text):
         return path
