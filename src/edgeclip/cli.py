@@ -448,9 +448,9 @@ def cmd_heads_import(args) -> int:
 
 
 def cmd_heads_show(args) -> int:
-    from .heads import load_head
+    from .heads.base import head_file, load_head
 
-    head = load_head(args.head)
+    head = load_head(head_file(args.head))  # `heads show tip` finds the tip.npz that `--out tip` wrote
     info = head.manifest()
     if args.json:
         _print_json(info)
