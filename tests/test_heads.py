@@ -107,6 +107,32 @@ def test_head_file_round_trip_and_typed_errors(tmp_path):
         H.load_head(plain)
 
 
+def test_a_head_file_named_without_its_suffix(tmp_path, monkeypatch):
+    """What `Head.save(STEM)` wrote (STEM.npz) is found as STEM, plain or as NAME=STEM; only STEM.npz
+    is tried: never another folder, never for a name with '.npz' already, and an existing STEM wins."""
+    from edgeclip.heads.base import head_file, resolve
+
+    lin = random_heads(np.random.default_rng(3), e=E)[1]
+    assert lin.save(tmp_path / "lin") == tmp_path / "lin.npz"
+    stem = tmp_path / "lin"
+    assert head_file(stem) == tmp_path / "lin.npz" and head_file(str(stem)) == tmp_path / "lin.npz"
+    got = resolve([stem, f"renamed={stem}"], E, "tiny")
+    assert [h.name for h in got] == ["lin", "renamed"]
+    assert all(np.array_equal(h.arrays["weight"], lin.arrays["weight"]) for h in got)
+    for unchanged in (tmp_path / "lin.npz", tmp_path / "x.npz", "", str(tmp_path) + "/"):
+        assert head_file(unchanged) == unchanged
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # a bare name is looked up where it says, not in other folders
+    with pytest.raises(HeadError, match="head file not found: lin "):
+        resolve(["lin"], E)
+    with pytest.raises(HeadError, match="head file not found: lin "):
+        resolve(["renamed=lin"], E)
+    (tmp_path / "sub" / "lin").write_bytes(b"not a head")  # the name as given exists: no fallback
+    assert head_file("lin") == "lin"
+    with pytest.raises(HeadError, match="not a readable"):
+        resolve(["lin"], E)
+
+
 # ------------------------------------------------------------------------------------- fitting
 
 @pytest.fixture(scope="module")
