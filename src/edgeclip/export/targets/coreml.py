@@ -26,6 +26,7 @@ import platform
 import shutil
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,90 +69,35 @@ class CoreMLTarget:
 
     def export(self, model, spec, opts, out) -> Artifact:
         ct = require("coremltools", "the Core ML target")
-        ios, compress = opts.min_ios, opts.compress
-        if ios not in IOS:
-            raise EdgeClipError(f"--min-ios must be one of {', '.join(map(str, IOS))}, got {ios}")
-        if compress is not None and compress not in COMPRESSIONS:
-            raise EdgeClipError(f"unknown Core ML compression '{compress}'; available: {', '.join(COMPRESSIONS)}")
-        if compress == "int4-blockwise" and ios < 18:
-            raise EdgeClipError("int4-blockwise weights need iOS 18 or later (--min-ios 18); for older targets "
-                                "use palettize4 or w8")
-        if compress and opts.precision != "fp16":
-            raise EdgeClipError("Core ML weight compression applies to fp16 models (--precision fp16)")
+        _check_options(opts)
         labels = parse_labels(opts.labels) if opts.labels else []
         templates = resolve_templates(opts.templates, default_templates(spec)) if labels else []
         head = zero_shot_head(model, spec, labels, templates) if labels else None
         heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
-        fused = ios >= 18
-        m = prepare(model, opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
-        if not fused:
-            from ...kernels.ane import rewrite_for_ane
-
-            rewrite_for_ane(m)
-        inputs = reference_inputs(spec)
-        modules = {"image": ImageGraph(m, head, heads=heads).eval(), "text": TextGraph(m).eval()}
-        examples = {"image": torch.from_numpy(inputs["pixel_values"][:1]),
-                    "text": torch.from_numpy(inputs["input_ids"][:1])}
+        fused = opts.min_ios >= 18
+        modules, examples, inputs = _graph_modules(model, spec, opts, head, heads, fused)
         ref = reference_outputs(model, inputs, head, heads) if opts.validate else {}
-        report = {"minimum_deployment_target": f"iOS{ios}",
-                  "attention": "scaled_dot_product_attention (fused, iOS 18+)" if fused else
-                               "ANE layout: (B, C, 1, S), 1x1 convolutions, per-head split einsum",
-                  "compute_precision": opts.precision, "compression": None, "graphs": {}}
-        tol = self.tolerances[opts.precision]
+        report = _report_header(opts, fused)
+        job = _Job(ct, spec, opts, fused, inputs, ref, self.tolerances[opts.precision])
         with ArtifactWriter(out, overwrite=opts.overwrite) as w:
             graphs, fidelity = {}, {}
             for name, module in modules.items():
-                ml = convert(ct, module, examples[name], name, ios, opts.precision)
-                facts = {}
-                if compress:
-                    fp16_bytes = _package_bytes(ml, w.staging / f".{name}.fp16.mlpackage")
-                    ml = compress_weights(ct, ml, compress, ios)
-                ml.save(str(w.path(f"{name}.mlpackage")))
-                nbytes = _dir_bytes(w.path(f"{name}.mlpackage"))
-                facts = structure(ml, fused=fused, fp16=opts.precision == "fp16", compress=compress,
-                                  layers=_attention_layers(spec, name), heads=_heads(spec, name),
-                                  other_softmax=len(module.mcm) if name == "image" else 0)
-                if compress:
-                    facts["size"] = {"fp16_bytes": fp16_bytes, "bytes": nbytes, "ratio": nbytes / fp16_bytes}
-                report["graphs"][name] = facts
+                ml, report["graphs"][name] = _export_graph(job, w, name, module, examples[name])
                 graphs[name] = {"file": f"{name}.mlpackage", **_io(ml)}
                 if opts.validate:
-                    got = _simulate(module, name, inputs, opts.precision, ml if compress else None)
-                    want = {k: v for k, v in ref.items() if k in got}
-                    t = tol if not compress else Tolerance(max_abs=0.5, min_cosine=COMPRESSED_MIN_COSINE[compress])
-                    fidelity.update(compare(got, want, t))
-            if compress:
-                report["compression"] = {
-                    "recipe": compress, "summary": COMPRESSIONS[compress],
-                    "ratio_vs_fp16": sum(g["size"]["bytes"] for g in report["graphs"].values()) /
-                    sum(g["size"]["fp16_bytes"] for g in report["graphs"].values())}
-            report["validations"] = {
-                "numerical": "skipped (validate=False)" if not opts.validate else "torch: the rewritten modules" + (" with the weights decompressed from the converted "
-                                                               "programs" if compress else "") +
-                             (" run in float16" if opts.precision == "fp16" and not compress else "") +
-                             ", vs the float32 reference",
-                "structural": "converted programs: attention ops, compute precision, I/O, weight types",
-                "predict": _predict_check(w.staging, graphs, inputs, ref, tol if not compress else None)
-                if opts.validate else "skipped (validate=False)",
-            }
+                    fidelity.update(_fidelity(job, name, module, ml))
+            _finish_report(job, report, w.staging, graphs)
             if opts.validate:
-                raise_if_failed(fidelity, f"the coreml {opts.precision}{'/' + compress if compress else ''} "
+                raise_if_failed(fidelity, f"the coreml {opts.precision}{'/' + opts.compress if opts.compress else ''} "
                                           f"export of '{spec.name}'")
             tokenizer = write_tokenizer(spec, w)
             manifest = {
                 "target": "coreml", "precision": opts.precision, "backend": "coreml",
-                "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
-                          "spec": spec.to_dict(), "source": getattr(model, "source", None)},
-                "preprocess": spec.preprocess_config(),
-                "tokenizer": tokenizer,
-                "text": {"trim": False, "pool": spec.text.pool, "eot_token_id": spec.text.eot_token_id,
-                         "context_length": spec.text.context_length,
-                         "length": f"fixed {spec.text.context_length} (pad with the tokenizer's padding)"},
+                **_model_manifest(model, spec, tokenizer),
                 "graphs": graphs,
                 "head": head_manifest(spec, labels, templates) if labels else None,
                 "heads": heads_manifest(heads, fidelity, None),
-                "logit_scale": float(model.logit_scale.detach().exp()),
-                "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
+                **_logit_manifest(model),
                 "options": {k: str(v) if isinstance(v, Path) else v
                             for k, v in vars(opts).items() if k not in ("labels", "heads")},
                 "fidelity": fidelity,
@@ -159,6 +105,122 @@ class CoreMLTarget:
                 "tools": tool_versions(),
             }
             return w.finish(manifest)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the conversion, checks and report of every graph of one export share."""
+    ct: object
+    spec: object
+    opts: object
+    fused: bool
+    inputs: dict
+    ref: dict
+    tol: Tolerance
+
+
+def _check_options(opts) -> None:
+    ios, compress = opts.min_ios, opts.compress
+    if ios not in IOS:
+        raise EdgeClipError(f"--min-ios must be one of {', '.join(map(str, IOS))}, got {ios}")
+    if compress is not None and compress not in COMPRESSIONS:
+        raise EdgeClipError(f"unknown Core ML compression '{compress}'; available: {', '.join(COMPRESSIONS)}")
+    if compress == "int4-blockwise" and ios < 18:
+        raise EdgeClipError("int4-blockwise weights need iOS 18 or later (--min-ios 18); for older targets "
+                            "use palettize4 or w8")
+    if compress and opts.precision != "fp16":
+        raise EdgeClipError("Core ML weight compression applies to fp16 models (--precision fp16)")
+
+
+def _graph_modules(model, spec, opts, head, heads, fused: bool):
+    """(torch modules to convert, their batch-1 examples, the reference inputs), on a rewritten copy."""
+    m = prepare(model, opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
+    if not fused:
+        from ...kernels.ane import rewrite_for_ane
+
+        rewrite_for_ane(m)
+    inputs = reference_inputs(spec)
+    modules = {"image": ImageGraph(m, head, heads=heads).eval(), "text": TextGraph(m).eval()}
+    examples = {"image": torch.from_numpy(inputs["pixel_values"][:1]),
+                "text": torch.from_numpy(inputs["input_ids"][:1])}
+    return modules, examples, inputs
+
+
+def _report_header(opts, fused: bool) -> dict:
+    # "compression" and "graphs" are filled in later but keep their place in the manifest's key order
+    return {"minimum_deployment_target": f"iOS{opts.min_ios}",
+            "attention": "scaled_dot_product_attention (fused, iOS 18+)" if fused else
+                         "ANE layout: (B, C, 1, S), 1x1 convolutions, per-head split einsum",
+            "compute_precision": opts.precision, "compression": None, "graphs": {}}
+
+
+def _export_graph(job: _Job, w, name: str, module, example):
+    """Convert, compress and save one graph; (the model as saved, its structural facts)."""
+    compress, precision = job.opts.compress, job.opts.precision
+    ml = convert(job.ct, module, example, name, job.opts.min_ios, precision)
+    if compress:
+        # the size of the uncompressed package is only known by saving it
+        fp16_bytes = _package_bytes(ml, w.staging / f".{name}.fp16.mlpackage")
+        ml = compress_weights(job.ct, ml, compress, job.opts.min_ios)
+    ml.save(str(w.path(f"{name}.mlpackage")))
+    nbytes = _dir_bytes(w.path(f"{name}.mlpackage"))
+    facts = structure(ml, fused=job.fused, fp16=precision == "fp16", compress=compress,
+                      layers=_attention_layers(job.spec, name), heads=_heads(job.spec, name),
+                      other_softmax=len(module.mcm) if name == "image" else 0)
+    if compress:
+        facts["size"] = {"fp16_bytes": fp16_bytes, "bytes": nbytes, "ratio": nbytes / fp16_bytes}
+    return ml, facts
+
+
+def _fidelity(job: _Job, name: str, module, ml) -> dict:
+    """The graph's outputs, simulated in torch, against the float32 reference."""
+    compress = job.opts.compress
+    got = _simulate(module, name, job.inputs, job.opts.precision, ml if compress else None)
+    want = {k: v for k, v in job.ref.items() if k in got}
+    t = job.tol if not compress else Tolerance(max_abs=0.5, min_cosine=COMPRESSED_MIN_COSINE[compress])
+    return compare(got, want, t)
+
+
+def _finish_report(job: _Job, report: dict, staging: Path, graphs: dict) -> None:
+    """Add the compression totals and the account of which validations ran."""
+    opts, compress = job.opts, job.opts.compress
+    if compress:
+        sizes = [g["size"] for g in report["graphs"].values()]
+        report["compression"] = {
+            "recipe": compress, "summary": COMPRESSIONS[compress],
+            "ratio_vs_fp16": sum(s["bytes"] for s in sizes) / sum(s["fp16_bytes"] for s in sizes)}
+    report["validations"] = {
+        "numerical": _numerical_note(opts) if opts.validate else "skipped (validate=False)",
+        "structural": "converted programs: attention ops, compute precision, I/O, weight types",
+        "predict": _predict_check(staging, graphs, job.inputs, job.ref, job.tol if not compress else None)
+        if opts.validate else "skipped (validate=False)",
+    }
+
+
+def _numerical_note(opts) -> str:
+    compress = opts.compress
+    return ("torch: the rewritten modules"
+            + (" with the weights decompressed from the converted programs" if compress else "")
+            + (" run in float16" if opts.precision == "fp16" and not compress else "")
+            + ", vs the float32 reference")
+
+
+def _model_manifest(model, spec, tokenizer) -> dict:
+    return {
+        "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
+                  "spec": spec.to_dict(), "source": getattr(model, "source", None)},
+        "preprocess": spec.preprocess_config(),
+        "tokenizer": tokenizer,
+        # Core ML graphs take a fixed shape: the text is never trimmed
+        "text": {"trim": False, "pool": spec.text.pool, "eot_token_id": spec.text.eot_token_id,
+                 "context_length": spec.text.context_length,
+                 "length": f"fixed {spec.text.context_length} (pad with the tokenizer's padding)"},
+    }
+
+
+def _logit_manifest(model) -> dict:
+    return {"logit_scale": float(model.logit_scale.detach().exp()),
+            "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None}
 
 
 # ----------------------------------------------------------------------------------- conversion
