@@ -83,3 +83,12 @@ def test_module_level_imports_form_no_cycle():
         if m not in state:
             visit(m, [m])
     assert cycles == []
+
+
+def test_import_edgeclip_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = "import edgeclip, sys; print([m for m in ('PIL', 'onnx', 'torch', 'onnxruntime') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -278,7 +278,7 @@ def calibration_sets(model, spec, opts, recipe, labels, templates, trim: bool) -
 
     builtin = getattr(model, "source", None) == "builtin:tiny"
     if builtin:
-        from ...builtin import calib_dir
+        from ...builtin import calib_captions, calib_dir
     folder = opts.calib or (calib_dir() if builtin else None)
     if folder is not None:
         images = load_images(folder, Preprocessor.from_config(spec.preprocess_config()), limit=opts.calib_size,
@@ -299,7 +299,7 @@ def calibration_sets(model, spec, opts, recipe, labels, templates, trim: bool) -
         captions, text_info = read_captions(opts.calib_captions, limit=opts.calib_size, seed=opts.calib_seed), \
             {"source": str(opts.calib_captions)}
     elif builtin:
-        captions, text_info = shipped.calib_captions(), {"source": "builtin"}
+        captions, text_info = calib_captions(), {"source": "builtin"}
     elif labels:
         captions, text_info = [t.format(label) for label in labels for t in templates], {"source": "prompts"}
     elif recipe.needs_calibration:
