@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import Pipeline
-from ..runtime.backends import get_backend
+from ..runtime.backends import backend_for_target, get_backend
 from ..runtime.manifest import read_manifest, safe_path
 from ..runtime.preprocess import Preprocessor
 from ..runtime.tokenizer import load_tokenizer
@@ -53,7 +53,7 @@ def artifact_variant(path, name: str | None = None, inference_precision: str | N
     """Describe an artifact folder from its manifest (missing or broken folders raise ArtifactError)."""
     root = Path(path)
     m = read_manifest(root, verify=False)  # Pipeline.load verifies checksums when it opens the folder
-    backend = m.get("backend") or ("openvino" if m["target"] == "openvino" else "ort")
+    backend = backend_for_target(m["target"])  # the registry, as Pipeline.load(backend="auto") picks it
     q = m.get("quantization") or {}
     how = f"edgeclip export --target {m['target']} --precision {m['precision']}"
     if q.get("recipe"):

@@ -7,6 +7,7 @@ Targets are small registered classes (`export/targets/<name>.py`); `targets()` l
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 import types
 from dataclasses import dataclass, field, fields
@@ -16,31 +17,48 @@ from ..errors import EdgeClipError, InputError
 from .artifact import Artifact  # noqa: F401
 
 _TARGETS: dict[str, type] = {}
-_TARGET_MODULES = {"onnx": "onnx", "ort-mobile": "onnx", "openvino": "openvino", "coreml": "coreml"}
 
 
-def register_target(name: str) -> Callable[[type], type]:
+def register_target(name: str, backend: str | None = None, suffixes: tuple | None = None) -> Callable[[type], type]:
+    """Class decorator: a target named `name`. A target the runtime does not know yet names the
+    `backend` that runs its artifacts and its graph files' `suffixes` (e.g. "ort", (".onnx",))."""
     def deco(cls: type) -> type:
+        from ..runtime.registry import register_target as runtime_target, target_backends
+
         cls.name = name
+        if backend is not None:
+            runtime_target(name, backend, suffixes or ())
+        elif name not in target_backends():
+            raise EdgeClipError(f"target '{name}' needs backend= (and suffixes=): no runtime backend runs it yet")
         _TARGETS[name] = cls
         return cls
 
     return deco
 
 
+def _discover() -> None:
+    """Import every module of `export/targets/`: each registers its targets (adding a target is one file)."""
+    pkg = importlib.import_module(f"{__name__}.targets")
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    # importing the subpackage binds `edgeclip.export.targets` to it; keep the public function there
+    globals()["targets"] = _list_targets
+
+
 def targets() -> list[str]:
-    return sorted(_TARGET_MODULES)
+    """Every registered target (the built-in modules are imported to find theirs)."""
+    _discover()
+    return sorted(_TARGETS)
 
 
 _list_targets = targets
 
 
 def get_target(name: str):
-    if name not in _TARGET_MODULES:
-        raise EdgeClipError(f"unknown export target '{name}'; available targets: {', '.join(_list_targets())}")
-    importlib.import_module(f"{__name__}.targets.{_TARGET_MODULES[name]}")
-    # importing the subpackage binds `edgeclip.export.targets` to it; keep the public function there
-    globals()["targets"] = _list_targets
+    if name not in _TARGETS:
+        _discover()
+    if name not in _TARGETS:
+        raise EdgeClipError(f"unknown export target '{name}'; available targets: {', '.join(sorted(_TARGETS))}")
     return _TARGETS[name]()
 
 

@@ -72,7 +72,7 @@ def _parse(data: bytes, mf: Path) -> dict:
         raise ArtifactError(f"{mf} is nested too deeply to be an edgeclip manifest") from e
 
 
-def _check_files(root: Path, files: dict, verify: bool) -> None:
+def check_files(root: Path, files: dict, verify: bool) -> None:
     for rel, meta in files.items():
         p = safe_path(root, rel)
         if not p.exists():
@@ -116,7 +116,7 @@ def load_manifest(root, verify: bool = True, digest: str | None = None) -> tuple
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mf} is not an edgeclip manifest (no 'format': '{FORMAT}')")
     validate_manifest(manifest)
-    _check_files(root, manifest["files"], verify)
+    check_files(root, manifest["files"], verify)
     return manifest, found
 
 

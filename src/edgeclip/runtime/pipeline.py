@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError
 from .backends import backend_for_target, get_backend
-from .manifest import _check_files, load_manifest, read_verified, safe_path
+from .manifest import load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor, check_pixels
 from .tokenizer import check_token_ids, load_tokenizer
 
@@ -132,17 +132,8 @@ class Pipeline:
 
     def _open(self, info: dict):
         """A backend over the verified bytes of one graph (what runs is what was hashed)."""
-        path = safe_path(self.root, info["file"])
         kw = _backend_kwargs(info, self.inference_precision)
-        if self.backend_name == "ort":
-            kw["data"] = read_verified(self.root, info["file"], self.manifest)
-        elif self.backend_name == "openvino":
-            kw["data"] = read_verified(self.root, info["file"], self.manifest)
-            kw["weights"] = read_verified(self.root, info["weights"], self.manifest) if info.get("weights") else None
-        else:  # a package folder (Core ML) loads from disk: check its files right before
-            prefix = info["file"].rstrip("/") + "/"
-            _check_files(self.root, {k: v for k, v in self.manifest["files"].items() if k.startswith(prefix)}, True)
-        return self._backend_cls(path, threads=self.threads, **kw)
+        return self._backend_cls.open_verified(self.root, info, self.manifest, threads=self.threads, **kw)
 
     def info(self) -> dict:
         """What runs each loaded graph: backend, version, threads, the inference precision read back."""

@@ -13,18 +13,15 @@ import re
 from typing import Any
 
 from ..errors import ManifestError
+from .registry import graph_suffixes, target_backends
 
 FORMAT = "edgeclip-artifact"
 FORMAT_VERSION = 1
 
-# target -> the backend that runs it, and what its graph files are named
-TARGET_BACKEND = {"onnx": "ort", "ort-mobile": "ort", "openvino": "openvino", "coreml": "coreml",
-                  "tensorrt": "tensorrt"}
-GRAPH_SUFFIX = {"onnx": (".onnx",), "ort-mobile": (".ort",), "openvino": (".xml",), "coreml": (".mlpackage",),
-                "tensorrt": (".onnx",)}
 PRECISIONS = ("fp32", "fp16", "int8")
 # Runtime options an export may ask of its backend: only what exports write, with the values they write.
 BACKEND_OPTIONS = {"session_config": {"session.disable_quant_qdq": ("0", "1")}, "ov_config": {}}
+OPTION_BACKEND = {"session_config": "ort", "ov_config": "openvino"}
 DTYPES = ("float32", "float16", "int64", "int32")
 # graph -> its one input, the dtypes it may take (Core ML feeds int32 ids), its rank, its embedding output
 GRAPH_IO = {"image": ("pixel_values", ("float32",), 4, "image_embeds"),
@@ -180,12 +177,12 @@ def _graph(name: str, g, target: str, files: dict) -> None:
     _dict(g, path, allowed={"file", "inputs", "outputs", "weights", *BACKEND_OPTIONS},
           required=("file", "inputs", "outputs"))
     rel = _rel_path(g["file"], f"{path}.file")
-    if not rel.endswith(GRAPH_SUFFIX.get(target, ())):
-        raise _fail(f"{path}.file", f"is {rel!r}; a {target} graph is a {' or '.join(GRAPH_SUFFIX[target])} file")
+    if not rel.endswith(graph_suffixes(target)):
+        raise _fail(f"{path}.file", f"is {rel!r}; a {target} graph is a {' or '.join(graph_suffixes(target))} file")
     if not _is_listed(rel, files):
         raise _fail(f"{path}.file", f"names {rel!r}, which is not listed with a checksum in 'files'")
     if "weights" in g:
-        if target != "openvino" or g["weights"] != rel[:-4] + ".bin" or g["weights"] not in files:
+        if target_backends()[target] != "openvino" or g["weights"] != rel[:-4] + ".bin" or g["weights"] not in files:
             raise _fail(f"{path}.weights", f"must be the listed .bin beside {rel!r}")
     inputs, outputs = _io(g["inputs"], f"{path}.inputs"), _io(g["outputs"], f"{path}.outputs")
     if name in GRAPH_IO:
@@ -198,7 +195,7 @@ def _graph(name: str, g, target: str, files: dict) -> None:
         if key not in g:
             continue
         cfg = _dict(g[key], f"{path}.{key}", allowed=allowed)
-        if key == "session_config" and TARGET_BACKEND[target] != "ort" or key == "ov_config" and target != "openvino":
+        if OPTION_BACKEND[key] != target_backends()[target]:
             raise _fail(f"{path}.{key}", f"does not apply to target {target}")
         for k, val in cfg.items():
             _str(val, f"{path}.{key}.{k}", choices=allowed[k])
@@ -319,12 +316,13 @@ def validate_manifest(m) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise ManifestError(f"manifest field 'format_version' is {version!r}; this edgeclip reads versions 1 to "
                             f"{FORMAT_VERSION}. Upgrade edgeclip or re-export the artifact", field="format_version")
-    target = _str(m["target"], "target", choices=tuple(TARGET_BACKEND))
+    backends = target_backends()
+    target = _str(m["target"], "target", choices=tuple(sorted(backends)))
     allowed = TOP_KEYS | {"openvino" if target == "openvino" else target}
     _dict(m, "", allowed=allowed)
     _str(m["precision"], "precision", choices=PRECISIONS)
-    if m.get("backend") is not None and m["backend"] != TARGET_BACKEND[target]:
-        raise _fail("backend", f"is {m['backend']!r}, but {target} artifacts run on {TARGET_BACKEND[target]!r}")
+    if m.get("backend") is not None and m["backend"] != backends[target]:
+        raise _fail("backend", f"is {m['backend']!r}, but {target} artifacts run on {backends[target]!r}")
     files = _files(m["files"])
     _model(m["model"])
     _tokenizer_text(m["tokenizer"], m["text"], files)

@@ -2,33 +2,20 @@
 
 A backend wraps one compiled graph: `Backend(path, threads=None)`, `.run(feeds) -> dict`,
 `.input_names`, `.output_names`, and `.info` (what actually ran: provider, precision, threads).
+`Backend.open_verified(root, info, manifest, **kw)` opens one graph of an artifact from bytes checked
+against the manifest. Which backend runs which target lives in `runtime/registry.py`.
 """
 from __future__ import annotations
 
 import importlib
 
-from ...errors import ArtifactError, EdgeClipError
-from ..schema import TARGET_BACKEND  # noqa: F401  (target -> the backend that runs its artifacts)
-
-# backend name -> module
-_BACKENDS = {"ort": "ort", "openvino": "openvino", "coreml": "coreml"}
-
-
-def backends() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def backend_for_target(target: str) -> str:
-    try:
-        return TARGET_BACKEND[target]
-    except KeyError:
-        raise EdgeClipError(f"no runtime backend for target '{target}'") from None
+from ...errors import ArtifactError
+from ..registry import backend_entry, backend_for_target, backends  # noqa: F401  (re-exported)
 
 
 def get_backend(name: str):
-    if name not in _BACKENDS:
-        raise EdgeClipError(f"unknown backend '{name}'; available: {', '.join(backends())}")
-    module = importlib.import_module(f"{__name__}.{_BACKENDS[name]}")
+    entry = backend_entry(name)
+    module = importlib.import_module(f"{__name__}.{entry.module}")
     return module.Backend
 
 

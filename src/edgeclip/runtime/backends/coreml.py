@@ -11,6 +11,7 @@ import numpy as np
 
 from ..._lazy import require
 from ...errors import ArtifactError
+from ..manifest import check_files, safe_path
 
 
 class Backend:
@@ -31,6 +32,13 @@ class Backend:
         self.output_names = [f.name for f in desc.output]
         self.info = {"backend": "coreml", "version": ct.__version__, "compute_units": compute_units,
                      "threads": threads, "inference_precision": inference_precision or "model"}
+
+    @classmethod
+    def open_verified(cls, root, info: dict, manifest: dict, **kw) -> "Backend":
+        """A package folder loads from disk (Core ML reads no bytes): check its files right before."""
+        prefix = info["file"].rstrip("/") + "/"
+        check_files(root, {k: v for k, v in manifest["files"].items() if k.startswith(prefix)}, True)
+        return cls(safe_path(root, info["file"]), **kw)
 
     def run(self, feeds: dict) -> dict:
         (name, x), = feeds.items()

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..._lazy import require
 from ...errors import ArtifactError, EdgeClipError
+from ..manifest import read_verified, safe_path
 from ..schema import BACKEND_OPTIONS
 from . import filtered_config
 
@@ -66,6 +67,13 @@ class Backend:
         self.info = {"backend": "openvino", "version": ov.__version__, "device": device,
                      "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
                      "inference_precision": precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))}
+
+    @classmethod
+    def open_verified(cls, root, info: dict, manifest: dict, **kw) -> "Backend":
+        """One IR of an artifact, from the .xml and .bin bytes that were checked against its manifest."""
+        data = read_verified(root, info["file"], manifest)
+        weights = read_verified(root, info["weights"], manifest) if info.get("weights") else None
+        return cls(safe_path(root, info["file"]), data=data, weights=weights, **kw)
 
     def run(self, feeds: dict) -> dict:
         # A fresh infer request per call: requests are not thread-safe, compiled models are.

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..._lazy import require
 from ...errors import ArtifactError
+from ..manifest import read_verified, safe_path
 from ..schema import BACKEND_OPTIONS
 from . import filtered_config
 
@@ -49,6 +50,12 @@ class Backend:
         self.signature = {"inputs": _sig(self.session.get_inputs()), "outputs": _sig(self.session.get_outputs())}
         self.info = {"backend": "ort", "version": ort.__version__, "providers": self.session.get_providers(),
                      "threads": threads, "inference_precision": "f32"}
+
+    @classmethod
+    def open_verified(cls, root, info: dict, manifest: dict, **kw) -> "Backend":
+        """One graph of an artifact, from the bytes that were checked against its manifest."""
+        data = read_verified(root, info["file"], manifest)
+        return cls(safe_path(root, info["file"]), data=data, **kw)
 
     def run(self, feeds: dict) -> dict:
         # InferenceSession.run is safe to call from several threads at once.
