@@ -65,6 +65,26 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
                 alpha: float = 0.5, max_drop: float = 0.005):
     """(quantized ov.Model, report for the manifest), the report shaped as the ONNX target's."""
     nncf = _nncf()
+    _check_request(recipe, data, layers, observer, alpha, max_drop)
+    q = _Quantizer(nncf, model, recipe, data, layers, max_drop)
+    report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
+              "quantizable_layers": len(q.by_layer), "quantizer": f"nncf {nncf.__version__}"}
+    if recipe.activations == "float":
+        quant, g, drop, float_layers = q.weights_only()
+    else:
+        if not data.batches:
+            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
+        report["observer"] = observer
+        if recipe.smoothquant:
+            report["smoothquant"] = {"alpha": alpha}
+        quant, g, drop, float_layers = q.static(observer, alpha)
+    report.update(guard_report(g, max_drop, drop, float_layers, len(quantized_layers(quant, layers))))
+    report.update(final_figures(q.run(quant, data.held_out), q.reference, data))
+    return quant, report
+
+
+def _check_request(recipe: Recipe, data: CalibrationSet, layers: dict, observer: str, alpha: float,
+                   max_drop: float) -> None:
     if not layers:
         raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
     if not 0.0 < max_drop < 1.0:
@@ -78,78 +98,95 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
                                f"use one of {', '.join(OBSERVERS)}")
     if recipe.smoothquant and not 0.0 <= alpha <= 1.0:
         raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
-    missing = [n for n in layers if n not in ops]
-    if missing:
-        raise CalibrationError(f"layers not in the {data.graph} graph: {', '.join(missing[:3])}")
-    others = [n for n, op in ops.items() if op.get_type_name() in QUANTIZABLE and n not in layers]
-    by_layer: dict[str, list[str]] = {}
-    for node, layer in layers.items():
-        by_layer.setdefault(layer, []).append(node)
 
-    def ignored(exclude):
-        names = others + [n for layer in exclude for n in by_layer[layer]]
-        return nncf.IgnoredScope(names=names, types=["ScaledDotProductAttention"], validate=False)
 
-    run = runner(data.outputs)
-    reference = run(model, data.held_out)
+class _Quantizer:
+    """One float IR, its layers and held-out reference: NNCF runs under ignored scopes, and the guard."""
 
-    def drop_fn(candidate):
-        return guard_measure(run(candidate, data.held_out), reference, data.output, data.heads, max_drop,
-                             data.min_agreement)
+    def __init__(self, nncf, model, recipe: Recipe, data: CalibrationSet, layers: dict, max_drop: float):
+        self.nncf, self.model, self.recipe, self.data, self.max_drop = nncf, model, recipe, data, max_drop
+        ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+        missing = [n for n in layers if n not in ops]
+        if missing:
+            raise CalibrationError(f"layers not in the {data.graph} graph: {', '.join(missing[:3])}")
+        # quantizable nodes outside our linear layers (patch embedding, projections, heads) stay float
+        self.others = [n for n, op in ops.items() if op.get_type_name() in QUANTIZABLE and n not in layers]
+        self.by_layer: dict[str, list[str]] = {}
+        for node, layer in layers.items():
+            self.by_layer.setdefault(layer, []).append(node)
+        self.run = runner(data.outputs)
+        self.reference = self.run(model, data.held_out)
 
-    report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
-              "quantizable_layers": len(by_layer), "quantizer": f"nncf {nncf.__version__}"}
-    if recipe.activations == "float":
-        def quantize_fn(exclude):  # int8 weights only; float activations and arithmetic
+    def nodes(self, exclude) -> list[str]:
+        return [n for layer in exclude for n in self.by_layer[layer]]
+
+    def ignored(self, exclude):
+        return self.nncf.IgnoredScope(names=self.others + self.nodes(exclude), types=["ScaledDotProductAttention"],
+                                      validate=False)
+
+    def drop(self, candidate) -> float:
+        d = self.data
+        return guard_measure(self.run(candidate, d.held_out), self.reference, d.output, d.heads, self.max_drop,
+                             d.min_agreement)
+
+    def _guard(self, quantize_fn):
+        d = self.data
+        return guard(self.model, quantize_fn, list(self.by_layer), d.held_out, d.output, self.max_drop,
+                     drop_fn=self.drop)
+
+    def weights_only(self):
+        """int8 weights only; float activations and arithmetic. (model, guard result, drop, float layers)"""
+        nncf = self.nncf
+
+        def quantize_fn(exclude):
             with _quiet():
-                return nncf.compress_weights(model.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                             ignored_scope=ignored(exclude))
+                return nncf.compress_weights(self.model.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                             ignored_scope=self.ignored(exclude))
 
-        quant, g = guard(model, quantize_fn, list(by_layer), data.held_out, data.output, max_drop, drop_fn=drop_fn)
-        drop, float_layers = g.drop, list(g.float_layers)
-    else:
-        if not data.batches:
-            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
-        report["observer"] = observer
-        if recipe.smoothquant:
-            report["smoothquant"] = {"alpha": alpha}
-        dataset = nncf.Dataset(data.batches)
-        params = _advanced(nncf, recipe, alpha, observer)
+        quant, g = self._guard(quantize_fn)
+        return quant, g, g.drop, list(g.float_layers)
+
+    def static(self, observer: str, alpha: float):
+        """Calibrated int8 activations and weights. (model, guard result, drop, float layers)"""
+        nncf, batches = self.nncf, self.data.batches
+        dataset = nncf.Dataset(batches)
+        params = _advanced(nncf, self.recipe, alpha, observer)
 
         def nncf_quantize(exclude):
             with _quiet():  # NNCF draws progress bars on stdout
-                return nncf.quantize(model.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
-                                     preset=nncf.QuantizationPreset.MIXED, subset_size=len(data.batches),
-                                     ignored_scope=ignored(exclude), advanced_parameters=params)
+                return nncf.quantize(self.model.clone(), dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                     preset=nncf.QuantizationPreset.MIXED, subset_size=len(batches),
+                                     ignored_scope=self.ignored(exclude), advanced_parameters=params)
 
+        # one NNCF run; the guard's probes strip layers from it rather than re-running NNCF per probe
         full = nncf_quantize(set())
-
-        def probe(exclude):
-            return strip(full, model, [n for layer in exclude for n in by_layer[layer]],
-                         restore_weights=not recipe.smoothquant)
-
-        quant, g = guard(model, probe, list(by_layer), data.held_out, data.output, max_drop, drop_fn=drop_fn)
+        quant, g = self._guard(lambda exclude: strip(full, self.model, self.nodes(exclude),
+                                                     restore_weights=not self.recipe.smoothquant))
         float_layers, drop = list(g.float_layers), g.drop
         if float_layers:  # the written model is NNCF's own, with those layers ignored: measure it
-            order = [k for k, _ in sorted(g.sensitivity.items(), key=lambda kv: -kv[1])]
-            for _ in range(MAX_REQUANTIZE):
-                quant = nncf_quantize(set(float_layers))
-                drop = drop_fn(quant)
-                rest = [k for k in order if k not in float_layers]
-                if drop <= max_drop or len(rest) <= 1:
-                    break
-                float_layers.append(rest[0])
-            if drop > max_drop:
-                raise ValidationError(
-                    f"OpenVINO INT8 of the {data.graph} graph misses the accuracy bound: cosine drop {drop:.4f} > "
-                    f"{max_drop} with {len(float_layers)} layer(s) in float; try --recipe int8-smoothquant, "
-                    "w8a16 or --precision fp16",
-                    failures=[{"output": data.output, "cosine_drop": drop, "bound": max_drop,
-                               "float_layers": float_layers}])
-    report.update(guard_report(g, max_drop, drop, float_layers, len(quantized_layers(quant, layers))))
-    report.update(final_figures(run(quant, data.held_out), reference, data))
-    return quant, report
+            quant, drop = self._requantize(nncf_quantize, g, float_layers)
+        return quant, g, drop, float_layers
+
+    def _requantize(self, nncf_quantize, g, float_layers: list):
+        """NNCF's model with `float_layers` ignored, adding the next most sensitive layer (in place)
+        while it misses the bound; raises ValidationError when it still does. (model, drop)"""
+        order = [k for k, _ in sorted(g.sensitivity.items(), key=lambda kv: -kv[1])]
+        for _ in range(MAX_REQUANTIZE):
+            quant = nncf_quantize(set(float_layers))
+            drop = self.drop(quant)
+            rest = [k for k in order if k not in float_layers]
+            if drop <= self.max_drop or len(rest) <= 1:
+                break
+            float_layers.append(rest[0])
+        if drop > self.max_drop:
+            d = self.data
+            raise ValidationError(
+                f"OpenVINO INT8 of the {d.graph} graph misses the accuracy bound: cosine drop {drop:.4f} > "
+                f"{self.max_drop} with {len(float_layers)} layer(s) in float; try --recipe int8-smoothquant, "
+                "w8a16 or --precision fp16",
+                failures=[{"output": d.output, "cosine_drop": drop, "bound": self.max_drop,
+                           "float_layers": float_layers}])
+        return quant, drop
 
 
 def _quiet():
