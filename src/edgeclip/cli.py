@@ -105,7 +105,10 @@ def cmd_models(args) -> int:
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    print("\nLoad with: builtin:tiny (trained, shipped) | random:NAME | hf:DIR | openai:FILE | "
+    from .export import targets
+
+    print(f"\nExport targets: {', '.join(targets())}")
+    print("Load with: builtin:tiny (trained, shipped) | random:NAME | hf:DIR | openai:FILE | "
           "open_clip:NAME --checkpoint FILE")
     return 0
 
@@ -118,7 +121,8 @@ def cmd_export(args) -> int:
     from .export.artifact import check_out
 
     quiet = args.json
-    check_out(args.out, args.overwrite)  # a bad --out fails before the model loads
+    check_out(args.out, args.overwrite)  # a bad --out or --target fails before the model loads
+    _check_target(args.target)
     labels = _labels(args.labels, args.labels_file) or []
     t0 = _step(f"loading {args.model}", quiet)
     kw = {}
@@ -146,6 +150,15 @@ def cmd_export(args) -> int:
     _print_fidelity(art.manifest)
     _print_heads(art.manifest)
     return 0
+
+
+def _check_target(name: str) -> None:
+    from .export import get_target
+
+    try:
+        get_target(name)
+    except EdgeClipError as e:
+        raise UsageError(f"--target: {e}") from None
 
 
 def _print_heads(m: dict) -> None:
@@ -488,11 +501,10 @@ def _add_models(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from .export import targets
-
     p = sub.add_parser("export", help="export a model to a verified artifact folder")
     p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH")
-    p.add_argument("--target", default="onnx", choices=targets())
+    p.add_argument("--target", default="onnx",
+                   help="export target (default onnx; `edgeclip models` lists the registered ones)")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (per target; default fp32, fp16 for coreml)")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--labels", help="bake a zero-shot head: comma-separated labels, or @FILE (one label per line)")
