@@ -345,7 +345,7 @@ def test_ort_mobile_writes_ort_files_only(exports):
 # ---------------------------------------------------------------------------------- validation
 
 def test_validation_failure_names_every_output_and_writes_nothing(exports, tmp_path, monkeypatch):
-    from edgeclip.export.targets.onnx import OnnxTarget
+    from edgeclip.export.formats.onnx import OnnxTarget
 
     model = exports.model("tiny")
     # Impossible bounds (cosine can't reach 1.5): every output fails. The error path is under test.

@@ -2,7 +2,7 @@
 
     art = edgeclip.export(model, target="onnx", precision="fp32", labels=["cat", "dog"], out="cat-dog")
 
-Targets are small registered classes (`export/targets/<name>.py`); `targets()` lists them.
+Targets are small registered classes (`export/formats/<name>.py`, discovered); `targets()` lists them.
 """
 from __future__ import annotations
 
@@ -37,21 +37,18 @@ def register_target(name: str, backend: str | None = None, suffixes: tuple | Non
 
 
 def _discover() -> None:
-    """Import every module of `export/targets/`: each registers its targets (adding a target is one file)."""
-    pkg = importlib.import_module(f"{__name__}.targets")
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
-    # importing the subpackage binds `edgeclip.export.targets` to it; keep the public function there
-    globals()["targets"] = _list_targets
+    """Import every module of `export/formats/`, one per target family: each registers its targets
+    (adding a target is one file there, or one anywhere that calls `register_target`)."""
+    from . import formats
+
+    for info in pkgutil.iter_modules(formats.__path__):
+        importlib.import_module(f"{formats.__name__}.{info.name}")
 
 
 def targets() -> list[str]:
     """Every registered target (the built-in modules are imported to find theirs)."""
     _discover()
     return sorted(_TARGETS)
-
-
-_list_targets = targets
 
 
 def get_target(name: str):

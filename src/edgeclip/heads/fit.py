@@ -355,7 +355,7 @@ def encoder_for(source, batch: int = 64) -> Encoder:
 
     torch = require("torch", "fitting heads with a torch model (or pass an exported artifact folder)")
     from ..models.loaders import load_model
-    from ..export.targets.onnx import default_templates, model_tokenizer
+    from ..export.formats.onnx import default_templates, model_tokenizer
     from ..runtime.preprocess import Preprocessor
 
     model = load_model(source) if isinstance(source, str) else source
