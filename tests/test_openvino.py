@@ -68,7 +68,8 @@ _TINY = {"model": "builtin:tiny", "labels": builtin.digit_labels()}
 TINY = {p: {**_TINY, "target": "openvino", "precision": p} for p in ("fp32", "fp16", "int8")}
 TINY["w8a16"] = {**_TINY, "target": "openvino", "precision": "int8", "recipe": "w8a16"}
 TINY["onnx"] = {**_TINY, "target": "onnx", "precision": "fp32"}
-SHARED_EXPORTS = {"tiny": list(TINY.values())}
+PERCENTILE = {**_TINY, "target": "openvino", "precision": "int8", "observer": "percentile"}
+SHARED_EXPORTS = {"tiny": list(TINY.values()), "percentile": [PERCENTILE]}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,20 @@ def test_int8_ir_is_quantized_and_keeps_digits_accuracy(tiny):
                                                                 truth)]))
                for p in ("fp32", "int8", "w8a16")}
         assert acc["fp32"] >= 0.98 and acc["int8"] >= acc["fp32"] - 0.01 and acc["w8a16"] >= acc["fp32"] - 0.01, acc
+
+
+@pytest.fixture(scope="module")
+def percentile(shared_exports):
+    return shared_exports.get(PERCENTILE)
+
+
+def test_percentile_observer_quantizes_and_keeps_accuracy(percentile):
+    # NNCF's quantile range estimator (named QUANTILE or MEAN_QUANTILE by version)
+    files, labels = _heldout()
+    p = Pipeline.load(percentile.path, inference_precision="f32")
+    assert _ir_ops(percentile.path / "image.xml")["FakeQuantize"] > 0
+    acc = float(np.mean([pr.index == lb for pr, lb in zip(p.classify(files), labels)]))
+    assert acc >= 0.97, acc
 
 
 def test_w8a16_has_int8_weights_and_float_activations(tiny):

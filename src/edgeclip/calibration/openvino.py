@@ -200,7 +200,9 @@ def _advanced(nncf, recipe, alpha, observer):
     if observer == "percentile":
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-        kw["activations_range_estimator_params"] = RangeEstimatorParametersSet.QUANTILE
+        # NNCF renamed its quantile set (QUANTILE -> MEAN_QUANTILE); take whichever this version has
+        kw["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet, "QUANTILE", None) or \
+            RangeEstimatorParametersSet.MEAN_QUANTILE
     return AdvancedQuantizationParameters(**kw)
 
 
