@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import read_regular
 from ..errors import CheckpointError, SpecError, UnknownModelError, UnsafeCheckpointError, WeightShapeError
 from ..specs import ModelSpec, get_spec, list_specs
 from .clip import ClipModel
@@ -257,16 +258,13 @@ HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 def _read_json(f: Path) -> dict:
     """A JSON object from a model folder, or CheckpointError naming the file."""
+    data = read_regular(f, CheckpointError, "model folder file", MAX_JSON_BYTES)
     try:
-        if f.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{f} is over {MAX_JSON_BYTES} bytes; not a transformers config file")
-        obj = json.loads(f.read_bytes().decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}; fix or re-download the file") from e
     except RecursionError as e:
         raise CheckpointError(f"{f} nests too deeply to read; not a transformers config file") from e
-    except OSError as e:
-        raise CheckpointError(f"cannot read {f}: {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{f} holds a JSON {type(obj).__name__}, not an object; fix or re-download the file")
     return obj

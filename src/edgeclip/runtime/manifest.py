@@ -120,6 +120,13 @@ def load_manifest(root, verify: bool = True, digest: str | None = None) -> tuple
     return manifest, found
 
 
+def graph_files(info: dict, files: dict) -> dict:
+    """The listed files one graph is made of: its file, an IR's weights, or a package folder's files."""
+    rel = info["file"].rstrip("/")
+    names = {rel, info.get("weights")}
+    return {k: v for k, v in files.items() if k in names or k.startswith(rel + "/")}
+
+
 def read_manifest(root, verify: bool = True, digest: str | None = None) -> dict:
     """Parse and check `root/manifest.json`; with verify, check every file's sha256."""
     return load_manifest(root, verify=verify, digest=digest)[0]
@@ -138,8 +145,8 @@ def read_verified(root: Path, rel: str, manifest: dict) -> bytes:
         raise ArtifactError(f"{rel} is not listed with a checksum in the manifest; refusing to open it")
     data = read_bounded(safe_path(root, rel), int(meta["size"]), "artifact file")
     if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ChecksumError(f"artifact file {rel} changed since the artifact was verified (its bytes no longer "
-                            "match the manifest's sha256); re-export or restore the artifact")
+        raise ChecksumError(f"artifact file {rel} does not match its sha256 in the manifest (modified or "
+                            "corrupted, possibly after the artifact was opened); re-export or restore the artifact")
     return data
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError
 from .backends import backend_for_target, get_backend
-from .manifest import load_manifest, read_verified, safe_path
+from .manifest import check_files, graph_files, load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor, check_pixels
 from .tokenizer import check_token_ids, load_tokenizer
 
@@ -103,7 +103,10 @@ class Pipeline:
         unless told f32. `info()` says what ran."""
         root = Path(path)
         check_threads(threads)
-        manifest, found = load_manifest(root, verify=verify, digest=digest)
+        manifest, found = load_manifest(root, verify=False, digest=digest)  # parsed, validated, sizes checked
+        if verify:  # the image graph is hashed as it is read, just below: hash every other file now
+            image = graph_files(manifest["graphs"]["image"], manifest["files"])
+            check_files(root, {k: v for k, v in manifest["files"].items() if k not in image}, True)
         expected = backend_for_target(manifest["target"])
         if backend == "auto":
             backend = expected
@@ -212,9 +215,14 @@ class Pipeline:
     # ----------------------------------------------------------------------------- classification
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        from .labels import DEFAULT_TEMPLATES, class_embeddings, parse_labels, resolve_templates
+        from .labels import parse_labels
 
-        labels = parse_labels(labels)
+        return self._class_embeddings(parse_labels(labels), templates)
+
+    def _class_embeddings(self, labels: list[str], templates) -> np.ndarray:
+        """`labels` already checked (classify checks them once per call)."""
+        from .labels import DEFAULT_TEMPLATES, class_embeddings, resolve_templates
+
         templates = resolve_templates(templates, (self.head or {}).get("templates") or DEFAULT_TEMPLATES)
         key = (tuple(labels), tuple(templates))
         with self._lock:
@@ -264,7 +272,7 @@ class Pipeline:
             labels, logits = self.labels, out["logits"]
         else:
             emb = _normalize(out["image_embeds"])
-            logits = self.manifest["logit_scale"] * emb @ self.class_embeddings(labels, templates).T
+            logits = self.manifest["logit_scale"] * emb @ self._class_embeddings(labels, templates).T
             logits = logits + (self.manifest.get("logit_bias") or 0.0)
         probs = _activate(logits, self._activation())
         preds = [Prediction(labels[i], float(p[i]), int(i), tuple(labels), p,

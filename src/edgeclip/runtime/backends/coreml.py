@@ -11,7 +11,7 @@ import numpy as np
 
 from ..._lazy import require
 from ...errors import ArtifactError
-from ..manifest import check_files, safe_path
+from ..manifest import check_files, graph_files, safe_path
 
 
 class Backend:
@@ -36,8 +36,7 @@ class Backend:
     @classmethod
     def open_verified(cls, root, info: dict, manifest: dict, **kw) -> "Backend":
         """A package folder loads from disk (Core ML reads no bytes): check its files right before."""
-        prefix = info["file"].rstrip("/") + "/"
-        check_files(root, {k: v for k, v in manifest["files"].items() if k.startswith(prefix)}, True)
+        check_files(root, graph_files(info, manifest["files"]), True)
         return cls(safe_path(root, info["file"]), **kw)
 
     def run(self, feeds: dict) -> dict:
