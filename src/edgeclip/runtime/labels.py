@@ -187,6 +187,13 @@ def _check_template(t, i: int) -> str:
     return t
 
 
+def spec_templates(spec) -> list[str]:
+    """A model's zero-shot prompt templates: its spec's own (spec data), else DEFAULT_TEMPLATES.
+    `spec`: a ModelSpec or a manifest's spec dict."""
+    own = spec.get("templates") if isinstance(spec, dict) else getattr(spec, "templates", ())
+    return list(own or DEFAULT_TEMPLATES)
+
+
 def resolve_templates(templates, default=DEFAULT_TEMPLATES) -> list[str]:
     """`templates` checked, or `default` when it is None. An empty list is an error, not the defaults."""
     return check_templates(default if templates is None else templates)

@@ -19,6 +19,7 @@ from ..errors import SpecError, UnknownModelError
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 VISION_POOLS = ("cls", "map")
 TEXT_POOLS = ("eot", "last")
+LOGIT_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class VisionSpec:
     pool: str = "cls"          # "cls": class token; "map": SigLIP attention-pooling head
     patch_bias: bool = False
     proj: bool = True          # False: features are the pooled width (SigLIP)
+    kind: str = "vit"          # the image tower's class (models.towers registry)
 
     @property
     def grid(self) -> int:
@@ -61,6 +63,7 @@ class TextSpec:
     eot_token_id: int | None = 49407  # None: argmax of ids (OpenAI's rule)
     proj: bool = True
     proj_bias: bool = False
+    kind: str = "transformer"  # the text tower's class (models.towers registry)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class ModelSpec:
     aliases: tuple = ()
     logit_scale: float = 4.605170249938965
     logit_bias: float | None = None
+    logit_activation: str = "softmax"  # class scores: "softmax" (CLIP's contrastive loss) or "sigmoid" (SigLIP)
+    templates: tuple = ()      # zero-shot prompt templates, each with one "{}"; () means the runtime's defaults
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
@@ -89,6 +94,7 @@ class ModelSpec:
         except KeyError as e:
             raise SpecError(f"spec '{name}' has no '{e.args[0]}' section") from None
         d["aliases"] = tuple(d.get("aliases", ()))
+        d["templates"] = tuple(d.get("templates", ()))
         spec = _build(cls, {**d, "vision": vision, "text": text}, name)
         spec.validate()
         return spec
@@ -96,6 +102,7 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["aliases"] = list(self.aliases)
+        d["templates"] = list(self.templates)
         return d
 
     def replace(self, **changes: Any) -> "ModelSpec":
@@ -121,6 +128,13 @@ class ModelSpec:
             for k in ("width", "layers", "heads", "mlp_dim"):
                 if getattr(s, k) <= 0:
                     problems.append(f"{tower}.{k} must be positive")
+        if self.logit_activation not in LOGIT_ACTIVATIONS:
+            problems.append(f"logit_activation={self.logit_activation!r} (known: {', '.join(LOGIT_ACTIVATIONS)})")
+        if not all(isinstance(t, str) and t.count("{}") == 1 for t in self.templates):
+            problems.append("templates must be strings with exactly one '{}' each")
+        for tower, s in (("vision", v), ("text", t)):
+            if not isinstance(s.kind, str) or not s.kind:
+                problems.append(f"{tower}.kind must name a tower class")
         if v.image_size % v.patch_size:
             problems.append(f"vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}")
         if not v.proj and v.width != self.embed_dim:
