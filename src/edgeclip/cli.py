@@ -403,7 +403,7 @@ def cmd_heads_fit(args) -> int:
         from .heads.zero_shot import parse_labels
 
         classes = parse_labels(_labels(args.labels))
-    zs = H.zero_shot_head(enc.text, classes, templates, enc.scale, enc.bias, enc.family == "siglip",
+    zs = H.zero_shot_head(enc.text, classes, templates, enc.scale, enc.bias, enc.activation == "sigmoid",
                           name=args.name or "zero_shot", info={"model": enc.source or enc.name})
     if kind == "zero_shot":
         head = zs

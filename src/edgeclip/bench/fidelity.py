@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..calibration.data import IMAGE_EXTS, EvalSet, read_eval  # noqa: F401  (bench reads --eval)
-from ..runtime.labels import DEFAULT_TEMPLATES, check_templates
+from ..runtime.labels import check_templates
+from ..runtime.vectors import cosine, l2_normalize
 
 CHUNK = 64
 # Without --eval: captions to compare text features on, and to rank synthetic images against.
@@ -37,14 +38,6 @@ def synthetic_images(size: tuple[int, int], n: int = 24, seed: int = 0) -> list[
         noise = g.normal(0, 8, size=(size[0], size[1], 3))
         out.append(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
     return out
-
-
-def default_templates(model: str, source: str | None) -> list[str]:
-    if model == "tiny" or (source or "").startswith("builtin:"):
-        from ..builtin import prompt_templates
-
-        return prompt_templates()
-    return list(DEFAULT_TEMPLATES)
 
 
 @dataclass
@@ -86,14 +79,12 @@ def features(runner, probe: Probe) -> dict:
 def _predict(feats: dict, n_classes: int) -> np.ndarray:
     """Zero-shot top-1: prompts averaged per class (CLIP's ensemble), then nearest class embedding."""
     t = feats["text"].reshape(n_classes, -1, feats["text"].shape[-1])
-    t = t / np.linalg.norm(t, axis=-1, keepdims=True)
-    cls = t.mean(axis=1)
-    cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
+    cls = l2_normalize(l2_normalize(t).mean(axis=1))
     return np.argmax(feats["image"] @ cls.T, axis=1)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> dict:
-    c = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    c = cosine(a, b)
     return {"mean": float(c.mean()), "min": float(c.min())}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgeClipError
+from ..runtime.vectors import l2_normalize
 
 
 class TorchReference:
@@ -21,14 +22,14 @@ class TorchReference:
 
         with torch.no_grad():
             x = self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixels))).float().numpy()
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        return l2_normalize(x)
 
     def text(self, ids: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.no_grad():
             x = self.model.encode_text(torch.from_numpy(np.ascontiguousarray(ids))).float().numpy()
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        return l2_normalize(x)
 
 
 def rebuild(uri: str | None, explicit: bool) -> tuple[object | None, str | None]:

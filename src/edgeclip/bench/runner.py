@@ -19,6 +19,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CalibrationError, UnknownModelError
 from ..heads.zero_shot import resolve_templates
+from ..runtime.labels import spec_templates
 from . import fidelity as fid
 from .machine import machine
 from .memory import measure as measure_memory
@@ -120,10 +121,10 @@ class Bench:
         return model, why, uri
 
     def _probe(self, companion: Variant, spec_size):
-        prep, tok, _ = _tools(Path(companion.path))
+        prep, tok, m = _tools(Path(companion.path))
         templates = None
-        if self.eval_set is not None:
-            templates = resolve_templates(self.cfg.templates, fid.default_templates(companion.model, companion.source))
+        if self.eval_set is not None:  # the model's own prompts (spec data), unless --templates says otherwise
+            templates = resolve_templates(self.cfg.templates, spec_templates(m["model"].get("spec") or {}))
         return fid.make_probe(prep, tok, self.eval_set, templates, prep.output_size or spec_size), prep, tok
 
     # ------------------------------------------------------------------------------------ baselines

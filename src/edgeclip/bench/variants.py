@@ -17,6 +17,7 @@ from ..runtime.backends import backend_for_target, get_backend
 from ..runtime.manifest import read_manifest, safe_path
 from ..runtime.preprocess import Preprocessor
 from ..runtime.tokenizer import load_tokenizer
+from ..runtime.vectors import l2_normalize
 
 
 @dataclass
@@ -83,11 +84,6 @@ class Runner:
     load_s: float = 0.0
 
 
-def _normalize(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class ArtifactRunner(Runner):
     def __init__(self, variant: Variant, threads: int | None):
         self.variant = variant
@@ -102,7 +98,8 @@ class ArtifactRunner(Runner):
         return lambda: graph.run(feeds)
 
     def image(self, pixels):
-        return _normalize(self.pipeline._graph("image").run({"pixel_values": pixels})["image_embeds"])
+        out = self.pipeline._graph("image").run({"pixel_values": pixels})
+        return l2_normalize(out["image_embeds"], dtype=np.float32)
 
     def text(self, ids):
         return self.pipeline.encode_text(ids)  # trims after the end token when the artifact allows it
@@ -132,10 +129,10 @@ class BaselineRunner(Runner):
         return lambda: backend.run(feeds)
 
     def image(self, pixels):
-        return _normalize(self._run("image", pixels))
+        return l2_normalize(self._run("image", pixels), dtype=np.float32)
 
     def text(self, ids):
-        return _normalize(self._run("text", ids))  # full context: no trimming
+        return l2_normalize(self._run("text", ids), dtype=np.float32)  # full context: no trimming
 
     def info(self) -> dict:
         return {g: dict(b.info) for g, b in self.graphs.items()}

@@ -30,6 +30,7 @@ import numpy as np
 
 from .._files import open_regular
 from ..runtime.labels import select  # noqa: F401  (heads and the runtime pick a head alike)
+from ..runtime.vectors import l2_normalize
 from ..errors import HeadError, HeadShapeError, LabelError
 
 FORMAT = "edgeclip-head"
@@ -468,8 +469,7 @@ def _read_meta(z: Npz) -> dict:
 
 # ---------------------------------------------------------------------------------- numpy helpers
 
-def normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+normalize = l2_normalize  # the heads' historical name (kinds, fit, importers and tests import it)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -331,7 +331,7 @@ class Encoder:
     text: object             # list of str -> (N, E)
     scale: float
     bias: float = 0.0
-    family: str = "clip"
+    activation: str = "softmax"  # class scores: "softmax" or "sigmoid" (SigLIP), from the spec or the manifest
     templates: list = field(default_factory=list)
     source: str | None = None
 
@@ -349,13 +349,14 @@ def encoder_for(source, batch: int = 64) -> Encoder:
         m = p.manifest
         return Encoder(m["model"]["name"], p.embed_dim, _chunks(p.encode_image, batch),
                        _chunks(lambda t: p.encode_text(t, truncate=True), batch), float(m["logit_scale"]),
-                       float(m.get("logit_bias") or 0.0), m["model"].get("family", "clip"),
+                       float(m.get("logit_bias") or 0.0), m["activation"],
                        list((m.get("head") or {}).get("templates") or []), str(source))
     from .._lazy import require
 
     torch = require("torch", "fitting heads with a torch model (or pass an exported artifact folder)")
     from ..models.loaders import load_model
-    from ..export.formats.onnx import default_templates, model_tokenizer
+    from ..export.formats.onnx import model_tokenizer
+    from ..runtime.labels import spec_templates
     from ..runtime.preprocess import Preprocessor
 
     model = load_model(source) if isinstance(source, str) else source
@@ -375,7 +376,7 @@ def encoder_for(source, batch: int = 64) -> Encoder:
 
     bias = float(model.logit_bias.detach()) if model.logit_bias is not None else 0.0
     return Encoder(spec.name, spec.embed_dim, _chunks(image, batch), _chunks(text, batch),
-                   float(model.logit_scale.detach().exp()), bias, spec.family, default_templates(spec),
+                   float(model.logit_scale.detach().exp()), bias, spec.logit_activation, spec_templates(spec),
                    getattr(model, "source", None))
 
 

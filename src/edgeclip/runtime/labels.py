@@ -16,6 +16,7 @@ import numpy as np
 
 from .._files import read_regular
 from ..errors import HeadError, LabelError, TemplateError, UnknownHeadError
+from .vectors import l2_normalize
 
 # A short ensemble in the spirit of CLIP's ImageNet prompts; users pass their own for their domain.
 DEFAULT_TEMPLATES = (
@@ -216,8 +217,10 @@ def class_embeddings(encode_text, labels: list[str], templates: list[str]) -> np
     if not (np.isfinite(norms).all() and (norms > 0).all()):
         raise HeadError("the text encoder returned zero, NaN or infinite features for some prompts; "
                         "check the model's text tower")
-    feats = (feats / norms).reshape(len(labels), len(templates), -1).mean(axis=1)
-    return (feats / np.linalg.norm(feats, axis=-1, keepdims=True)).astype(np.float32)
+    # eps=0 (no floor): the norms are checked positive above, so even a tiny prompt counts as a unit
+    # vector in the class mean; the mean is renormalized the same way
+    feats = l2_normalize(feats, eps=0.0).reshape(len(labels), len(templates), -1).mean(axis=1)
+    return l2_normalize(feats, eps=0.0).astype(np.float32)
 
 
 def select(heads: dict, name: str | None):

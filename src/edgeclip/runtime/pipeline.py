@@ -14,7 +14,8 @@ from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, To
 from .backends import backend_for_target, get_backend
 from .manifest import check_files, graph_files, load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor, check_pixels
-from .tokenizer import check_token_ids, load_tokenizer
+from .tokenizer import check_token_ids, load_tokenizer, trim  # noqa: F401  (export imports trim from here)
+from .vectors import l2_normalize
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,6 @@ class Prediction:
         if self.ood is not None:
             out["ood"] = dict(self.ood)
         return out
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _is_batch(images: Any) -> bool:
@@ -186,7 +182,7 @@ class Pipeline:
 
     def encode_image(self, images) -> np.ndarray:
         """(N, E) float32 L2-normalized image embeddings. One image in, one row out."""
-        return _normalize(self._run_image(images)["image_embeds"])
+        return l2_normalize(self._run_image(images)["image_embeds"], dtype=np.float32)
 
     def tokenize(self, texts, truncate: bool = False) -> np.ndarray:
         return self.tokenizer(texts, truncate=truncate)
@@ -204,7 +200,7 @@ class Pipeline:
                 raise InputError("no texts given: the list is empty; pass at least one string")
         if text["trim"]:
             ids = trim(ids, text["eot_token_id"])
-        return _normalize(self._graph("text").run({"input_ids": ids})["text_embeds"])
+        return l2_normalize(self._graph("text").run({"input_ids": ids})["text_embeds"], dtype=np.float32)
 
     def similarity(self, images, texts) -> np.ndarray:
         """(N_images, N_texts) cosine similarities."""
@@ -271,7 +267,7 @@ class Pipeline:
         if use_head:
             labels, logits = self.labels, out["logits"]
         else:
-            emb = _normalize(out["image_embeds"])
+            emb = l2_normalize(out["image_embeds"], dtype=np.float32)
             logits = self.manifest["logit_scale"] * emb @ self._class_embeddings(labels, templates).T
             logits = logits + (self.manifest.get("logit_bias") or 0.0)
         probs = _activate(logits, self._activation())
@@ -296,7 +292,8 @@ class Pipeline:
         return preds if _is_batch(images) else preds[0]
 
     def _activation(self) -> str:
-        return "sigmoid" if self.manifest["model"].get("family") == "siglip" else "softmax"
+        """The manifest's class-score rule (schema fills it in for exports that predate the field)."""
+        return self.manifest["activation"]
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -346,17 +343,6 @@ def _backend_kwargs(info: dict, inference_precision: str | None = None) -> dict:
     if inference_precision:
         kw["inference_precision"] = inference_precision
     return kw
-
-
-def trim(ids: np.ndarray, eot_token_id: int | None) -> np.ndarray:
-    """Keep columns up to the batch's last end token: later positions cannot change pooled features
-    under a causal mask, so this is exact and cuts text-encoder work for short prompts."""
-    if eot_token_id is None:
-        ends = ids.argmax(axis=1)
-    else:
-        hit = ids == eot_token_id
-        ends = np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
-    return np.ascontiguousarray(ids[:, : max(2, int(ends.max()) + 1)])
 
 
 def _activate(logits: np.ndarray, kind: str) -> np.ndarray:

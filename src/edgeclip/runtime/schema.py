@@ -38,8 +38,9 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_KEYS = {"format", "format_version", "created", "target", "precision", "backend", "model", "preprocess",
-            "tokenizer", "text", "graphs", "head", "heads", "logit_scale", "logit_bias", "options", "fidelity",
-            "fusions", "quantization", "tools", "files"}
+            "tokenizer", "text", "graphs", "head", "heads", "logit_scale", "logit_bias", "activation", "options",
+            "fidelity", "fusions", "quantization", "tools", "files"}
+ACTIVATIONS = ("softmax", "sigmoid")  # how class scores come from logits (specs' logit_activation)
 REQUIRED = ("format", "format_version", "target", "precision", "model", "preprocess", "tokenizer", "text",
             "graphs", "logit_scale", "files")
 
@@ -267,7 +268,7 @@ def _head(h, image_outputs: dict) -> None:
     _str_list(h["labels"], "head.labels")
     if h.get("templates") is not None:
         _str_list(h["templates"], "head.templates", max_items=1000)
-    _str(h.get("activation", "softmax"), "head.activation", choices=("softmax", "sigmoid"))
+    _str(h.get("activation", "softmax"), "head.activation", choices=ACTIVATIONS)
     _output(h["output"], "head.output", image_outputs, len(h["labels"]))
 
 
@@ -298,7 +299,7 @@ def _heads(v, image_outputs: dict) -> None:
             raise _fail(f"{p}.name", f"is {h['name']!r}, not the key {name!r}")
         _str(h["kind"], f"{p}.kind", pattern=re.compile(r"^[a-z_]{1,32}$"))
         _str_list(h["classes"], f"{p}.classes")
-        _str(h.get("activation", "softmax"), f"{p}.activation", choices=("softmax", "sigmoid"))
+        _str(h.get("activation", "softmax"), f"{p}.activation", choices=ACTIVATIONS)
         _output(h["output"], f"{p}.output", image_outputs, len(h["classes"]))
         if h.get("mcm_output") is not None:
             _output(h["mcm_output"], f"{p}.mcm_output", image_outputs, None)
@@ -306,8 +307,24 @@ def _heads(v, image_outputs: dict) -> None:
             _num(x, f"{p}.params.{k}", -1e9, 1e9)
 
 
+def _activation(m: dict) -> None:
+    """The one class-score rule: top-level 'activation'. Exports that predate the field get it here,
+    once, from what they did write (the zero-shot head's own, else the model family): the only place
+    a model family decides anything."""
+    head = m.get("head")
+    if "activation" in m:
+        _str(m["activation"], "activation", choices=ACTIVATIONS)
+        if head is not None and head.get("activation", m["activation"]) != m["activation"]:
+            raise _fail("activation", f"is {m['activation']!r}, but head.activation is {head['activation']!r}")
+    elif head is not None and "activation" in head:
+        m["activation"] = head["activation"]
+    else:
+        m["activation"] = "sigmoid" if m["model"].get("family") == "siglip" else "softmax"
+
+
 def validate_manifest(m) -> dict:
-    """`m` as parsed from manifest.json, checked whole; returns it unchanged or raises ManifestError."""
+    """`m` as parsed from manifest.json, checked whole; returns it, with the fields older exports
+    lack filled in (`activation`), or raises ManifestError."""
     check_json_data(m)
     _dict(m, "", required=REQUIRED)
     if m["format"] != FORMAT:
@@ -334,6 +351,7 @@ def validate_manifest(m) -> dict:
     _num(m["logit_scale"], "logit_scale", 0.0, 1e4)
     if m.get("logit_bias") is not None:
         _num(m["logit_bias"], "logit_bias", -1e4, 1e4)
+    _activation(m)
     for k in ("options", "fidelity", "fusions", "quantization", "tools", "openvino", "coreml"):
         if m.get(k) is not None:
             _dict(m[k], k)

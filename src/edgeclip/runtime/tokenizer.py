@@ -42,6 +42,7 @@ __all__ = [
     "check_token_ids",
     "load_tokenizer",
     "tokenize",
+    "trim",
     "MAX_WORD_BYTES",
     "DEFAULT_CONTEXT_LENGTH",
     "TOKENIZER_KINDS",
@@ -822,6 +823,19 @@ class HFTokenizer:
         if bad:
             _warn_truncated(len(bad), len(texts), L)
         return out
+
+
+# --------------------------------------------------------------------------- trimming
+
+def trim(ids: np.ndarray, eot_token_id: int | None) -> np.ndarray:
+    """Keep columns up to the batch's last end token: later positions cannot change pooled features
+    under a causal mask, so this is exact and cuts text-encoder work for short prompts."""
+    if eot_token_id is None:
+        ends = ids.argmax(axis=1)
+    else:
+        hit = ids == eot_token_id
+        ends = np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
+    return np.ascontiguousarray(ids[:, : max(2, int(ends.max()) + 1)])
 
 
 # --------------------------------------------------------------------------- factory
