@@ -206,7 +206,7 @@ class Head:
         path = _saved_name(Path(path))
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind, "name": self.name,
                 "classes": self.classes, "params": self.params, "info": self.info}
-        from ..export.artifact import _json_default  # numpy scalars in fitting figures
+        from ..runtime.manifest import _json_default  # numpy scalars in fitting figures
 
         try:
             text = json.dumps(meta, default=_json_default)

@@ -355,7 +355,7 @@ def encoder_for(source, batch: int = 64) -> Encoder:
 
     torch = require("torch", "fitting heads with a torch model (or pass an exported artifact folder)")
     from ..models.loaders import load_model
-    from ..export.formats.onnx import model_tokenizer
+    from ..models.inputs import model_tokenizer
     from ..runtime.labels import spec_templates
     from ..runtime.preprocess import Preprocessor
 
