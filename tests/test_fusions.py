@@ -270,6 +270,7 @@ def test_int8_lowering_takes_the_qkv_bias_from_the_fused_node(layout, mask):
     separate projections) the bias goes back into the MatMulIntegerToFloat GEMMs. Either way the
     lowered graph is the one the graph with the Adds left in front lowers to, and it computes the
     same numbers as the QDQ graph it lowers."""
+    from edgeclip import onnxgraph
     from edgeclip.calibration import qdq
 
     model = _projected(mask, layout)
@@ -280,9 +281,9 @@ def test_int8_lowering_takes_the_qkv_bias_from_the_fused_node(layout, mask):
         targets = qdq.find_targets(fused)
         assert len(targets) == {"packed": 1, "pooled": 2, "separate": 3}[layout]
         quant = qdq.quantize(fused, targets, qdq.collect_ranges(fused, targets, batches[:2]))
-        lowered = qdq.copy_model(quant)
+        lowered = onnxgraph.copy_model(quant)
         qattention = layout == "packed" and mask != "additive"
-        assert qdq.lower_for_ort(lowered) == len(targets) + int(qattention)
+        assert onnxgraph.lower_for_ort(lowered) == len(targets) + int(qattention)
         onnx.checker.check_model(lowered)
         ops = Counter(n.op_type for n in lowered.graph.node)
         assert ops["DequantizeLinear"] == 0 and ops["Softmax"] == 0 and ops["Add"] == 0

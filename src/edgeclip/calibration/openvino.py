@@ -69,15 +69,7 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
     q = _Quantizer(nncf, model, recipe, data, layers, max_drop)
     report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
               "quantizable_layers": len(q.by_layer), "quantizer": f"nncf {nncf.__version__}"}
-    if recipe.activations == "float":
-        quant, g, drop, float_layers = q.weights_only()
-    else:
-        if not data.batches:
-            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
-        report["observer"] = observer
-        if recipe.smoothquant:
-            report["smoothquant"] = {"alpha": alpha}
-        quant, g, drop, float_layers = q.static(observer, alpha)
+    quant, g, drop, float_layers = recipe.openvino.quantize(q, recipe, observer, alpha, report)
     report.update(guard_report(g, max_drop, drop, float_layers, len(quantized_layers(quant, layers))))
     report.update(final_figures(q.run(quant, data.held_out), q.reference, data))
     return quant, report
@@ -89,10 +81,7 @@ def _check_request(recipe: Recipe, data: CalibrationSet, layers: dict, observer:
         raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
     if not 0.0 < max_drop < 1.0:
         raise CalibrationError(f"max cosine drop must be in (0, 1), got {max_drop}")
-    if recipe.activations == "dynamic":
-        raise CalibrationError(
-            "recipe 'int8-dynamic' has no OpenVINO form (its CPU plugin quantizes activations at run time "
-            "only for 4/8-bit weight-compressed LLM layers); use --recipe int8 (static, calibrated) or w8a16")
+    recipe.openvino.check(recipe)  # a recipe with no OpenVINO form says so here
     if observer not in OBSERVERS:
         raise CalibrationError(f"observer '{observer}' is not available for the OpenVINO target (NNCF); "
                                f"use one of {', '.join(OBSERVERS)}")
@@ -118,11 +107,15 @@ class _Quantizer:
         self.reference = self.run(model, data.held_out)
 
     def nodes(self, exclude) -> list[str]:
-        return [n for layer in exclude for n in self.by_layer[layer]]
+        """The IR nodes of the layers in `exclude` (the guard hands a set: sorted, so the order never
+        depends on PYTHONHASHSEED)."""
+        return [n for layer in sorted(exclude) for n in self.by_layer[layer]]
 
     def ignored(self, exclude):
-        return self.nncf.IgnoredScope(names=self.others + self.nodes(exclude), types=["ScaledDotProductAttention"],
-                                      validate=False)
+        # NNCF writes the ignored names, in the order given, into the IR's rt_info: a sorted list keeps
+        # the xml byte-identical from run to run
+        return self.nncf.IgnoredScope(names=sorted(self.others + self.nodes(exclude)),
+                                      types=["ScaledDotProductAttention"], validate=False)
 
     def drop(self, candidate) -> float:
         d = self.data

@@ -2,10 +2,14 @@
 
     model, report = quantize_graph(float_model, get_recipe("int8"), calibration_set)
 
-Every recipe quantizes the same layers: the linear layers inside the transformer blocks. The patch
-embedding, LayerNorms, softmax, GELU, residual adds, the final projections and baked heads stay
-float. Every recipe runs under the accuracy guard: layers that cost too much accuracy go back to
-float, and the report says which.
+Every recipe quantizes the same layers: the linear layers `quantizable` accepts (by default those
+inside the transformer blocks and of adapter heads). The patch embedding, LayerNorms, softmax, GELU,
+residual adds, the final projections and baked heads stay float. Every recipe runs under the accuracy
+guard: layers that cost too much accuracy go back to float, and the report says which.
+
+A recipe is one `Recipe` entry in `RECIPES`: its data plus the quantizer each format runs for it
+(`onnx`: OnnxStatic / OnnxDynamic / OnnxWeightsOnly; `openvino`: NncfStatic / NncfWeightsOnly /
+NoOpenVinoForm), so neither format picks its steps by recipe name.
 """
 from __future__ import annotations
 
@@ -14,16 +18,101 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CalibrationError, EdgeClipError
+from ..onnxgraph import copy_model, lower_for_ort
 from . import qdq
 from .guard import guard, guard_measure, head_agreement, min_cosine_drop, run_outputs
 
 
 @dataclass(frozen=True)
+class OnnxStatic:
+    """ONNX: calibrated per-tensor activation ranges and QuantizeLinear/DequantizeLinear pairs (the
+    portable form), which ONNX Runtime's fused integer kernels can take over (quantize_graph's `lower`)."""
+
+    lowers = True
+
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
+        """`quantize(exclude) -> model` for the guard; `report` gets the observer."""
+        if not data.batches:
+            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
+        ranges = qdq.collect_ranges(model, targets, data.batches, observer)
+        report["observer"] = observer
+        return lambda exclude: qdq.quantize(model, targets, ranges, exclude=exclude)
+
+
+@dataclass(frozen=True)
+class OnnxDynamic:
+    """ONNX: DynamicQuantizeMatMul, activations quantized per call from their own range."""
+
+    lowers = False
+
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
+        return lambda exclude: qdq.quantize_dynamic(model, targets, exclude)
+
+
+@dataclass(frozen=True)
+class OnnxWeightsOnly:
+    """ONNX: int8 weights behind DequantizeLinear, float activations and arithmetic."""
+
+    lowers = False
+
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
+        return lambda exclude: qdq.quantize_weights(model, targets, exclude)
+
+
+@dataclass(frozen=True)
+class NncfStatic:
+    """OpenVINO: nncf.quantize over the calibration batches, int8 activations and weights (the recipe's
+    SmoothQuant runs inside NNCF). `q` is calibration.openvino's quantizer for one IR."""
+
+    def check(self, recipe: Recipe) -> None:
+        pass
+
+    def quantize(self, q, recipe: Recipe, observer: str, alpha: float, report: dict):
+        """(model, guard result, drop, float layers); `report` gets the observer (and SmoothQuant's alpha)."""
+        if not q.data.batches:
+            raise CalibrationError(f"no calibration batches for the {q.data.graph} graph")
+        report["observer"] = observer
+        if recipe.smoothquant:
+            report["smoothquant"] = {"alpha": alpha}
+        return q.static(observer, alpha)
+
+
+@dataclass(frozen=True)
+class NncfWeightsOnly:
+    """OpenVINO: nncf.compress_weights, int8 weights, float activations; no calibration data."""
+
+    def check(self, recipe: Recipe) -> None:
+        pass
+
+    def quantize(self, q, recipe: Recipe, observer: str, alpha: float, report: dict):
+        return q.weights_only()
+
+
+@dataclass(frozen=True)
+class NoOpenVinoForm:
+    """A recipe OpenVINO cannot run; `why` goes into the error."""
+
+    why: str
+
+    def check(self, recipe: Recipe) -> None:
+        raise CalibrationError(f"recipe '{recipe.name}' has no OpenVINO form ({self.why}); use --recipe int8 "
+                               "(static, calibrated) or w8a16")
+
+    def quantize(self, q, recipe: Recipe, observer: str, alpha: float, report: dict):
+        self.check(recipe)
+
+
+@dataclass(frozen=True)
 class Recipe:
+    """A named INT8 recipe: what it is (data) and how each format quantizes under it (`onnx`: a
+    quantizer for calibration.qdq graphs; `openvino`: the NNCF run for OpenVINO IR)."""
+
     name: str
     summary: str
     activations: str          # "static" (calibrated ranges) | "dynamic" (ranges at run time) | "float"
-    smoothquant: bool = False
+    onnx: OnnxStatic | OnnxDynamic | OnnxWeightsOnly
+    openvino: NncfStatic | NncfWeightsOnly | NoOpenVinoForm
+    smoothquant: bool = False  # ONNX: SmoothQuant rewrites the float graph first; OpenVINO: NNCF's own
 
     @property
     def needs_calibration(self) -> bool:
@@ -32,14 +121,19 @@ class Recipe:
 
 RECIPES = {r.name: r for r in (
     Recipe("int8", "static INT8 (QDQ): int8 weights per output channel, uint8 activations per tensor "
-                   "with ranges from the calibration images/captions (default)", "static"),
+                   "with ranges from the calibration images/captions (default)", "static",
+           onnx=OnnxStatic(), openvino=NncfStatic()),
     Recipe("int8-dynamic", "int8 weights per output channel, activations quantized per call from their "
-                           "own range; needs no calibration data", "dynamic"),
+                           "own range; needs no calibration data", "dynamic",
+           onnx=OnnxDynamic(),
+           openvino=NoOpenVinoForm("its CPU plugin quantizes activations at run time only for 4/8-bit "
+                                   "weight-compressed LLM layers")),
     Recipe("int8-smoothquant", "int8 after SmoothQuant moves activation outliers into the weights "
                                "(--smoothquant-alpha, default 0.5); for towers with outlier channels",
-           "static", smoothquant=True),
+           "static", onnx=OnnxStatic(), openvino=NncfStatic(), smoothquant=True),
     Recipe("w8a16", "int8 weights only, float activations and arithmetic: ~4x smaller linear "
-                    "weights at FP32 speed and accuracy", "float"),
+                    "weights at FP32 speed and accuracy", "float",
+           onnx=OnnxWeightsOnly(), openvino=NncfWeightsOnly()),
 )}
 DEFAULT_RECIPE = "int8"
 
@@ -100,13 +194,15 @@ def text_calibration(ids: np.ndarray, eot_token_id, trim: bool, info: dict, batc
 
 
 def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str = "minmax",
-                   alpha: float = 0.5, max_drop: float = 0.005, lower: bool = True):
+                   alpha: float = 0.5, max_drop: float = 0.005, lower: bool = True, quantizable=None):
     """(quantized ONNX model, report for the manifest). Raises ValidationError when the accuracy
     guard cannot meet `max_drop` even with every layer back in float.
 
     `lower`: rewrite static QDQ pairs into ONNX Runtime's fused MatMulIntegerToFloat (bias inside);
-    keep False for graphs other runtimes will read (QDQ is the portable form)."""
-    targets = qdq.find_targets(model)
+    keep False for graphs other runtimes will read (QDQ is the portable form).
+    `quantizable(layer path) -> bool`: the linear layers INT8 may quantize (default:
+    `qdq.default_quantizable`, those inside the transformer blocks and of adapter heads)."""
+    targets = qdq.find_targets(model, quantizable)
     if not targets:
         raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
     if not 0.0 < max_drop < 1.0:
@@ -114,26 +210,8 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
               "quantizable_layers": len(targets)}
     if recipe.smoothquant:
-        from .smoothquant import smooth, smoothable_pairs
-
-        if not 0.0 <= alpha <= 1.0:
-            raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-        report["smoothquant"] = {"alpha": alpha, "layernorms": len(smoothable_pairs(model, targets))}
-        model = smooth(model, targets, data.batches, alpha)
-    if recipe.activations == "static":
-        if not data.batches:
-            raise CalibrationError(f"no calibration batches for the {data.graph} graph")
-        ranges = qdq.collect_ranges(model, targets, data.batches, observer)
-        report["observer"] = observer
-
-        def quantize_fn(exclude):
-            return qdq.quantize(model, targets, ranges, exclude=exclude)
-    elif recipe.activations == "dynamic":
-        def quantize_fn(exclude):
-            return qdq.quantize_dynamic(model, targets, exclude)
-    else:
-        def quantize_fn(exclude):
-            return qdq.quantize_weights(model, targets, exclude)
+        model = _smooth(model, targets, data, alpha, report)
+    quantize_fn = recipe.onnx.prepare(model, targets, data, observer, report)
     reference = run_outputs(model, data.held_out, data.outputs)
 
     def drop_fn(candidate):
@@ -143,11 +221,11 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     quant, g = guard(model, quantize_fn, [t.layer for t in targets], data.held_out, data.output, max_drop,
                      drop_fn=drop_fn)
     drop = g.drop
-    if lower and recipe.activations == "static":
+    if lower and recipe.onnx.lowers:
         # ONNX Runtime's fused integer kernels round slightly differently from QDQ: measure again,
         # and keep the portable QDQ form if the lowered graph were to miss the bound.
-        lowered = qdq.copy_model(quant)
-        report["fused_int8_kernels"] = qdq.lower_for_ort(lowered)
+        lowered = copy_model(quant)
+        report["fused_int8_kernels"] = lower_for_ort(lowered)
         lowered_drop = drop_fn(lowered)
         if lowered_drop <= max_drop:
             quant, drop = lowered, lowered_drop
@@ -157,6 +235,16 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     report.update(guard_report(g, max_drop, drop, float_layers, len({t.layer for t in targets} - set(float_layers))))
     report.update(final_figures(run_outputs(quant, data.held_out, data.outputs), reference, data))
     return quant, report
+
+
+def _smooth(model, targets, data: CalibrationSet, alpha: float, report: dict):
+    """The SmoothQuant-rewritten float graph; `report` gets alpha and how many LayerNorms it smoothed."""
+    from .smoothquant import smooth, smoothable_pairs
+
+    if not 0.0 <= alpha <= 1.0:
+        raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    report["smoothquant"] = {"alpha": alpha, "layernorms": len(smoothable_pairs(model, targets))}
+    return smooth(model, targets, data.batches, alpha)
 
 
 def final_figures(got: dict, reference: dict, data: CalibrationSet) -> dict:
