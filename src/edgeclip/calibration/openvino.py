@@ -5,7 +5,8 @@
 `layers` maps the IR's linear MatMul nodes (friendly names) to our module paths
 ("visual.blocks.0.mlp.fc1"). As for ONNX, only the linear layers inside the transformer blocks are
 quantized; everything else (patch embedding, attention itself, final projection, heads) becomes an
-NNCF ignored scope, and so do the layers the guard returns to float.
+NNCF ignored scope, and so do the layers the guard returns to float. What NNCF runs for a recipe
+(nncf.quantize, nncf.compress_weights, or nothing: an error) is the recipe's `openvino` entry.
 
 The guard ranks layers on cheap probes: the all-INT8 model with the quantization of some layers
 stripped again (their activation FakeQuantize bypassed, their float weights put back). The model

@@ -17,76 +17,11 @@ _KERNEL = None
 
 
 def _build():
+    """(triton, the jitted kernel); the kernel module imports triton itself, so it is imported here only."""
     triton = require("triton", "the Triton attention kernel")
-    import triton.language as tl
+    from .triton_flash import flash_fwd
 
-    @triton.jit
-    def _flash_fwd(Q, K, V, Mask, Out,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   smb, smh, smm, smn, sob, soh, som, sod,
-                   H, LQ, LK, D, scale_log2,
-                   HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < LQ
-        d_ok = offs_d < D
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        shift = LK - LQ  # causal: query i sees keys j <= i + shift
-        hi = LK
-        if CAUSAL:
-            hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + shift)
-        for start in range(0, hi, BLOCK_N):
-            n = start + offs_n
-            n_ok = n < LK
-            k = tl.load(K + b * skb + h * skh + n[None, :] * skn + offs_d[:, None] * skd,
-                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            s = s * scale_log2  # log2 domain: exp2 below
-            if HAS_MASK:
-                bias = tl.load(Mask + b * smb + h * smh + offs_m[:, None] * smm + n[None, :] * smn,
-                               mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-                s += bias.to(tl.float32) * 1.4426950408889634
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (n[None, :] <= offs_m[:, None] + shift)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # rows that have seen only masked keys so far keep m = -inf: avoid (-inf) - (-inf)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + n[:, None] * svn + offs_d[None, :] * svd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                 out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-    return triton, _flash_fwd
+    return triton, flash_fwd
 
 
 def _kernel():
