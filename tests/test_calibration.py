@@ -203,6 +203,53 @@ def test_qdq_exclude_keeps_layers_float(tiny_digits):
     assert len(weight_dq) == len(targets) - 2
 
 
+def test_quantize_graph_quantizes_only_the_layers_its_rule_accepts(tiny_digits):
+    import onnx
+
+    from edgeclip.calibration import qdq
+    from edgeclip.calibration.recipes import get_recipe, image_calibration, quantize_graph
+
+    art, cal, _, _ = tiny_digits
+    model = onnx.load(art / "image.onnx")
+    assert qdq.default_quantizable("visual.blocks.3.mlp.fc1") and qdq.default_quantizable("heads.tip.fc")
+    assert not qdq.default_quantizable("visual.patch_linear") and not qdq.default_quantizable("visual.proj")
+    every = [t.layer for t in qdq.find_targets(model, lambda path: True)]
+    assert "visual.patch_linear" in every  # the default rule leaves the patch embedding float
+    assert [t.layer for t in qdq.find_targets(model)] == [p for p in every if qdq.default_quantizable(p)]
+
+    def block0(path):
+        return path.startswith("visual.blocks.0.")
+
+    data = image_calibration(cal.pixels[:16], {"source": "builtin"})
+    quant, report = quantize_graph(model, get_recipe("int8-dynamic"), data, max_drop=0.5, quantizable=block0)
+    assert report["quantizable_layers"] == 4 and report["int8_layers"] == 4
+    dyn = [n for n in quant.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert sorted(qdq._layer_name(n) for n in dyn) == sorted(p for p in every if block0(p))
+    with pytest.raises(CalibrationError, match="no linear layers"):
+        quantize_graph(model, get_recipe("int8-dynamic"), data, quantizable=lambda path: False)
+
+
+def test_a_recipe_is_one_entry_carrying_its_quantizers(tiny_digits):
+    """A Recipe built here (in no registry) quantizes through the quantizers it carries; nothing picks
+    them by its name."""
+    import onnx
+
+    from edgeclip.calibration.recipes import (RECIPES, NoOpenVinoForm, OnnxWeightsOnly, Recipe, image_calibration,
+                                              quantize_graph)
+
+    assert all(r.onnx is not None and r.openvino is not None for r in RECIPES.values())
+    art, cal, _, _ = tiny_digits
+    model = onnx.load(art / "image.onnx")
+    custom = Recipe("w8-custom", "weights only, under another name", "float", onnx=OnnxWeightsOnly(),
+                    openvino=NoOpenVinoForm("a test recipe"))
+    quant, report = quantize_graph(model, custom, image_calibration(cal.pixels[:16], {"source": "builtin"}))
+    ops = [n.op_type for n in quant.graph.node]
+    assert report["recipe"] == "w8-custom" and report["int8_layers"] == 13 and "fused_int8_kernels" not in report
+    assert ops.count("DequantizeLinear") == 13 and "QuantizeLinear" not in ops
+    with pytest.raises(CalibrationError, match="recipe 'w8-custom' has no OpenVINO form \\(a test recipe\\)"):
+        custom.openvino.check(custom)
+
+
 # -------------------------------------------------------------------------------------- SmoothQuant
 
 def _smooth_images(n, seed):
