@@ -136,8 +136,13 @@ def export(model, target: str = "onnx", precision: str | None = None, out=None, 
     tgt = get_target(target)
     precision = precision or tgt.precisions[0]
     opts = ExportOptions.from_kwargs(target=target, precision=precision, **options)
-    if target != "coreml" and (opts.compress is not None or opts.min_ios != 18):
-        raise EdgeClipError("compress and min_ios apply to target='coreml' only")
+    from .target import TARGET_OPTIONS
+
+    foreign = [k for k, default in TARGET_OPTIONS.items() if k not in tgt.options and getattr(opts, k) != default]
+    if foreign:
+        readers = sorted(n for n, cls in _TARGETS.items() if set(foreign) & set(getattr(cls, "options", ())))
+        raise EdgeClipError(f"{' and '.join(foreign)} appl{'y' if len(foreign) > 1 else 'ies'} to target={' or '.join(repr(r) for r in readers)} only, "
+                            f"not '{target}'")
     if precision not in tgt.precisions:
         raise EdgeClipError(f"target '{target}' supports precisions {', '.join(tgt.precisions)}, not '{precision}'")
     if precision != "int8":

@@ -218,11 +218,15 @@ class ArtifactWriter:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def tool_versions() -> dict:
+ALL_TOOLS = ("edgeclip", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "openvino", "nncf", "coremltools")
+
+
+def tool_versions(names: tuple = ALL_TOOLS) -> dict:
+    """{package: installed version} for `names` (those installed), after the Python version."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("edgeclip", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "openvino", "nncf", "coremltools"):
+    for name in names:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -3,15 +3,14 @@ fixed validation inputs, and the comparison against the torch reference."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ValidationError
+from .tolerance import Tolerance, compare, raise_if_failed  # noqa: F401  (what targets validate with)
 from ..models.clip import ClipModel
+from ..models.inputs import reference_inputs  # noqa: F401  (targets validate on these)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: float graph, then quantized
 
@@ -96,11 +95,12 @@ class TextGraph(nn.Module):
         return self.text(input_ids).float()
 
 
-def io_spec(spec, head_classes: int = 0, trim: bool | None = None, heads=()) -> dict:
-    """Declared inputs/outputs of both graphs (names, dtypes, shapes with symbolic axes).
+def io_spec(model, head_classes: int = 0, trim: bool | None = None, heads=()) -> dict:
+    """Declared inputs/outputs of both graphs (names, dtypes, shapes with symbolic axes); the towers
+    declare their inputs.
 
     `trim`: whether the text graph takes a variable length (default: whenever the spec allows it)."""
-    s = spec.vision.image_size
+    spec = model.spec
     image_out = {"image_embeds": {"dtype": "float32", "shape": ["batch", spec.embed_dim]}}
     if head_classes:
         image_out["logits"] = {"dtype": "float32", "shape": ["batch", head_classes]}
@@ -110,11 +110,9 @@ def io_spec(spec, head_classes: int = 0, trim: bool | None = None, heads=()) -> 
         if out["mcm"]:
             image_out[out["mcm"]] = {"dtype": "float32", "shape": ["batch"]}
     trim = trim_supported(spec) if trim is None else (trim and trim_supported(spec))
-    text_len = "length" if trim else spec.text.context_length
     return {
-        "image": {"inputs": {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, s, s]}},
-                  "outputs": image_out},
-        "text": {"inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", text_len]}},
+        "image": {"inputs": model.visual.input_decl(), "outputs": image_out},
+        "text": {"inputs": model.text.input_decl(trim),
                  "outputs": {"text_embeds": {"dtype": "float32", "shape": ["batch", spec.embed_dim]}}},
     }
 
@@ -130,38 +128,14 @@ def prepare(model: ClipModel, opts, attention: str = "reference", dtype=None) ->
     `attention`: the target's preferred implementation, used unless `opts.attention` names one."""
     m = copy.deepcopy(model).eval().float()
     m.set_attention(opts.attention or attention)
-    m.set_pooled_only_last(opts.pooled_only_last)
-    if opts.pooled_only_last:
-        for blocks in (m.visual.blocks, m.text.blocks):
-            blocks[-1].attn.split_qkv()
-    if m.visual.attn_pool is not None:
-        m.visual.attn_pool.attn.split_qkv()
+    for tower in m.towers().values():
+        tower.prepare_export(opts.pooled_only_last)
     for p in m.parameters():
         p.requires_grad_(False)
     return m.to(dtype or DTYPES[opts.precision])
 
 
 # ------------------------------------------------------------------------------------- validation
-
-def reference_inputs(spec, n: int = 3, seed: int = 1234) -> dict:
-    """Fixed inputs: smooth random images (like preprocessed photos) and tokenizer-shaped ids."""
-    g = np.random.default_rng(seed)
-    s = spec.vision.image_size
-    coarse = g.normal(size=(n, 3, max(2, s // 8), max(2, s // 8))).astype(np.float32)
-    pixels = F.interpolate(torch.from_numpy(coarse), size=(s, s), mode="bilinear", align_corners=False)
-    pixels = (pixels + 0.1 * torch.from_numpy(g.normal(size=(n, 3, s, s)).astype(np.float32))).numpy()
-    t = spec.text
-    ids = np.zeros((n, t.context_length), dtype=np.int64)
-    lengths = [3, min(12, t.context_length - 2), t.context_length - 2][:n]
-    for i, length in enumerate(lengths):
-        ids[i, : length + 2] = g.integers(1, min(t.vocab_size - 3, 49405), size=length + 2)
-        if t.pool == "eot":
-            ids[i, 0] = 49406 if t.vocab_size > 49406 else ids[i, 0]
-            ids[i, length + 1] = t.eot_token_id if t.eot_token_id is not None else t.vocab_size - 1
-    if t.pool == "last":  # SigLIP: padded to full length with its pad id, end token before the padding
-        ids[ids == 0] = 1
-    return {"pixel_values": pixels.astype(np.float32), "input_ids": ids}
-
 
 def reference_outputs(model: ClipModel, inputs: dict, head: np.ndarray | None, heads=()) -> dict:
     """The float32 torch reference, computed on the caller's (unmodified) model; adapter heads by
@@ -180,35 +154,3 @@ def reference_outputs(model: ClipModel, inputs: dict, head: np.ndarray | None, h
         if names["mcm"]:
             out[names["mcm"]] = h.mcm(out["image_embeds"])
     return out
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs: float      # relative to max(1, |reference|max): features of real checkpoints can be large
-    min_cosine: float
-
-
-def compare(got: dict, ref: dict, tol: Tolerance) -> dict:
-    """Per output: max abs error, min cosine, pass/fail."""
-    report = {}
-    for name, r in ref.items():
-        g = got[name].astype(np.float64)
-        r = r.astype(np.float64)
-        err = float(np.abs(g - r).max())
-        cos = float(np.min((g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-12)))
-        bound = tol.max_abs * max(1.0, float(np.abs(r).max()))
-        report[name] = {"max_abs": err, "min_cosine": cos, "max_abs_bound": bound, "min_cosine_bound": tol.min_cosine,
-                        "ok": bool(err <= bound and cos >= tol.min_cosine)}
-    return report
-
-
-def raise_if_failed(report: dict, where: str) -> None:
-    failures = [(name, r) for name, r in report.items() if not r["ok"]]
-    if failures:
-        lines = [f"  {name}: max abs {r['max_abs']:.3g} (bound {r['max_abs_bound']:.3g}), "
-                 f"min cosine {r['min_cosine']:.6f} (bound {r['min_cosine_bound']})" for name, r in failures]
-        raise ValidationError(
-            f"{where} is outside its fidelity tolerance vs the torch reference:\n" + "\n".join(lines) +
-            "\nTry a higher precision, or export with validate=False (CLI: --no-validate) to keep it anyway",
-            failures=[{"output": n, **r} for n, r in failures],
-        )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..kernels import get_attention
 from ..specs import ModelSpec, TextSpec, VisionSpec
+from .towers import Tower, build_tower, register_tower
 
 
 class QuickGELU(nn.Module):
@@ -155,7 +156,15 @@ class PatchLinear(nn.Module):
         return x if self.bias is None else x + self.bias
 
 
-class VisionTower(nn.Module):
+def _split_last_qkv(blocks) -> None:
+    blocks[-1].attn.split_qkv()  # the pooled query alone takes its own projection
+
+
+@register_tower("vit", "vision")
+class VisionTower(Tower):
+    """ViT image tower: patch embedding, class token, pre-norm transformer blocks, class-token or
+    attention-pool (SigLIP) pooling, projection."""
+
     def __init__(self, spec: VisionSpec, embed_dim: int):
         super().__init__()
         self.spec = spec
@@ -180,6 +189,38 @@ class VisionTower(nn.Module):
         """Run the stride-p patch convolution as a patchify reshape + one GEMM (`PatchLinear`): the
         same sums, and runtimes whose GEMMs beat their convolutions (ONNX Runtime on CPU) gain."""
         self.patch_linear = PatchLinear(self.patch_embed) if on else None
+
+    # --- the tower seam (models.towers)
+    def prepare_export(self, pooled_only_last: bool) -> None:
+        self.pooled_only_last = pooled_only_last
+        if pooled_only_last:
+            _split_last_qkv(self.blocks)
+        if self.attn_pool is not None:
+            self.attn_pool.attn.split_qkv()
+
+    def prefer_gemm(self) -> None:
+        self.set_patch_as_matmul(True)  # ORT's CPU GEMM beats its convolution for stride-p patches
+
+    def rewrite_for_ane(self) -> None:
+        from ..kernels.ane import AneBlocks
+
+        # ANE prefers the whole block in one layout to a gathered single query
+        self.pooled_only_last = False
+        self.ane_blocks = AneBlocks(self.blocks)
+        if self.attn_pool is not None:
+            self.attn_pool.attn.impl = "ane"
+
+    def quantizable(self, path: str) -> bool:
+        # the linear layers of the transformer blocks; the patch embedding, attention pool and final
+        # projection stay float (numerically sensitive, little of the compute)
+        return path.startswith("blocks.")
+
+    def attention_layout(self) -> tuple[int, int]:
+        return self.spec.layers + (1 if self.attn_pool is not None else 0), self.spec.heads
+
+    def input_decl(self, trim: bool = False) -> dict:
+        s = self.spec.image_size
+        return {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, s, s]}}
 
     def embed_patches(self, pixels):
         """(N, 3, H, W) -> (N, L, width)."""
@@ -218,7 +259,11 @@ class VisionTower(nn.Module):
         return self.proj(x) if self.proj is not None else x
 
 
-class TextTower(nn.Module):
+@register_tower("transformer", "text")
+class TextTower(Tower):
+    """Transformer text tower: token and position embeddings, causal (CLIP) or bidirectional
+    (SigLIP) blocks, end-token or last-position pooling, projection."""
+
     def __init__(self, spec: TextSpec, embed_dim: int):
         super().__init__()
         self.spec = spec
@@ -271,6 +316,28 @@ class TextTower(nn.Module):
             return self._pool(x, index)
         return self.proj(x) if self.proj is not None else x
 
+    # --- the tower seam (models.towers)
+    def prepare_export(self, pooled_only_last: bool) -> None:
+        self.pooled_only_last = pooled_only_last
+        if pooled_only_last:
+            _split_last_qkv(self.blocks)
+
+    def rewrite_for_ane(self) -> None:
+        from ..kernels.ane import AneBlocks
+
+        self.pooled_only_last = False
+        self.ane_blocks = AneBlocks(self.blocks, causal=self.spec.causal)
+
+    def quantizable(self, path: str) -> bool:
+        return path.startswith("blocks.")
+
+    def attention_layout(self) -> tuple[int, int]:
+        return self.spec.layers, self.spec.heads
+
+    def input_decl(self, trim: bool = False) -> dict:
+        length = "length" if trim else self.spec.context_length
+        return {"input_ids": {"dtype": "int64", "shape": ["batch", length]}}
+
     def _pool(self, x, index):
         x = _take(self.ln_final(x), index)[:, 0]
         return self.proj(x) if self.proj is not None else x
@@ -282,8 +349,8 @@ class ClipModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.visual = VisionTower(spec.vision, spec.embed_dim)
-        self.text = TextTower(spec.text, spec.embed_dim)
+        self.visual = build_tower("vision", spec.vision, spec.embed_dim)
+        self.text = build_tower("text", spec.text, spec.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(spec.logit_scale)))
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(spec.logit_bias))) if spec.logit_bias is not None else None
@@ -310,6 +377,16 @@ class ClipModel(nn.Module):
                 m.impl = name
         return self
 
+    def towers(self) -> dict:
+        """{module path: tower}: the image and text towers, as the export graphs name them."""
+        return {"visual": self.visual, "text": self.text}
+
+    def quantizable(self, path: str) -> bool:
+        """Whether INT8 may quantize the linear layer at `path` ("visual.blocks.3.mlp.fc1"): the tower decides."""
+        first, _, rest = path.partition(".")
+        tower = self.towers().get(first)
+        return tower is not None and tower.quantizable(rest)
+
     def set_pooled_only_last(self, enabled: bool = True) -> "ClipModel":
         self.visual.pooled_only_last = enabled
         self.text.pooled_only_last = enabled
@@ -335,9 +412,10 @@ class ClipModel(nn.Module):
                     normal_(m.bias, 0.02)
             elif isinstance(m, nn.Embedding):
                 normal_(m.weight, 0.02)
-        for p in (self.visual.class_embedding, self.visual.pos_embed, self.text.pos_embed):
+        # embeddings and probes that are bare parameters (a tower without them has none to draw)
+        pool = getattr(self.visual, "attn_pool", None)
+        for p in (getattr(self.visual, "class_embedding", None), getattr(self.visual, "pos_embed", None),
+                  getattr(self.text, "pos_embed", None), getattr(pool, "probe", None)):
             if p is not None:
                 normal_(p, 0.02)
-        if self.visual.attn_pool is not None:
-            normal_(self.visual.attn_pool.probe, 0.02)
         return self

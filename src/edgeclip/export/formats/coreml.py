@@ -30,17 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..._lazy import require
 from ...errors import EdgeClipError
-from ...heads.zero_shot import check_templates, parse_labels, resolve_templates
 from .. import register_target
-from ..artifact import Artifact, ArtifactWriter, tool_versions
-from ..graphs import ImageGraph, TextGraph, Tolerance, compare, prepare, raise_if_failed, reference_inputs
-from ...heads.base import resolve as resolve_heads
-from ..graphs import reference_outputs
-from .onnx import default_templates, head_manifest, heads_manifest, write_tokenizer, zero_shot_head
+from ..tolerance import Tolerance, compare
+from ..target import ExportJob, Target
 
 log = logging.getLogger(__name__)
 
@@ -61,50 +56,65 @@ def compressions_help() -> str:
 
 
 @register_target("coreml")
-class CoreMLTarget:
+class CoreMLTarget(Target):
     precisions = ("fp16", "fp32")
     tolerances = {"fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
                   "fp16": Tolerance(max_abs=1e-2, min_cosine=0.999)}
     backend = "coreml"
+    graph_ext = ".mlpackage"
+    options = ("min_ios", "compress")
+    tools = ("torch", "coremltools")
 
-    def export(self, model, spec, opts, out) -> Artifact:
-        ct = require("coremltools", "the Core ML target")
+    def check_options(self, opts) -> None:
+        require("coremltools", "the Core ML target")
         _check_options(opts)
-        labels = parse_labels(opts.labels) if opts.labels else []
-        templates = resolve_templates(opts.templates, default_templates(spec)) if labels else []
-        head = zero_shot_head(model, spec, labels, templates) if labels else None
-        heads = resolve_heads(opts.heads, spec.embed_dim, spec.name)
-        fused = opts.min_ios >= 18
-        modules, examples, inputs = _graph_modules(model, spec, opts, head, heads, fused)
-        ref = reference_outputs(model, inputs, head, heads) if opts.validate else {}
+
+    def trims(self, opts, spec) -> bool:
+        return False  # Core ML graphs take a fixed shape: the text is never trimmed
+
+    def describe(self, opts) -> str:
+        return opts.precision + (f"/{opts.compress}" if opts.compress else "")
+
+    def text_manifest(self, job: ExportJob) -> dict:
+        n = job.spec.text.context_length
+        return {**super().text_manifest(job), "length": f"fixed {n} (pad with the tokenizer's padding)"}
+
+    def write_graphs(self, job: ExportJob, w) -> tuple[dict, dict]:
+        from ..graphs import reference_outputs
+
+        opts, fused = job.opts, job.opts.min_ios >= 18
+        modules, examples, inputs = _graph_modules(job, fused)
+        ref = reference_outputs(job.model, inputs, job.head, job.heads) if opts.validate else {}
         report = _report_header(opts, fused)
-        job = _Job(ct, spec, opts, fused, inputs, ref, self.tolerances[opts.precision])
-        with ArtifactWriter(out, overwrite=opts.overwrite) as w:
-            graphs, fidelity = {}, {}
-            for name, module in modules.items():
-                ml, report["graphs"][name] = _export_graph(job, w, name, module, examples[name])
-                graphs[name] = {"file": f"{name}.mlpackage", **_io(ml)}
-                if opts.validate:
-                    fidelity.update(_fidelity(job, name, module, ml))
-            _finish_report(job, report, w.staging, graphs)
+        cj = _Job(require("coremltools", "the Core ML target"), job.spec, opts, fused, inputs, ref,
+                  self.tolerances[opts.precision])
+        graphs, fidelity = {}, {}
+        for name, module in modules.items():
+            ml, report["graphs"][name] = _export_graph(cj, w, name, module, examples[name])
+            graphs[name] = {"file": f"{name}.mlpackage", **_io(ml)}
             if opts.validate:
-                raise_if_failed(fidelity, f"the coreml {opts.precision}{'/' + opts.compress if opts.compress else ''} "
-                                          f"export of '{spec.name}'")
-            tokenizer = write_tokenizer(spec, w)
-            manifest = {
-                "target": "coreml", "precision": opts.precision, "backend": "coreml",
-                **_model_manifest(model, spec, tokenizer),
-                "graphs": graphs,
-                "head": head_manifest(spec, labels, templates) if labels else None,
-                "heads": heads_manifest(heads, fidelity, None),
-                **_logit_manifest(model),
-                "options": {k: str(v) if isinstance(v, Path) else v
-                            for k, v in vars(opts).items() if k not in ("labels", "heads")},
-                "fidelity": fidelity,
-                "coreml": report,
-                "tools": tool_versions(),
-            }
-            return w.finish(manifest)
+                fidelity.update(_fidelity(cj, name, module, ml))
+        _finish_report(cj, report, w.staging, graphs)
+        job.extra["coreml"] = report
+        return graphs, fidelity
+
+    @classmethod
+    def inspect_lines(cls, manifest: dict) -> list[str]:
+        c = manifest.get("coreml")
+        if not c:
+            return []
+        lines = [f"coreml     {c['minimum_deployment_target']}, {c['compute_precision']}, attention: {c['attention']}"]
+        if c.get("compression"):
+            lines.append(f"compress   {c['compression']['recipe']}: {c['compression']['ratio_vs_fp16']:.2f}x of FP16 ("
+                         + ", ".join(f"{g} {_mb(f['size']['fp16_bytes'])} -> {_mb(f['size']['bytes'])}"
+                                     for g, f in c["graphs"].items()) + ")")
+        lines.append(f"checked    {c['validations']['numerical']}; {c['validations']['structural']}; "
+                     f"predict: {c['validations']['predict']}")
+        return lines
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 @dataclass(frozen=True)
@@ -132,15 +142,18 @@ def _check_options(opts) -> None:
         raise EdgeClipError("Core ML weight compression applies to fp16 models (--precision fp16)")
 
 
-def _graph_modules(model, spec, opts, head, heads, fused: bool):
+def _graph_modules(job: ExportJob, fused: bool):
     """(torch modules to convert, their batch-1 examples, the reference inputs), on a rewritten copy."""
-    m = prepare(model, opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
-    if not fused:
-        from ...kernels.ane import rewrite_for_ane
+    import torch
 
-        rewrite_for_ane(m)
-    inputs = reference_inputs(spec)
-    modules = {"image": ImageGraph(m, head, heads=heads).eval(), "text": TextGraph(m).eval()}
+    from ..graphs import ImageGraph, TextGraph, prepare, reference_inputs
+
+    m = prepare(job.model, job.opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
+    if not fused:
+        for tower in m.towers().values():
+            tower.rewrite_for_ane()
+    inputs = reference_inputs(job.spec)
+    modules = {"image": ImageGraph(m, job.head, heads=job.heads).eval(), "text": TextGraph(m).eval()}
     examples = {"image": torch.from_numpy(inputs["pixel_values"][:1]),
                 "text": torch.from_numpy(inputs["input_ids"][:1])}
     return modules, examples, inputs
@@ -164,8 +177,8 @@ def _export_graph(job: _Job, w, name: str, module, example):
         ml = compress_weights(job.ct, ml, compress, job.opts.min_ios)
     ml.save(str(w.path(f"{name}.mlpackage")))
     nbytes = _dir_bytes(w.path(f"{name}.mlpackage"))
-    facts = structure(ml, fused=job.fused, fp16=precision == "fp16", compress=compress,
-                      layers=_attention_layers(job.spec, name), heads=_heads(job.spec, name),
+    layers, heads = (module.visual if name == "image" else module.text).attention_layout()
+    facts = structure(ml, fused=job.fused, fp16=precision == "fp16", compress=compress, layers=layers, heads=heads,
                       other_softmax=len(module.mcm) if name == "image" else 0)
     if compress:
         facts["size"] = {"fp16_bytes": fp16_bytes, "bytes": nbytes, "ratio": nbytes / fp16_bytes}
@@ -205,28 +218,12 @@ def _numerical_note(opts) -> str:
             + ", vs the float32 reference")
 
 
-def _model_manifest(model, spec, tokenizer) -> dict:
-    return {
-        "model": {"name": spec.name, "family": spec.family, "embed_dim": spec.embed_dim,
-                  "spec": spec.to_dict(), "source": getattr(model, "source", None)},
-        "preprocess": spec.preprocess_config(),
-        "tokenizer": tokenizer,
-        # Core ML graphs take a fixed shape: the text is never trimmed
-        "text": {"trim": False, "pool": spec.text.pool, "eot_token_id": spec.text.eot_token_id,
-                 "context_length": spec.text.context_length,
-                 "length": f"fixed {spec.text.context_length} (pad with the tokenizer's padding)"},
-    }
-
-
-def _logit_manifest(model) -> dict:
-    return {"logit_scale": float(model.logit_scale.detach().exp()),
-            "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None}
-
-
 # ----------------------------------------------------------------------------------- conversion
 
 def convert(ct, module, example, name: str, ios: int, precision: str):
     """torch.export -> coremltools ML Program, batch 1, our input/output names."""
+    import torch
+
     outputs = module.output_names if name == "image" else ["text_embeds"]
     if name == "image":
         inputs = [ct.TensorType(name="pixel_values", shape=tuple(example.shape), dtype=np.float32)]
@@ -296,16 +293,6 @@ def _io(ml) -> dict:
     return {"inputs": {f.name: feature(f) for f in desc.input}, "outputs": {f.name: feature(f) for f in desc.output}}
 
 
-def _attention_layers(spec, name: str) -> int:
-    if name == "image":
-        return spec.vision.layers + (1 if spec.vision.pool == "map" else 0)
-    return spec.text.layers
-
-
-def _heads(spec, name: str) -> int:
-    return spec.vision.heads if name == "image" else spec.text.heads
-
-
 # ------------------------------------------------------------------------------------ checks
 
 def program_ops(ml):
@@ -372,6 +359,8 @@ def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int,
 def _simulate(module, name: str, inputs: dict, precision: str, compressed_ml=None) -> dict:
     """What the converted graph computes, simulated in torch: the rewritten module in float16 (FP16),
     or in float32 with the weights decompressed from the compressed program."""
+    import torch
+
     m = copy.deepcopy(module)
     if compressed_ml is not None:
         loaded = load_decompressed(m, compressed_ml)
@@ -393,6 +382,8 @@ def _simulate(module, name: str, inputs: dict, precision: str, compressed_ml=Non
 
 def load_decompressed(module, ml) -> int:
     """Put the compressed program's weights, decompressed, into the torch module; returns how many."""
+    import torch
+
     by_name = {"p_" + k.replace(".", "_"): k for k, _ in module.named_parameters()}
     params = dict(module.named_parameters())
     n = 0

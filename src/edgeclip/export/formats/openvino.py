@@ -15,41 +15,48 @@ import logging
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..._lazy import require
-from ...calibration.recipes import get_recipe
 from ...runtime.backends.openvino import Backend as OvBackend
 from ...runtime.backends.openvino import precision_name
 from .. import register_target
-from ..graphs import reference_inputs
-from .onnx import OnnxTarget
+from ..target import ExportJob
+from .onnx import OnnxFamilyTarget
 
 log = logging.getLogger(__name__)
 
 
 @register_target("openvino")
-class OpenVinoTarget(OnnxTarget):
+class OpenVinoTarget(OnnxFamilyTarget):
+    """The ONNX family's steps (graphs, calibration, validation) with OpenVINO's converter, NNCF
+    quantizer and runtime in place of the ONNX exporter, ORT fusions and ONNX Runtime."""
+
     precisions = ("fp32", "fp16", "int8")
     graph_ext = ".xml"
     backend = "openvino"
+    tools = ("torch", "openvino", "nncf")
     attention = "sdpa"     # kept whole by convert_model; fused by the CPU plugin
-    trace_dtype = {"fp32": torch.float32, "fp16": torch.float32, "int8": torch.float32}
 
-    def export(self, model, spec, opts, out):
+    def trace_dtype(self, precision: str):
+        import torch
+
+        return torch.float32  # FP16 is stored compressed by save_model; INT8 quantized by NNCF
+
+    def check_options(self, opts) -> None:
         require("openvino", "the OpenVINO target")
-        return super().export(model, spec, opts, out)
 
-    def graph_config(self, graphs: dict) -> None:
+    def rewrite(self, m) -> None:
+        """OpenVINO's CPU plugin runs the patch convolution well: no rewrite."""
+
+    def graph_config(self, job: ExportJob, graphs: dict) -> None:
         for info in graphs.values():
             info["weights"] = info["file"][: -len(".xml")] + ".bin"
 
     def open_graph(self, path: Path, info: dict):
         return OvBackend(path, inference_precision="f32")
 
-    def manifest_extra(self) -> dict:
+    def manifest_extra(self, job: ExportJob) -> dict:
         ov, _ = _core()
-        return {"openvino": {
+        return {**super().manifest_extra(job), "openvino": {
             "version": ov.__version__,
             "validated_inference_precision": "f32",
             "default_inference_precision_here": default_precision(),
@@ -57,21 +64,28 @@ class OpenVinoTarget(OnnxTarget):
                     "precision is set; Pipeline.load(..., inference_precision='f32') forces float32",
         }}
 
-    def build_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool, path: Path) -> None:
+    @classmethod
+    def inspect_lines(cls, manifest: dict) -> list[str]:
+        o = manifest.get("openvino") or {}
+        lines = [f"openvino   {o['version']}; validated with inference precision {o['validated_inference_precision']}; "
+                 f"default on the export machine: {o['default_inference_precision_here']} "
+                 "(force with --inference-precision f32)"] if o else []
+        return lines + super().inspect_lines(manifest)
+
+    def build_graph(self, job: ExportJob, module, name, decl, w, dynamic_length: bool, path: Path) -> None:
         ov, _ = _core()
-        converted, layers = to_openvino(module.eval(), name, decl, spec, dynamic_length)
-        self.fusions[name] = {"attention": sum(op.get_type_name() == "ScaledDotProductAttention"
-                                               for op in converted.get_ordered_ops())}
+        opts = job.opts
+        converted, layers = to_openvino(module.eval(), name, decl, job.spec, dynamic_length, job.quantizable)
+        job.fusions[name] = {"attention": sum(op.get_type_name() == "ScaledDotProductAttention"
+                                              for op in converted.get_ordered_ops())}
         if opts.precision == "int8":
             from ...calibration.openvino import quantize_ir
+            from ...calibration.recipes import get_recipe
 
-            converted, self.quantization[name] = quantize_ir(
-                converted, get_recipe(opts.recipe), self.calibration[name], layers, observer=opts.observer,
+            converted, job.quantization[name] = quantize_ir(
+                converted, get_recipe(opts.recipe), job.calibration[name], layers, observer=opts.observer,
                 alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop)
-        ov.save_model(converted, str(w.path(f"{name}.xml")), compress_to_fp16=opts.precision == "fp16")
-
-    def write_graph(self, module, name, decl, spec, w, opts, dynamic_length: bool) -> None:
-        self.build_graph(module, name, decl, spec, w, opts, dynamic_length, w.path(f"{name}.xml"))
+        ov.save_model(converted, str(path), compress_to_fp16=opts.precision == "fp16")
 
 
 def _core():
@@ -87,9 +101,13 @@ def default_precision(device: str = "CPU") -> str:
     return precision_name(core.get_property(device, "INFERENCE_PRECISION_HINT"))
 
 
-def to_openvino(module, name, decl, spec, dynamic_length: bool):
+def to_openvino(module, name, decl, spec, dynamic_length: bool, quantizable=None):
     """(ov.Model with our input/output names and shapes, {MatMul friendly name: module path} for the
-    linear layers inside transformer blocks)."""
+    linear layers INT8 may quantize: `quantizable(path)`, default the transformer blocks')."""
+    import torch
+
+    from ...models.inputs import reference_inputs
+
     ov, _ = _core()
     example = reference_inputs(spec, n=2, seed=7)
     auto = torch.export.Dim.AUTO
@@ -112,11 +130,12 @@ def to_openvino(module, name, decl, spec, dynamic_length: bool):
         model.reshape({input_name: ov.PartialShape([-1, 3, s, s])})
     else:
         model.reshape({input_name: ov.PartialShape([-1, -1 if dynamic_length else spec.text.context_length])})
-    return model, block_linears(model, program)
+    return model, block_linears(model, program, quantizable)
 
 
-def block_linears(model, program) -> dict:
-    """MatMuls with constant weights inside the transformer blocks, mapped to their module paths.
+def block_linears(model, program, quantizable=None) -> dict:
+    """MatMuls with constant weights that `quantizable(module path)` accepts (default: inside the
+    transformer blocks), mapped to their module paths. Adapter heads stay float on OpenVINO.
 
     OpenVINO names a converted op after the torch.export node ("linear_3/aten.linear.default/MatMul");
     the node's `nn_module_stack` says which module it came from."""
@@ -132,6 +151,6 @@ def block_linears(model, program) -> dict:
         if op.get_type_name() != "MatMul" or weight_source(op) is None:
             continue
         path = paths.get(op.get_friendly_name().split("/")[0], "")
-        if ".blocks." in f".{path}":
+        if not path.startswith("heads.") and (quantizable(path) if quantizable else ".blocks." in f".{path}"):
             out[op.get_friendly_name()] = path
     return out

@@ -1,0 +1,40 @@
+"""What a model is fed: its tokenizer (from the spec) and the fixed synthetic inputs that exports
+validate on and that INT8 falls back to when a recipe needs no calibration data."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TokenizerError
+from ..runtime.tokenizer import load_tokenizer
+
+
+def model_tokenizer(spec):
+    """The tokenizer a spec names (CLIP's BPE, or the folder's tokenizer.json for HF models)."""
+    cfg = spec.tokenizer_config()
+    if cfg["kind"] == "hf" and not cfg.get("path"):
+        raise TokenizerError(f"model '{spec.name}' has no tokenizer.json (a random or spec-only SigLIP model); "
+                             "load it from a folder with tokenizer.json to embed text")
+    return load_tokenizer(cfg["kind"], cfg["context_length"], cfg.get("path"))
+
+
+def reference_inputs(spec, n: int = 3, seed: int = 1234) -> dict:
+    """Fixed inputs: smooth random images (like preprocessed photos) and tokenizer-shaped ids."""
+    import torch
+    import torch.nn.functional as F
+
+    g = np.random.default_rng(seed)
+    s = spec.vision.image_size
+    coarse = g.normal(size=(n, 3, max(2, s // 8), max(2, s // 8))).astype(np.float32)
+    pixels = F.interpolate(torch.from_numpy(coarse), size=(s, s), mode="bilinear", align_corners=False)
+    pixels = (pixels + 0.1 * torch.from_numpy(g.normal(size=(n, 3, s, s)).astype(np.float32))).numpy()
+    t = spec.text
+    ids = np.zeros((n, t.context_length), dtype=np.int64)
+    lengths = [3, min(12, t.context_length - 2), t.context_length - 2][:n]
+    for i, length in enumerate(lengths):
+        ids[i, : length + 2] = g.integers(1, min(t.vocab_size - 3, 49405), size=length + 2)
+        if t.pool == "eot":
+            ids[i, 0] = 49406 if t.vocab_size > 49406 else ids[i, 0]
+            ids[i, length + 1] = t.eot_token_id if t.eot_token_id is not None else t.vocab_size - 1
+    if t.pool == "last":  # SigLIP: padded to full length with its pad id, end token before the padding
+        ids[ids == 0] = 1
+    return {"pixel_values": pixels.astype(np.float32), "input_ids": ids}

@@ -1,0 +1,77 @@
+"""The tower seam: an image or text tower is a registered class named by its spec's `kind`.
+
+A spec's `vision.kind` ("vit", ...) and `text.kind` ("transformer", ...) pick the class that builds
+the tower. Besides `forward`, a tower answers what the export targets need to know and applies the
+rewrites they ask for, so no target reaches into one architecture's modules:
+
+- `prepare_export(pooled_only_last)`: the exact rewrites every export copy gets;
+- `prefer_gemm()`: runtimes whose GEMM beats their convolution (ONNX Runtime on CPU);
+- `rewrite_for_ane()`: Apple's Neural Engine layout (Core ML before iOS 18);
+- `quantizable(path)`: which linear layers INT8 may quantize (module path inside the tower);
+- `attention_layout()`: (attention ops, heads each), which Core ML's structural check counts;
+- `input_decl()`: the graph input's name, dtype and shape.
+
+A new tower kind is one module defining a `Tower` subclass decorated with `register_tower`.
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch.nn as nn
+
+from ..errors import EdgeClipError, SpecError
+
+ROLES = ("vision", "text")
+_TOWERS: dict[tuple[str, str], type] = {}
+
+
+class Tower(nn.Module):
+    """Base of image and text towers: the hooks the export path calls (defaults: nothing to do)."""
+
+    kind: ClassVar[str] = ""
+    role: ClassVar[str] = ""
+
+    def prepare_export(self, pooled_only_last: bool) -> None:
+        """Exact rewrites for an export copy (in place)."""
+
+    def prefer_gemm(self) -> None:
+        """Run convolutions that are GEMMs in disguise as GEMMs (same sums), where the tower has any."""
+
+    def rewrite_for_ane(self) -> None:
+        raise EdgeClipError(f"the {self.kind} {self.role} tower has no Neural Engine layout; export Core ML "
+                            "with --min-ios 18 (fused attention) instead")
+
+    def quantizable(self, path: str) -> bool:
+        """Whether INT8 may quantize the linear layer at module path `path` (inside this tower)."""
+        return False
+
+    def attention_layout(self) -> tuple[int, int]:
+        """(attention ops in the traced graph, heads each)."""
+        return 0, 0
+
+    def input_decl(self, trim: bool = False) -> dict:
+        raise NotImplementedError
+
+
+def register_tower(kind: str, role: str) -> Callable[[type], type]:
+    """Class decorator: the tower class for specs whose `<role>.kind` is `kind`."""
+    if role not in ROLES:
+        raise EdgeClipError(f"tower role must be one of {', '.join(ROLES)}, got {role!r}")
+
+    def deco(cls: type) -> type:
+        cls.kind, cls.role = kind, role
+        _TOWERS[(role, kind)] = cls
+        return cls
+
+    return deco
+
+
+def tower_kinds(role: str) -> list[str]:
+    return sorted(k for r, k in _TOWERS if r == role)
+
+
+def build_tower(role: str, spec, embed_dim: int) -> Tower:
+    cls = _TOWERS.get((role, spec.kind))
+    if cls is None:
+        raise SpecError(f"unknown {role} tower kind {spec.kind!r}; known: {', '.join(tower_kinds(role))}")
+    return cls(spec, embed_dim)
