@@ -68,7 +68,7 @@ def _key(spec: dict) -> str:
     """The cache key of a spec: the export's arguments with the defaults filled in."""
     if "cli" in spec:
         return json.dumps({"cli": [str(a) for a in spec["cli"]]})
-    from edgeclip.export import get_target
+    from edgeclip.exporter import get_target
 
     opts = {k: v for k, v in spec.items() if k not in ("model", "target", "precision")}
     target = spec.get("target", "onnx")
@@ -122,7 +122,7 @@ class SharedExports:
 
     def get(self, spec: dict):
         """The artifact of `spec` as `edgeclip.export` returns it (folder and manifest)."""
-        from edgeclip.export.artifact import Artifact
+        from edgeclip.exporter.artifact import Artifact
 
         return Artifact.open(self.path(spec), verify=False)
 

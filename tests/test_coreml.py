@@ -18,7 +18,7 @@ ct = pytest.importorskip("coremltools")
 import edgeclip  # noqa: E402
 from edgeclip import builtin  # noqa: E402
 from edgeclip.errors import ArtifactError, EdgeClipError  # noqa: E402
-from edgeclip.export.graphs import reference_inputs  # noqa: E402
+from edgeclip.exporter.graphs import reference_inputs  # noqa: E402
 from edgeclip.kernels.ane import rewrite_for_ane  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 from edgeclip.specs import get_spec  # noqa: E402

@@ -25,7 +25,7 @@ pytest.importorskip("onnxruntime")
 
 import edgeclip  # noqa: E402
 from edgeclip.errors import ValidationError  # noqa: E402
-from edgeclip.export.graphs import Tolerance  # noqa: E402
+from edgeclip.exporter.graphs import Tolerance  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline, trim  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 from hf_layouts import clip_ids  # noqa: E402
@@ -345,7 +345,7 @@ def test_ort_mobile_writes_ort_files_only(exports):
 # ---------------------------------------------------------------------------------- validation
 
 def test_validation_failure_names_every_output_and_writes_nothing(exports, tmp_path, monkeypatch):
-    from edgeclip.export.formats.onnx import OnnxTarget
+    from edgeclip.exporter.formats.onnx import OnnxTarget
 
     model = exports.model("tiny")
     # Impossible bounds (cosine can't reach 1.5): every output fails. The error path is under test.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "edgeclip"
 RANK = {"errors": 0, "_lazy": 0, "_files": 0, "specs": 1, "builtin": 1, "runtime": 2, "models": 3, "kernels": 3,
-        "onnxgraph": 3, "calibration": 4, "heads": 5, "export": 5, "__init__": 6, "bench": 7, "cli": 8, "__main__": 9}
-RUNTIME_MAY_NOT = {"export", "heads", "calibration", "bench", "models", "cli"}
+        "onnxgraph": 3, "calibration": 4, "heads": 5, "exporter": 5, "__init__": 6, "bench": 7, "cli": 8, "__main__": 9}
+RUNTIME_MAY_NOT = {"exporter", "heads", "calibration", "bench", "models", "cli"}
 
 
 def _modname(path: Path) -> str:

@@ -18,7 +18,7 @@ pytest.importorskip("nncf")
 import edgeclip  # noqa: E402
 from edgeclip import builtin  # noqa: E402
 from edgeclip.errors import ArtifactError, CalibrationError, ChecksumError, EdgeClipError  # noqa: E402
-from edgeclip.export.graphs import reference_inputs  # noqa: E402
+from edgeclip.exporter.graphs import reference_inputs  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 from synthetic import calibration_data, outlier_tiny  # noqa: E402

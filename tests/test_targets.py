@@ -18,7 +18,7 @@ from edgeclip.errors import EdgeClipError  # noqa: E402
 
 def test_a_target_from_one_module_exports_through_the_cli(tmp_path, capsys):
     import toy_target  # noqa: F401  (registers "toy-plain-onnx")
-    from edgeclip.export import targets
+    from edgeclip.exporter import targets
     from edgeclip.runtime import Pipeline
 
     assert "toy-plain-onnx" in targets()
@@ -36,7 +36,7 @@ def test_a_target_from_one_module_exports_through_the_cli(tmp_path, capsys):
 
 
 def test_a_target_the_runtime_cannot_run_is_refused_at_registration():
-    from edgeclip.export import register_target
+    from edgeclip.exporter import register_target
 
     with pytest.raises(EdgeClipError, match="needs backend="):
         register_target("no-backend-target")(type("T", (), {}))

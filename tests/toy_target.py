@@ -2,8 +2,8 @@
 graphs without fused kernels, run by the ort backend. Importing this module registers it."""
 from __future__ import annotations
 
-from edgeclip.export import register_target
-from edgeclip.export.formats.onnx import OnnxTarget
+from edgeclip.exporter import register_target
+from edgeclip.exporter.formats.onnx import OnnxTarget
 
 
 @register_target("toy-plain-onnx", backend="ort", suffixes=(".onnx",))

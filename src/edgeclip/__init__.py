@@ -19,6 +19,9 @@ def load_model(uri: str, **kwargs):
     return _load(uri, **kwargs)
 
 
+def export(model, target: str = "onnx", precision: str | None = None, out=None, **options):
+    """Export `model` (a ClipModel or a model URI) to a verified artifact folder `out` for `target`
+    (see `edgeclip.exporter.targets()`); returns the Artifact. Options: `edgeclip.exporter.ExportOptions`."""
+    from .exporter import export as _export
 
-# `edgeclip.export(...)` exports; `edgeclip.export` is also the package of targets (a callable module).
-from . import export  # noqa: E402,F401
+    return _export(model, target=target, precision=precision, out=out, **options)

@@ -67,3 +67,8 @@ def read_regular(path, error, what: str, max_bytes: int, *, follow_links: bool =
     if len(data) > max_bytes:
         _check_size(len(data), max_bytes, size_error or error, what, path)
     return data
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it: "1.2 MB", or "34.5 kB" under 0.1 MB."""
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from ._files import size_text as _mb
 from .errors import EdgeClipError, UsageError
 
 
@@ -80,10 +81,6 @@ def _step(msg: str, quiet: bool = False) -> float:
     return time.perf_counter()
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 # ------------------------------------------------------------------------------------------ models
 
 def cmd_models(args) -> int:
@@ -105,7 +102,7 @@ def cmd_models(args) -> int:
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    from .export import targets
+    from .exporter import targets
 
     print(f"\nExport targets: {', '.join(targets())}")
     print("Load with: builtin:tiny (trained, shipped) | random:NAME | hf:DIR | openai:FILE | "
@@ -118,7 +115,7 @@ def cmd_models(args) -> int:
 def cmd_export(args) -> int:
     import edgeclip
 
-    from .export.artifact import check_out
+    from .exporter.artifact import check_out
 
     quiet = args.json
     check_out(args.out, args.overwrite)  # a bad --out or --target fails before the model loads
@@ -153,7 +150,7 @@ def cmd_export(args) -> int:
 
 
 def _check_target(name: str) -> None:
-    from .export import get_target
+    from .exporter import get_target
 
     try:
         get_target(name)
@@ -292,23 +289,8 @@ def cmd_inspect(args) -> int:
         print(f"head       zero-shot, {len(h['labels'])} labels ({', '.join(h['labels'][:8])}"
               f"{'…' if len(h['labels']) > 8 else ''}), {len(h['templates'])} templates, {h['activation']}")
     print(f"tokenizer  {m['tokenizer']['kind']} ({m['tokenizer'].get('file')})")
-    if m.get("openvino"):
-        o = m["openvino"]
-        print(f"openvino   {o['version']}; validated with inference precision {o['validated_inference_precision']}; "
-              f"default on the export machine: {o['default_inference_precision_here']} "
-              "(force with --inference-precision f32)")
-    if m.get("coreml"):
-        c = m["coreml"]
-        print(f"coreml     {c['minimum_deployment_target']}, {c['compute_precision']}, attention: {c['attention']}")
-        if c.get("compression"):
-            print(f"compress   {c['compression']['recipe']}: {c['compression']['ratio_vs_fp16']:.2f}x of FP16 ("
-                  + ", ".join(f"{g} {_mb(f['size']['fp16_bytes'])} -> {_mb(f['size']['bytes'])}"
-                              for g, f in c["graphs"].items()) + ")")
-        print(f"checked    {c['validations']['numerical']}; {c['validations']['structural']}; "
-              f"predict: {c['validations']['predict']}")
-    if m.get("fusions"):
-        print("fusions    " + "; ".join(f"{g}: " + (", ".join(f"{k} {v}" for k, v in c.items()) or "none")
-                                        for g, c in m["fusions"].items()))
+    for line in _target_lines(m):
+        print(line)
     total = sum(v["size"] for v in m["files"].values())
     print(f"files      {len(m['files'])}, {_mb(total)}: " + ", ".join(f"{k} {_mb(v['size'])}" for k, v in m["files"].items()))
     _print_quantization(m)
@@ -317,6 +299,16 @@ def cmd_inspect(args) -> int:
     tools = m.get("tools", {})
     print("tools      " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     return 0
+
+
+def _target_lines(m: dict) -> list[str]:
+    """The lines of the artifact's target (its own manifest sections); none for a target not installed."""
+    from .exporter import get_target
+
+    try:
+        return type(get_target(m["target"])).inspect_lines(m)
+    except EdgeClipError:
+        return []
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -18,7 +18,7 @@ from edgeclip.builtin import digit_labels  # noqa: E402
 
 from .conftest import TINY_ONNX  # noqa: E402
 from edgeclip.errors import InputError, OutputPathError  # noqa: E402
-from edgeclip.export.artifact import STAGING_MARK, ArtifactWriter, check_out  # noqa: E402
+from edgeclip.exporter.artifact import STAGING_MARK, ArtifactWriter, check_out  # noqa: E402
 from edgeclip.runtime.manifest import artifact_digest, read_manifest  # noqa: E402
 
 SHARED_EXPORTS = {"art": [TINY_ONNX]}
@@ -147,7 +147,7 @@ def test_every_step_of_an_overwrite_leaves_a_complete_artifact(art, tmp_path):
 
 KILLED = r"""
 import os, sys
-from edgeclip.export.artifact import ArtifactWriter
+from edgeclip.exporter.artifact import ArtifactWriter
 w = ArtifactWriter(sys.argv[1])
 w.path("image.onnx").write_bytes(b"x" * 1_000_000)
 print(w.staging, flush=True)

@@ -57,7 +57,7 @@ def _quiet():
 def plain_export(model, graph: str, path: Path) -> None:
     """`torch.onnx.export` of one tower as a user would write it: dynamic batch, nothing else."""
     torch = require("torch", "building baselines (bench --baselines)")
-    from ..export.graphs import ImageGraph, TextGraph, reference_inputs
+    from ..exporter.graphs import ImageGraph, TextGraph, reference_inputs
 
     m = copy.deepcopy(model).eval()
     example = reference_inputs(model.spec, n=2, seed=7)

@@ -183,7 +183,7 @@ def image_calibration(pixels: np.ndarray, info: dict, batch: int = 8, holdout: f
 
 def text_calibration(ids: np.ndarray, eot_token_id, trim: bool, info: dict, batch: int = 16,
                      holdout: float = 0.2, seed: int = 0) -> CalibrationSet:
-    from ..runtime.pipeline import trim as trim_ids
+    from ..runtime.tokenizer import trim as trim_ids
     from .data import _split
 
     calib, held = _split(ids, holdout, seed)

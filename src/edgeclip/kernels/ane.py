@@ -131,11 +131,8 @@ class AneBlocks(nn.Module):
 
 
 def rewrite_for_ane(model):
-    """Run both towers' blocks as AneBlocks (in place; use on an export copy). The pooled-only last
-    block is turned off: ANE prefers the whole block in one layout to a gathered single query."""
-    model.set_pooled_only_last(False)
-    model.visual.ane_blocks = AneBlocks(model.visual.blocks)
-    model.text.ane_blocks = AneBlocks(model.text.blocks, causal=model.text.spec.causal)
-    if model.visual.attn_pool is not None:
-        model.visual.attn_pool.attn.impl = "ane"
+    """Run both towers in the ANE layout (in place; use on an export copy): each tower applies its own
+    rewrite (`Tower.rewrite_for_ane`; the transformer towers swap their blocks for AneBlocks)."""
+    for tower in model.towers().values():
+        tower.rewrite_for_ane()
     return model

@@ -1,7 +1,7 @@
 """Which backend runs which target's artifacts, and the library extra each backend needs. stdlib only.
 
 The runtime must open an artifact with no export code installed, so the built-in targets are data
-here; a target registered later (`edgeclip.export.register_target(name, backend=..., suffixes=...)`)
+here; a target registered later (`edgeclip.exporter.register_target(name, backend=..., suffixes=...)`)
 adds its row. A new backend is one module in `runtime/backends/` plus one `register_backend` call.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 An export is always the same steps: parse labels and templates, compute the zero-shot class
 embeddings and resolve the adapter heads, write the image and text graphs, validate them against
 the float32 torch reference, copy the tokenizer, write the manifest. A target (one class in
-`export/formats/`) declares its facts (precisions, tolerances, backend, graph suffix, the
+`exporter/formats/`) declares its facts (precisions, tolerances, backend, graph suffix, the
 target-only options it reads, the tools whose versions its manifest records) and implements one
 step, `write_graphs`; the hooks below cover what differs in the manifest and in `edgeclip inspect`.
 

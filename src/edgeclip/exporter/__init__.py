@@ -2,14 +2,13 @@
 
     art = edgeclip.export(model, target="onnx", precision="fp32", labels=["cat", "dog"], out="cat-dog")
 
-Targets are small registered classes (`export/formats/<name>.py`, discovered); `targets()` lists them.
+`edgeclip.export` is this package's `export`. Targets are registered classes (`exporter/formats/<name>.py`,
+discovered; the steps they share are `exporter.target.Target`); `targets()` lists them.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
-import types
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -37,7 +36,7 @@ def register_target(name: str, backend: str | None = None, suffixes: tuple | Non
 
 
 def _discover() -> None:
-    """Import every module of `export/formats/`, one per target family: each registers its targets
+    """Import every module of `exporter/formats/`, one per target family: each registers its targets
     (adding a target is one file there, or one anywhere that calls `register_target`)."""
     from . import formats
 
@@ -150,13 +149,3 @@ def export(model, target: str = "onnx", precision: str | None = None, out=None, 
         if given:
             raise EdgeClipError(f"{', '.join(given)} only apply to precision='int8' (got '{precision}')")
     return tgt.export(model, model.spec, opts, out)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `edgeclip.export(model, ...)` call `export` while `edgeclip.export` stays a package."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..._files import size_text as _mb
 from ..._lazy import require
 from ...errors import EdgeClipError
 from .. import register_target
@@ -113,10 +114,6 @@ class CoreMLTarget(Target):
         return lines
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 @dataclass(frozen=True)
 class _Job:
     """What the conversion, checks and report of every graph of one export share."""
@@ -150,8 +147,9 @@ def _graph_modules(job: ExportJob, fused: bool):
 
     m = prepare(job.model, job.opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
     if not fused:
-        for tower in m.towers().values():
-            tower.rewrite_for_ane()
+        from ...kernels.ane import rewrite_for_ane
+
+        rewrite_for_ane(m)
     inputs = reference_inputs(job.spec)
     modules = {"image": ImageGraph(m, job.head, heads=job.heads).eval(), "text": TextGraph(m).eval()}
     examples = {"image": torch.from_numpy(inputs["pixel_values"][:1]),
