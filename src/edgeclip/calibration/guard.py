@@ -8,6 +8,7 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ValidationError
+from ..runtime.vectors import cosine
 from . import qdq
 
 
@@ -41,8 +42,7 @@ def cosine_drop(model, reference: np.ndarray, feeds: dict, output: str) -> float
 def min_cosine_drop(y: np.ndarray, reference: np.ndarray) -> float:
     """1 - the minimum row-wise cosine between `y` and `reference`."""
     y, r = y.astype(np.float64), reference.astype(np.float64)
-    cos = (y * r).sum(-1) / (np.linalg.norm(y, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-12)
-    return float(1.0 - cos.min())
+    return float(1.0 - cosine(y, r).min())
 
 
 def head_agreement(got: dict, ref: dict, heads) -> dict:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .tolerance import Tolerance, compare, raise_if_failed  # noqa: F401  (what targets validate with)
 from ..models.clip import ClipModel
+from ..runtime.vectors import l2_normalize
 from ..models.inputs import reference_inputs  # noqa: F401  (targets validate on these)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: float graph, then quantized
@@ -69,7 +70,7 @@ class McmScore(nn.Module):
 
         self.reuse, self.temperature = reuse, MCM_TEMPERATURE
         if not reuse:
-            t = text_weights / np.maximum(np.linalg.norm(text_weights, axis=-1, keepdims=True), 1e-12)
+            t = l2_normalize(text_weights)
             self.register_buffer("classes", torch.from_numpy(np.ascontiguousarray(t.T, dtype=np.float32)))
 
     def forward(self, feats):

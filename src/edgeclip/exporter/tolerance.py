@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ValidationError
+from ..runtime.vectors import cosine
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ def compare(got: dict, ref: dict, tol: Tolerance) -> dict:
         g = got[name].astype(np.float64)
         r = r.astype(np.float64)
         err = float(np.abs(g - r).max())
-        cos = float(np.min((g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-12)))
+        cos = float(np.min(cosine(g, r)))
         bound = tol.max_abs * max(1.0, float(np.abs(r).max()))
         report[name] = {"max_abs": err, "min_cosine": cos, "max_abs_bound": bound, "min_cosine_bound": tol.min_cosine,
                         "ok": bool(err <= bound and cos >= tol.min_cosine)}
