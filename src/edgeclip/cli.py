@@ -83,6 +83,11 @@ def _step(msg: str, quiet: bool = False) -> float:
 
 # ------------------------------------------------------------------------------------------ models
 
+def _tower_text(t, std: str) -> str:
+    """"12x768" for the standard towers; other kinds by name ("mci1", ...)."""
+    return f"{t.layers}x{t.width}" if t.kind == std else t.kind
+
+
 def cmd_models(args) -> int:
     from .specs import get_spec, list_specs
 
@@ -90,8 +95,8 @@ def cmd_models(args) -> int:
     for name in list_specs():
         s = get_spec(name)
         rows.append({"name": s.name, "family": s.family, "image_size": s.vision.image_size,
-                     "patch_size": s.vision.patch_size, "vision": f"{s.vision.layers}x{s.vision.width}",
-                     "text": f"{s.text.layers}x{s.text.width}", "context": s.text.context_length,
+                     "patch_size": s.vision.patch_size, "vision": _tower_text(s.vision, "vit"),
+                     "text": _tower_text(s.text, "transformer"), "context": s.text.context_length,
                      "embed_dim": s.embed_dim, "act": s.vision.act, "tokenizer": s.tokenizer_config()["kind"],
                      "description": s.description})
     if args.json:
@@ -275,7 +280,9 @@ def cmd_inspect(args) -> int:
     print(f"artifact   {args.artifact}   (format v{m['format_version']}, created {m.get('created')}, checksums ok)")
     print(f"digest     {digest}")
     print(f"model      {m['model']['name']} ({m['model']['family']}), embed {m['model']['embed_dim']}, "
-          f"image {s['vision']['image_size']} px / patch {s['vision']['patch_size']}, "
+          f"image {s['vision']['image_size']} px"
+          + (f" / patch {s['vision']['patch_size']}" if s["vision"].get("patch_size") else "")
+          + f" ({s['vision'].get('kind', 'vit')}), "
           f"text context {s['text']['context_length']}")
     print(f"target     {m['target']} {m['precision']}  (backend {m.get('backend')})")
     for name, g in m["graphs"].items():

@@ -220,7 +220,7 @@ def _model(v) -> dict:
     for tower, key, hi in (("vision", "image_size", MAX_IMAGE), ("vision", "patch_size", MAX_IMAGE),
                            ("text", "context_length", MAX_CONTEXT), ("text", "vocab_size", 1 << 24)):
         t = _dict(spec.get(tower, {}), f"model.spec.{tower}")
-        if key in t:
+        if t.get(key) is not None:  # towers other than the ViT have no patch size
             _int(t[key], f"model.spec.{tower}.{key}", 1, hi)
     return v
 

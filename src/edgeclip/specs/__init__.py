@@ -25,11 +25,12 @@ LOGIT_ACTIVATIONS = ("softmax", "sigmoid")
 @dataclass(frozen=True)
 class VisionSpec:
     image_size: int
-    patch_size: int
-    width: int
-    layers: int
-    heads: int
-    mlp_dim: int
+    # ViT fields ("kind": "vit"); towers of other kinds may leave them out and read `config`
+    patch_size: int | None = None
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    mlp_dim: int | None = None
     act: str = "quick_gelu"
     ln_eps: float = 1e-5
     class_token: bool = True
@@ -38,6 +39,7 @@ class VisionSpec:
     patch_bias: bool = False
     proj: bool = True          # False: features are the pooled width (SigLIP)
     kind: str = "vit"          # the image tower's class (models.towers registry)
+    config: dict = field(default_factory=dict)  # kind-specific settings, checked by the tower class
 
     @property
     def grid(self) -> int:
@@ -53,9 +55,9 @@ class TextSpec:
     context_length: int
     vocab_size: int
     width: int
-    layers: int
-    heads: int
-    mlp_dim: int
+    layers: int | None = None
+    heads: int | None = None
+    mlp_dim: int | None = None
     act: str = "quick_gelu"
     ln_eps: float = 1e-5
     causal: bool = True
@@ -64,6 +66,7 @@ class TextSpec:
     proj: bool = True
     proj_bias: bool = False
     kind: str = "transformer"  # the text tower's class (models.towers registry)
+    config: dict = field(default_factory=dict)  # kind-specific settings, checked by the tower class
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,14 @@ class ModelSpec:
     def validate(self) -> None:
         v, t = self.vision, self.text
         problems = []
-        for tower, s, pools in (("vision", v, VISION_POOLS), ("text", t, TEXT_POOLS)):
+        for tower, s, pools, std in (("vision", v, VISION_POOLS, "vit"), ("text", t, TEXT_POOLS, "transformer")):
+            if not isinstance(s.config, dict):
+                problems.append(f"{tower}.config must be an object")
+            if s.kind != std:
+                continue  # the tower class checks its own fields when it is built
+            if any(getattr(s, k) is None for k in ("width", "layers", "heads", "mlp_dim")):
+                problems.append(f"{tower}: a {std} tower needs width, layers, heads and mlp_dim")
+                continue
             if s.act not in ACTIVATIONS:
                 problems.append(f"{tower}.act={s.act!r} (known: {', '.join(ACTIVATIONS)})")
             if s.pool not in pools:
@@ -135,9 +145,9 @@ class ModelSpec:
         for tower, s in (("vision", v), ("text", t)):
             if not isinstance(s.kind, str) or not s.kind:
                 problems.append(f"{tower}.kind must name a tower class")
-        if v.image_size % v.patch_size:
+        if v.kind == "vit" and (v.patch_size is None or v.patch_size <= 0 or v.image_size % v.patch_size):
             problems.append(f"vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}")
-        if not v.proj and v.width != self.embed_dim:
+        if v.kind == "vit" and not v.proj and v.width != self.embed_dim:
             problems.append(f"vision.proj=false needs vision.width == embed_dim ({v.width} != {self.embed_dim})")
         if not t.proj and t.width != self.embed_dim:
             problems.append(f"text.proj=false needs text.width == embed_dim ({t.width} != {self.embed_dim})")
