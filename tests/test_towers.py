@@ -90,3 +90,14 @@ def test_int8_may_quantize_only_the_layers_a_tower_names():
     model = toy_model()
     assert not any(model.quantizable(f"visual.{n}") for n, _ in model.visual.named_modules())
     assert model.quantizable("text.blocks.0.mlp.fc1") and not model.quantizable("text.proj")
+
+
+def test_the_manifest_records_each_tower_and_why_a_non_causal_text_is_not_trimmed(tmp_path):
+    spec = get_spec("tiny").replace(name="tiny-bidirectional", text={"causal": False})
+    art = edgeclip.export(ClipModel(spec).init_random(seed=1), target="onnx", out=tmp_path / "a")
+    m = art.manifest
+    assert m["towers"] == {"image": {"kind": "vit"}, "text": {"kind": "transformer"}}
+    assert m["text"]["trim"] is False and "not causal" in m["text"]["trim_note"]
+    assert m["graphs"]["text"]["inputs"]["input_ids"]["shape"] == ["batch", spec.text.context_length]
+    causal = edgeclip.export(ClipModel(get_spec("tiny")).init_random(seed=1), target="onnx", out=tmp_path / "b")
+    assert causal.manifest["text"]["trim"] is True and "trim_note" not in causal.manifest["text"]

@@ -40,6 +40,7 @@ class ExportJob:
     calibration: dict | None = None                    # per graph: calibration and held-out data
     quantizable: Any = None      # (layer path) -> whether INT8 may quantize it, as the towers say
     extra: dict = field(default_factory=dict)          # target-specific manifest sections
+    towers: dict = field(default_factory=dict)         # per graph: what the tower's export rewrites did
 
 
 class Target:
@@ -81,6 +82,15 @@ class Target:
         """Write the image and text graphs into `w`: ({name: manifest graph entry}, fidelity report)."""
         raise NotImplementedError
 
+    def prepare(self, job: ExportJob, attention: str, dtype):
+        """The export copy of the model with every tower's exact rewrites applied (`exporter.graphs.prepare`);
+        records what they did for the manifest."""
+        from .graphs import prepare
+
+        m = prepare(job.model, job.opts, attention=attention, dtype=dtype)
+        job.towers = {"image": m.visual.export_report(), "text": m.text.export_report()}
+        return m
+
     # ------------------------------------------------------------------------------ hooks
     def check_options(self, opts) -> None:
         """Target-specific checks of the options, before any work."""
@@ -95,7 +105,11 @@ class Target:
 
     def text_manifest(self, job: ExportJob) -> dict:
         t = job.spec.text
-        return {"trim": job.trim, "pool": t.pool, "eot_token_id": t.eot_token_id, "context_length": t.context_length}
+        out = {"trim": job.trim, "pool": t.pool, "eot_token_id": t.eot_token_id, "context_length": t.context_length}
+        if job.opts.trim_text and not job.trim and not t.causal:
+            out["trim_note"] = ("off: the text tower is not causal, so fewer tokens would change every "
+                                "position's features; the graph takes the full context")
+        return out
 
     def manifest_extra(self, job: ExportJob) -> dict:
         return dict(job.extra)
@@ -126,6 +140,7 @@ class Target:
             "tokenizer": tokenizer,
             "text": self.text_manifest(job),
             "graphs": graphs,
+            "towers": job.towers,
             "head": head_manifest(spec, job.labels, job.templates) if job.labels else None,
             "heads": heads_manifest(job.heads, fidelity, self.head_quantization(job)),
             "logit_scale": float(model.logit_scale.detach().exp()),

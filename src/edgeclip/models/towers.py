@@ -9,7 +9,8 @@ rewrites they ask for, so no target reaches into one architecture's modules:
 - `rewrite_for_ane()`: Apple's Neural Engine layout (Core ML before iOS 18);
 - `quantizable(path)`: which linear layers INT8 may quantize (module path inside the tower);
 - `attention_layout()`: (attention ops, heads each), which Core ML's structural check counts;
-- `input_decl()`: the graph input's name, dtype and shape.
+- `input_decl()`: the graph input's name, dtype and shape;
+- `export_report()`: what the manifest records of the tower (kind, rewrites that ran).
 
 A new tower kind is one module defining a `Tower` subclass decorated with `register_tower`.
 """
@@ -51,6 +52,14 @@ class Tower(nn.Module):
 
     def input_decl(self, trim: bool = False) -> dict:
         raise NotImplementedError
+
+    def export_report(self) -> dict:
+        """What the manifest records of this tower: its kind and the rewrites that ran (a tower that
+        folds branches sets `self.reparameterized` to a dict of counts)."""
+        report = {"kind": self.kind}
+        if getattr(self, "reparameterized", None):
+            report["reparameterized"] = dict(self.reparameterized)
+        return report
 
 
 def register_tower(kind: str, role: str) -> Callable[[type], type]:

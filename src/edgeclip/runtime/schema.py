@@ -39,7 +39,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_KEYS = {"format", "format_version", "created", "target", "precision", "backend", "model", "preprocess",
             "tokenizer", "text", "graphs", "head", "heads", "logit_scale", "logit_bias", "activation", "options",
-            "fidelity", "fusions", "quantization", "tools", "files"}
+            "fidelity", "fusions", "quantization", "tools", "files", "towers"}
 ACTIVATIONS = ("softmax", "sigmoid")  # how class scores come from logits (specs' logit_activation)
 REQUIRED = ("format", "format_version", "target", "precision", "model", "preprocess", "tokenizer", "text",
             "graphs", "logit_scale", "files")
@@ -245,7 +245,7 @@ def _tokenizer_text(tok, text, files: dict) -> None:
         rel = _rel_path(tok["file"], "tokenizer.file")
         if rel not in files:
             raise _fail("tokenizer.file", f"names {rel!r}, which is not listed with a checksum in 'files'")
-    _dict(text, "text", allowed={"trim", "pool", "eot_token_id", "context_length", "length"},
+    _dict(text, "text", allowed={"trim", "pool", "eot_token_id", "context_length", "length", "trim_note"},
           required=("trim", "context_length"))
     _bool(text["trim"], "text.trim")
     _int(text["context_length"], "text.context_length", 1, MAX_CONTEXT)

@@ -84,7 +84,10 @@ class CoreMLTarget(Target):
         from ..graphs import reference_outputs
 
         opts, fused = job.opts, job.opts.min_ios >= 18
-        modules, examples, inputs = _graph_modules(job, fused)
+        import torch
+
+        m = self.prepare(job, "sdpa" if fused else "ane", torch.float32)
+        modules, examples, inputs = _graph_modules(job, m, fused)
         ref = reference_outputs(job.model, inputs, job.head, job.heads) if opts.validate else {}
         report = _report_header(opts, fused)
         cj = _Job(require("coremltools", "the Core ML target"), job.spec, opts, fused, inputs, ref,
@@ -139,13 +142,12 @@ def _check_options(opts) -> None:
         raise EdgeClipError("Core ML weight compression applies to fp16 models (--precision fp16)")
 
 
-def _graph_modules(job: ExportJob, fused: bool):
-    """(torch modules to convert, their batch-1 examples, the reference inputs), on a rewritten copy."""
+def _graph_modules(job: ExportJob, m, fused: bool):
+    """(torch modules to convert, their batch-1 examples, the reference inputs), on the export copy `m`."""
     import torch
 
-    from ..graphs import ImageGraph, TextGraph, prepare, reference_inputs
+    from ..graphs import ImageGraph, TextGraph, reference_inputs
 
-    m = prepare(job.model, job.opts, attention="sdpa" if fused else "ane", dtype=torch.float32)
     if not fused:
         from ...kernels.ane import rewrite_for_ane
 

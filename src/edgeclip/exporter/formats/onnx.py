@@ -40,11 +40,11 @@ class OnnxFamilyTarget(Target):
         return DTYPES[precision]
 
     def write_graphs(self, job: ExportJob, w) -> tuple[dict, dict]:
-        from ..graphs import ImageGraph, TextGraph, io_spec, prepare
+        from ..graphs import ImageGraph, TextGraph, io_spec
 
         opts, spec = job.opts, job.spec
         dtype = self.trace_dtype(opts.precision)
-        m = prepare(job.model, opts, attention=self.attention, dtype=dtype)
+        m = self.prepare(job, self.attention, dtype)
         self.rewrite(m)
         if opts.precision == "int8":
             self.calibrate(job, m)
