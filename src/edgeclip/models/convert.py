@@ -133,6 +133,46 @@ def from_openai(sd: dict) -> tuple[dict, dict]:
     return out, origin
 
 
+TEXT_RULES = [r for r in OPENAI_RULES if not r[0].startswith(r"visual\.")]
+APPLE_PREFIXES = ("image_encoder.", "text_encoder.")
+
+
+def from_open_clip_timm(sd: dict, arch: str = "") -> tuple[dict, dict]:
+    """open_clip CLIP with a timm image trunk (MobileCLIP, MobileCLIP2) -> (our state dict, origins).
+
+    The trunk's keys are timm's (`visual.trunk.<key>`), which our towers of those kinds reproduce:
+    they become `visual.<key>`. The text tower is open_clip's, in OpenAI layout, at the top level
+    (CLIP) or under `text.` (CustomTextCLIP, what the MobileCLIP configs build)."""
+    apple = next((k for k in sd if k.startswith(APPLE_PREFIXES)), None)
+    if apple is not None:
+        raise CheckpointError(
+            f"checkpoint key '{apple}' is Apple's ml-mobileclip layout, not open_clip's (visual.trunk.*); "
+            f"load it with apple:{arch or 'ARCH'} and checkpoint=FILE")
+    if not any(k.startswith("visual.trunk.") for k in sd):
+        found = next((k for k in sd if k.startswith("visual.")), next(iter(sd), "<empty>"))
+        raise CheckpointError(
+            f"open_clip:{arch} expects a timm image trunk (visual.trunk.* keys), but the checkpoint has "
+            f"'{found}'; is this the checkpoint of another architecture (a ViT CLIP: open_clip:ViT-B-32)?")
+    out, origin, text = {}, {}, {}
+    text_origin = {}
+    for key, value in sd.items():
+        if key.startswith("visual.trunk."):
+            ours = "visual." + key[len("visual.trunk."):]
+            out[ours], origin[ours] = value, key
+        elif key.startswith("visual."):
+            raise CheckpointError(f"checkpoint key '{key}' has no place in the model: open_clip:{arch} uses the "
+                                  "trunk's own head as projection (timm_proj null); check the architecture name")
+        else:
+            bare = key[len("text."):] if key.startswith("text.") else key
+            text[bare], text_origin[bare] = value, key
+    renamed, names = _rename(text, TEXT_RULES, OPENAI_IGNORED)
+    for k in OPENAI_TRANSPOSED & renamed.keys():
+        renamed[k] = renamed[k].t().contiguous()
+    out.update(renamed)
+    origin.update({k: text_origin[v] for k, v in names.items()})
+    return out, origin
+
+
 def from_hf(sd: dict) -> tuple[dict, dict]:
     """transformers CLIPModel / SiglipModel layout -> (our state dict, our key -> source key)."""
     sd = dict(sd)

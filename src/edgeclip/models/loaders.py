@@ -20,7 +20,7 @@ from .._files import read_regular
 from ..errors import CheckpointError, SpecError, UnknownModelError, UnsafeCheckpointError, WeightShapeError
 from ..specs import ModelSpec, get_spec, list_specs
 from .clip import ClipModel
-from .convert import from_hf, from_openai, unwrap_state_dict
+from .convert import from_open_clip_timm, from_hf, from_openai, unwrap_state_dict
 from .safe_pickle import check_zip_bounds, checked_torch_source, read_torchscript
 
 SCHEMES = ("hf", "openai", "open_clip", "random", "builtin")
@@ -241,7 +241,19 @@ def load_open_clip(arch: str, checkpoint=None, spec=None) -> ClipModel:
     act = "quick_gelu" if arch.lower().endswith("-quickgelu") else "gelu"
     base = re.sub(r"-quickgelu$", "", arch, flags=re.I)
     chosen = get_spec(spec if spec is not None else base).replace(vision={"act": act}, text={"act": act})
-    return _build_openai(read_state_dict(Path(checkpoint)), chosen, act)
+    sd = read_state_dict(Path(checkpoint))
+    if chosen.vision.kind != "vit" or any(k.startswith("visual.trunk.") for k in sd):
+        return _build_open_clip_timm(sd, chosen, arch)
+    return _build_openai(sd, chosen, act)
+
+
+def _build_open_clip_timm(sd: dict, spec: ModelSpec, arch: str) -> ClipModel:
+    """A timm-trunk open_clip model (MobileCLIP): the trunk as saved, train-time (multi-branch) or
+    already reparameterized (timm's `reparam_conv` keys), the text tower in OpenAI layout."""
+    ours, origin = from_open_clip_timm(sd, arch)
+    if any(".reparam_conv." in k for k in ours) and not spec.vision.config.get("reparameterized"):
+        spec = spec.replace(vision={"config": {**spec.vision.config, "reparameterized": True}})
+    return load_weights(ClipModel(spec), ours, origin)
 
 
 # ----------------------------------------------------------------------------------- transformers
