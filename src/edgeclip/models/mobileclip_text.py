@@ -308,6 +308,7 @@ class RepMixerTextTower(Tower):
         self.projection_layer = nn.Parameter(torch.zeros(w, embed_dim)) if spec.proj else None
         self._init_bare(embed_dim)
         self.pooled_only_last = False  # nothing to gain: the last layer may be a convolution over all tokens
+        self.reparameterized = None  # what prepare_export folded, for the export manifest
 
     def _layer(self, kind: str) -> nn.Module:
         s, cfg = self.spec, self.cfg

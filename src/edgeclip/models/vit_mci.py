@@ -193,6 +193,7 @@ class MciViTTower(Tower):
         self.head = nn.Linear(w, embed_dim, bias=cfg["head_bias"]) if spec.proj else None
         self.pooled_only_last = False
         self.ane_blocks = None
+        self.reparameterized = None  # what reparameterize() folded, for the export manifest
 
     def forward(self, pixels):
         s = self.spec
