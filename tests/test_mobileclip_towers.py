@@ -187,6 +187,20 @@ def test_mobileclip_b_text_settings_match_open_clip(vit):
         close(tower(out["input_ids"]), out["text"], "MobileCLIP-B-style text tower")
 
 
+def test_open_clip_loader_puts_a_mobileclip_b_checkpoint_on_these_towers(vit):
+    cfg, _, _, out = vit
+    v, t = vit_mci_spec(cfg), cfg["open_clip_config"]["text_cfg"]
+    spec = get_spec("MobileCLIP-B").replace(
+        embed_dim=cfg["open_clip_config"]["embed_dim"],
+        vision={k: getattr(v, k) for k in ("image_size", "width", "layers", "heads", "mlp_dim", "config")},
+        text={"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
+              "heads": t["heads"], "layers": t["layers"], "mlp_dim": 4 * t["width"]})
+    model = edgeclip.load_model("open_clip:MobileCLIP-B", checkpoint=FIX / "openclip_vit_mci.safetensors", spec=spec)
+    with torch.no_grad():
+        close(model.encode_image(out["pixel_values"]), out["image"], "open_clip:MobileCLIP-B image")
+        close(model.encode_text(out["input_ids"]), out["text"], "open_clip:MobileCLIP-B text")
+
+
 def test_patch_stem_form_is_the_plain_vit():
     # MobileCLIP2-L-14's trunk (patch conv, pre-norm, positions over the class token too) is our "vit"
     # tower's math plus the head bias: with that bias zero, the two agree weight for weight
