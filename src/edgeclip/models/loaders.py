@@ -73,9 +73,10 @@ def read_state_dict(path: Path) -> dict:
 
         st = require("safetensors.torch", "reading .safetensors checkpoints")
         try:
-            return st.load_file(str(path))
+            sd = st.load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"cannot read {path}: {e}; the file is corrupt or not safetensors") from e
+        return unwrap_state_dict(sd, source=path)  # DDP's 'module.' prefix, as for pickles
     if _is_torchscript(path):
         # OpenAI's released .pt files are TorchScript archives; torch.jit.load would run the archive's
         # scripted __setstate__ code, so they are read by a restricted unpickler instead.

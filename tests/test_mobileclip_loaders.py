@@ -1,0 +1,114 @@
+"""open_clip MobileCLIP / MobileCLIP2 checkpoints through the real loader (`open_clip:ARCH`,
+checkpoint=FILE), against the outputs the upstream classes computed (tests/fixtures/mobileclip,
+made by tests/fixtures/make_mobileclip.py in a throwaway environment with timm and open_clip)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+st = pytest.importorskip("safetensors.torch")
+
+import edgeclip  # noqa: E402
+from edgeclip.errors import CheckpointError, WeightShapeError  # noqa: E402
+from edgeclip.models.mci import mci_config_from_timm  # noqa: E402
+from edgeclip.specs import get_spec  # noqa: E402
+
+FIX = Path(__file__).parent / "fixtures" / "mobileclip"
+MCI = ["openclip_mci0", "openclip_mci1", "openclip_mci3"]
+
+
+def meta(name: str) -> dict:
+    return json.loads((FIX / f"{name}.json").read_text())
+
+
+def reduced_spec(name: str):
+    """The release spec the fixture was shrunk from, with the fixture's sizes (what a user passes as
+    spec= for a checkpoint of their own size)."""
+    m = meta(name)
+    m["release_shape"] = m["release_shape"].split(" ")[0]  # "MobileCLIP-S1 (S2: mci2)"
+    ctor = m["upstream"]["trunk_constructor"]
+    text = m["open_clip_config"]["text_cfg"]
+    size = m["image_size"]
+    return get_spec(m["release_shape"]).replace(
+        name=f"{m['release_shape']}-fixture", embed_dim=m["open_clip_config"]["embed_dim"],
+        vision={"image_size": size, "config": mci_config_from_timm(ctor["kwargs"], ctor["variant"])},
+        text={"context_length": text["context_length"], "vocab_size": text["vocab_size"], "width": text["width"],
+              "heads": text["heads"], "layers": text["layers"], "mlp_dim": 4 * text["width"],
+              "causal": not text.get("no_causal_mask", False)},
+        preprocess={"image_size": size}, tokenizer={"context_length": text["context_length"]})
+
+
+def close(got, want) -> bool:
+    return float(np.abs(got - want).max()) <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def features(model, out: dict):
+    with torch.no_grad():
+        return (model.encode_image(out["pixel_values"]).numpy(), model.encode_text(out["input_ids"]).numpy())
+
+
+@pytest.mark.parametrize("name", MCI)
+@pytest.mark.parametrize("form", ["", ".reparam"])
+def test_open_clip_checkpoints_load_and_match_upstream(name, form):
+    out = st.load_file(str(FIX / f"{name}.outputs.safetensors"))
+    arch = meta(name)["release_shape"].split(" ")[0]
+    model = edgeclip.load_model(f"open_clip:{arch}", checkpoint=str(FIX / f"{name}{form}.safetensors"),
+                                spec=reduced_spec(name))
+    img, txt = features(model, out)
+    suffix = "_reparam" if form else ""
+    assert close(img, out["image" + suffix].numpy()) and close(txt, out["text" + suffix].numpy())
+    assert bool(model.visual.config.reparameterized) == bool(form)  # the key set decides the form
+
+
+def test_a_ddp_prefixed_checkpoint_loads(tmp_path):
+    name = "openclip_mci1"
+    sd = st.load_file(str(FIX / f"{name}.safetensors"))
+    path = tmp_path / "ddp.safetensors"
+    st.save_file({f"module.{k}": v for k, v in sd.items()}, str(path))
+    out = st.load_file(str(FIX / f"{name}.outputs.safetensors"))
+    model = edgeclip.load_model("open_clip:MobileCLIP-S1", checkpoint=str(path), spec=reduced_spec(name))
+    assert close(features(model, out)[0], out["image"].numpy())
+
+
+def test_the_wrong_arch_names_the_key_and_the_expected_shape():
+    with pytest.raises(CheckpointError, match=r"visual\.stages\.\d+\.blocks\.\d+\.[\w.]+.*spec"):
+        edgeclip.load_model("open_clip:MobileCLIP-S1", checkpoint=str(FIX / "openclip_mci0.safetensors"))
+    wider = reduced_spec("openclip_mci1").replace(embed_dim=64)
+    with pytest.raises(WeightShapeError, match=r"checkpoint key 'visual\.trunk\.head\.fc\.(weight|bias)' has shape "
+                                               r"\(48(, 128)?,?\) but .* expects \(64(, 128)?,?\)"):
+        edgeclip.load_model("open_clip:MobileCLIP-S1", checkpoint=str(FIX / "openclip_mci1.safetensors"), spec=wider)
+
+
+def test_a_vit_name_for_a_mobileclip_checkpoint_is_a_typed_error():
+    with pytest.raises(CheckpointError):
+        edgeclip.load_model("open_clip:ViT-B-32", checkpoint=str(FIX / "openclip_mci0.safetensors"))
+
+
+def test_an_apple_checkpoint_passed_as_open_clip_names_its_key():
+    with pytest.raises(CheckpointError, match=r"'(image|text)_encoder\.[^']*'.*Apple.*apple:MobileCLIP-S0"):
+        edgeclip.load_model("open_clip:MobileCLIP-S0", checkpoint=str(FIX / "apple_s0.safetensors"))
+
+
+def test_a_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
+    data = (FIX / "openclip_mci0.safetensors").read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        edgeclip.load_model("open_clip:MobileCLIP2-S0", checkpoint=str(path), spec=reduced_spec("openclip_mci0"))
+
+
+def test_the_caller_model_stays_train_time_after_an_export(tmp_path):
+    """Reparameterization runs on the export copy only; the export matches the train-time reference."""
+    name = "openclip_mci0"
+    model = edgeclip.load_model("open_clip:MobileCLIP2-S0", checkpoint=str(FIX / f"{name}.safetensors"),
+                                spec=reduced_spec(name))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    art = edgeclip.export(model, target="onnx", out=tmp_path / "a")
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert art.manifest["towers"]["image"]["reparameterized"]["batchnorms"] > 0
+    assert all(r["ok"] for r in art.fidelity.values())
