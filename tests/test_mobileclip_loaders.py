@@ -112,3 +112,42 @@ def test_the_caller_model_stays_train_time_after_an_export(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert art.manifest["towers"]["image"]["reparameterized"]["batchnorms"] > 0
     assert all(r["ok"] for r in art.fidelity.values())
+
+
+# ------------------------------------------------------------------------------- Apple's layout
+
+def apple_spec():
+    """MobileCLIP-S0 at the Apple fixture's sizes (Apple's FastViT kwargs on timm's mci0 preset)."""
+    m = meta("apple_s0")
+    kwargs = {k: v for k, v in m["upstream"]["trunk_constructor"]["kwargs"].items()
+              if k not in ("projection_dim", "downsamples")}  # Apple downsamples after a stage, timm before
+    kwargs["pos_embs"] = [None if p is None else {**p, "partial": "timm.models.fastvit.RepConditionalPosEnc"}
+                          for p in kwargs["pos_embs"]]  # Apple's RepCPE is timm's class under another name
+    t = m["apple_config"]["text_cfg"]
+    n = t["n_transformer_layers"]
+    return get_spec("MobileCLIP-S0").replace(
+        name="MobileCLIP-S0-fixture", embed_dim=m["apple_config"]["embed_dim"],
+        vision={"image_size": m["image_size"], "config": mci_config_from_timm(kwargs, "fastvit_mci0")},
+        text={"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["dim"],
+              "heads": t["n_heads_per_layer"], "layers": n + 2, "mlp_dim": 4 * t["dim"],
+              "config": {**get_spec("MobileCLIP-S0").text.config, "layer_types": ["repmixer"] + ["attention"] * n
+                         + ["repmixer"]}},
+        preprocess={"image_size": m["image_size"]}, tokenizer={"context_length": t["context_length"]})
+
+
+@pytest.mark.parametrize("form", ["", ".reparam"])
+def test_apple_checkpoints_load_and_match_apples_outputs(form):
+    out = st.load_file(str(FIX / "apple_s0.outputs.safetensors"))
+    model = edgeclip.load_model("apple:MobileCLIP-S0", checkpoint=str(FIX / f"apple_s0{form}.safetensors"),
+                                spec=apple_spec())
+    img, txt = features(model, out)
+    suffix = "_reparam" if form else ""
+    assert close(img, out["image" + suffix].numpy()) and close(txt, out["text" + suffix].numpy())
+
+
+def test_an_open_clip_checkpoint_passed_as_apple_is_a_typed_error():
+    with pytest.raises(CheckpointError, match=r"no image_encoder\.model\.\* keys.*open_clip:ARCH"):
+        edgeclip.load_model("apple:MobileCLIP-S0", checkpoint=str(FIX / "openclip_mci0.safetensors"),
+                            spec=apple_spec())
+    with pytest.raises(CheckpointError, match="needs checkpoint="):
+        edgeclip.load_model("apple:MobileCLIP-S0")

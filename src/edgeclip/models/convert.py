@@ -173,6 +173,70 @@ def from_open_clip_timm(sd: dict, arch: str = "") -> tuple[dict, dict]:
     return out, origin
 
 
+# Apple's FastViT names -> timm's (which our MCi tower reproduces): plain renames, then the flat
+# `network.I` list (stages, downsamplings, position encodings in turn) regrouped into stages.
+APPLE_RENAMES = [("patch_embed", "stem"), ("rbr_conv", "conv_kxk"), ("rbr_scale", "conv_scale"),
+                 ("rbr_skip", "identity"), ("conv_exp", "final_conv"), ("lkb_origin", "large_conv"),
+                 ("lkb_reparam", "reparam_conv"), ("convffn", "mlp"), ("se.reduce", "se.fc1"),
+                 ("se.expand", "se.fc2")]
+
+
+def _apple_image_key(key: str, stage_ends: list) -> str:
+    import bisect
+
+    for old, new in APPLE_RENAMES:
+        key = key.replace(old, new)
+    key = re.sub(r"(layer_scale(_\d)?)$", r"\1.gamma", key)
+    m = re.match(r"network\.(\d+)\.(.*)$", key)
+    if m is None:
+        return key
+    i, rest = int(m.group(1)), m.group(2)
+    stage = bisect.bisect_right(stage_ends, i)  # downsamplings at or before entry i
+    if rest.startswith("proj."):
+        return f"stages.{stage}.downsample.{rest}"
+    if rest.startswith("pe."):
+        return f"stages.{stage}.pos_emb.pos_enc.{rest[3:]}"
+    if rest.startswith("reparam_conv."):  # a folded position encoding: blocks are network.I.J.*
+        return f"stages.{stage}.pos_emb.{rest}"
+    return f"stages.{stage}.blocks.{rest}"
+
+
+def from_apple_mobileclip(sd: dict) -> tuple[dict, dict]:
+    """Apple's ml-mobileclip layout (`image_encoder.model.*` FastViT-MCi, `text_encoder.*`) -> ours.
+
+    The image projection is Apple's `head.proj` (x @ P after mean pooling): our head is a Linear,
+    so it is transposed and gets a zero bias."""
+    if not any(k.startswith("image_encoder.model.") for k in sd):
+        found = next(iter(sd), "<empty>")
+        raise CheckpointError(f"not an Apple ml-mobileclip MCi checkpoint: no image_encoder.model.* keys (first key "
+                              f"'{found}'); open_clip checkpoints load with open_clip:ARCH")
+    img = {k[len("image_encoder.model."):]: k for k in sd if k.startswith("image_encoder.model.")}
+    stage_ends = sorted({int(m.group(1)) for k in img if (m := re.match(r"network\.(\d+)\.proj\.", k))})
+    out, origin, unknown = {}, {}, []
+    for bare, key in img.items():
+        ours = "visual." + _apple_image_key(bare, stage_ends)
+        value = sd[key]
+        if bare == "head.proj":
+            ours, value = "visual.head.fc.weight", value.t().contiguous()
+            out["visual.head.fc.bias"], origin["visual.head.fc.bias"] = torch.zeros(value.shape[0]), key
+        out[ours], origin[ours] = value, key
+    for key, value in sd.items():
+        if key.startswith("text_encoder."):
+            ours = "text." + key[len("text_encoder."):]
+        elif key in ("logit_scale", "logit_bias"):
+            ours = key
+        elif key.startswith("image_encoder.model."):
+            continue
+        else:
+            unknown.append(key)
+            continue
+        out[ours], origin[ours] = value, key
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} checkpoint entries have no place in an Apple MobileCLIP model, e.g. "
+                              f"{', '.join(unknown[:5])}")
+    return out, origin
+
+
 def from_hf(sd: dict) -> tuple[dict, dict]:
     """transformers CLIPModel / SiglipModel layout -> (our state dict, our key -> source key)."""
     sd = dict(sd)

@@ -20,10 +20,10 @@ from .._files import read_regular
 from ..errors import CheckpointError, SpecError, UnknownModelError, UnsafeCheckpointError, WeightShapeError
 from ..specs import ModelSpec, get_spec, list_specs
 from .clip import ClipModel
-from .convert import from_open_clip_timm, from_hf, from_openai, unwrap_state_dict
+from .convert import from_apple_mobileclip, from_open_clip_timm, from_hf, from_openai, unwrap_state_dict
 from .safe_pickle import check_zip_bounds, checked_torch_source, read_torchscript
 
-SCHEMES = ("hf", "openai", "open_clip", "random", "builtin")
+SCHEMES = ("hf", "openai", "open_clip", "apple", "random", "builtin")
 BUILTINS = ("tiny",)
 HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
           "gelu_fast": "gelu_tanh"}
@@ -40,6 +40,8 @@ def load_model(uri: str, *, spec=None, checkpoint=None, seed: int = 0) -> ClipMo
         model = load_openai(rest, spec=spec)
     elif scheme == "open_clip":
         model = load_open_clip(rest, checkpoint=checkpoint, spec=spec)
+    elif scheme == "apple":
+        model = load_apple(rest, checkpoint=checkpoint, spec=spec)
     elif scheme == "random":
         model = ClipModel(get_spec(spec if spec is not None else rest)).init_random(seed)
     else:
@@ -255,6 +257,36 @@ def _build_open_clip_timm(sd: dict, spec: ModelSpec, arch: str) -> ClipModel:
     if any(".reparam_conv." in k for k in ours) and not spec.vision.config.get("reparameterized"):
         spec = spec.replace(vision={"config": {**spec.vision.config, "reparameterized": True}})
     return load_weights(ClipModel(spec), ours, origin)
+
+
+def apple_text(text) -> dict:
+    """Apple's text encoder for a spec's text tower: the same numbers, in Apple's layout (the
+    `repmixer` tower kind; a plain transformer is that kind with attention in every layer)."""
+    if text.kind == "repmixer":
+        return {}
+    return {"kind": "repmixer", "config": {"layer_types": ["attention"] * text.layers, "kernel_size": 11,
+                                           "convffn_ratio": text.mlp_dim / text.width, "layer_scale_init": 1e-5,
+                                           "norm": "layer_norm_fp32", "pos_embedding": True}}
+
+
+def load_apple(arch: str, checkpoint=None, spec=None) -> ClipModel:
+    """Apple's ml-mobileclip checkpoints (mobileclip_s0.pt, _s1, _s2): FastViT-MCi image encoder and
+    Apple's text encoder, train-time or reparameterized."""
+    if checkpoint is None:
+        raise CheckpointError(f"apple:{arch} needs checkpoint=PATH (edgeclip downloads nothing); e.g. "
+                              "load_model('apple:MobileCLIP-S0', checkpoint='mobileclip_s0.pt')")
+    chosen = get_spec(spec if spec is not None else arch)
+    if chosen.vision.kind != "mci":
+        raise CheckpointError(f"apple:{arch}: only Apple's MCi checkpoints (MobileCLIP-S0, -S1, -S2) load in "
+                              "Apple's layout; for MobileCLIP-B use the open_clip checkpoint (open_clip:MobileCLIP-B)")
+    ours, origin = from_apple_mobileclip(read_state_dict(Path(checkpoint)))
+    changes = {"text": apple_text(chosen.text)} if apple_text(chosen.text) else {}
+    if any(".reparam_conv." in k for k in ours if k.startswith("visual.")):
+        changes["vision"] = {"config": {**chosen.vision.config, "reparameterized": True}}
+    if any(".reparam_conv." in k for k in ours if k.startswith("text.")):
+        text_cfg = (changes.get("text") or {}).get("config", chosen.text.config)
+        changes["text"] = {**changes.get("text", {}), "config": {**text_cfg, "reparameterized": True}}
+    return load_weights(ClipModel(chosen.replace(**changes) if changes else chosen), ours, origin)
 
 
 # ----------------------------------------------------------------------------------- transformers
