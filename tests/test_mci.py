@@ -262,6 +262,8 @@ def test_the_mobileclip_specs_build():
     ({"lkc_use_act": "yes"}, "lkc_use_act"),
     ({"layers": []}, "layers"),
     ({"repmixer_kernel": 4}, "repmixer_kernel"),
+    ({"embed_dims": [64, 96, 256, 512]}, "embed_dims"),
+    ({"cls_ratio": 1.5}, "cls_ratio"),
 ])
 def test_an_invalid_config_field_is_a_spec_error_naming_it(change, field):
     spec = get_spec("MobileCLIP-S1")

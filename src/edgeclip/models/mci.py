@@ -132,10 +132,23 @@ def parse_config(cfg: dict) -> MciConfig:
     }
     _check_scalars(cfg)
     out = MciConfig(**{**cfg, **stages})
-    for dim, mixer in zip(out.embed_dims, out.token_mixers):
-        if mixer == "attention" and dim % out.head_dim:
-            raise _bad("embed_dims", f"entry {dim} of an attention stage is not a multiple of head_dim={out.head_dim}")
+    _check_widths(out)
     return out
+
+
+def _check_widths(c: MciConfig) -> None:
+    for dim, mixer in zip(c.embed_dims, c.token_mixers):
+        if mixer == "attention" and dim % c.head_dim:
+            raise _bad("embed_dims", f"entry {dim} of an attention stage is not a multiple of head_dim={c.head_dim}")
+    # the patch embeddings and the final conv are grouped by their input channels
+    prev = c.embed_dims[0]
+    for dim, down in zip(c.embed_dims, c.downsamples):
+        if (down or dim != prev) and dim % prev:
+            raise _bad("embed_dims", f"entry {dim} is not a multiple of the stage before it ({prev}): the "
+                       "downsampling conv has one group per input channel")
+        prev = dim
+    if c.final_features % prev:
+        raise _bad("cls_ratio", f"{c.cls_ratio} makes final_conv {c.final_features} wide, not a multiple of {prev}")
 
 
 # timm's fastvit_mci0..4 (timm/models/fastvit.py), in our schema
@@ -248,7 +261,7 @@ def _new_conv(weight, bias, *, stride=1, groups=1) -> nn.Conv2d:
 
 
 def _fold_linear_output(layer: nn.Module, gamma: torch.Tensor) -> None:
-    """layer(x) * gamma, per output channel, becomes one layer (conv or linear; bias added if absent)."""
+    """layer(x) * gamma, per output channel, becomes one layer (a conv or linear with a bias)."""
     g = gamma.reshape(-1)
     with torch.no_grad():
         layer.weight.mul_(g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
