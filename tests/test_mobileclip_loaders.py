@@ -151,3 +151,58 @@ def test_an_open_clip_checkpoint_passed_as_apple_is_a_typed_error():
                             spec=apple_spec())
     with pytest.raises(CheckpointError, match="needs checkpoint="):
         edgeclip.load_model("apple:MobileCLIP-S0")
+
+
+# ----------------------------------------------------------------- open_clip folders (hf:DIR)
+
+# open_clip's own model configs (src/open_clip/model_configs/*.json), as its Hub folders carry them
+S1_CFG = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "fastvit_mci1", "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": None, "image_size": 256},
+          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                       "no_causal_mask": True}, "custom_text": True}
+S2_CFG = {**S1_CFG, "vision_cfg": {**S1_CFG["vision_cfg"], "timm_model_name": "fastvit_mci2"}}
+B_CFG = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "vit_base_mci_224", "timm_pool": "token",
+                                          "timm_proj": None, "image_size": 224},
+         "text_cfg": {**S1_CFG["text_cfg"], "no_causal_mask": False}, "custom_text": True}
+
+
+@pytest.mark.parametrize("cfg, folder, want", [
+    (S1_CFG, "MobileCLIP-S1-OpenCLIP", "MobileCLIP-S1"),
+    (S2_CFG, "MobileCLIP2-S2-OpenCLIP", "MobileCLIP2-S2"),   # one architecture, two names: the folder says
+    (S2_CFG, "MobileCLIP-S2-OpenCLIP", "MobileCLIP-S2"),
+    (B_CFG, "MobileCLIP-B-OpenCLIP", "MobileCLIP-B"),
+])
+def test_an_open_clip_model_config_names_its_spec(tmp_path, cfg, folder, want):
+    from edgeclip.models.loaders import spec_from_open_clip_config
+
+    assert spec_from_open_clip_config(cfg, tmp_path / folder / "open_clip_config.json").name == want
+
+
+def test_an_unknown_trunk_names_the_field(tmp_path):
+    from edgeclip.models.loaders import spec_from_open_clip_config
+
+    bad = {**S1_CFG, "vision_cfg": {**S1_CFG["vision_cfg"], "timm_model_name": "resnet50"}}
+    with pytest.raises(CheckpointError, match=r"timm_model_name 'resnet50'"):
+        spec_from_open_clip_config(bad, tmp_path / "open_clip_config.json")
+
+
+def test_an_open_clip_hub_folder_loads_with_its_preprocessing(tmp_path):
+    import shutil
+
+    name = "openclip_mci0"
+    d = tmp_path / "MobileCLIP2-S0-OpenCLIP"
+    d.mkdir()
+    shutil.copy(FIX / f"{name}.safetensors", d / "open_clip_model.safetensors")
+    pre = {"size": [80, 80], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": meta(name)["open_clip_config"],
+                                                         "preprocess_cfg": pre}))
+    out = st.load_file(str(FIX / f"{name}.outputs.safetensors"))
+    model = edgeclip.load_model(f"hf:{d}", spec=reduced_spec(name))
+    img, txt = features(model, out)
+    assert close(img, out["image"].numpy()) and close(txt, out["text"].numpy())
+    p = model.spec.preprocess_config()
+    assert p["mean"] == pre["mean"] and p["std"] == pre["std"] and p["interpolation"] == "bicubic"
+    (d / "open_clip_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="open_clip_model.safetensors"):
+        edgeclip.load_model(f"hf:{d}", spec=reduced_spec(name))

@@ -52,7 +52,7 @@ def load_model(uri: str, *, spec=None, checkpoint=None, seed: int = 0) -> ClipMo
 
 def _load_bare(uri: str, spec=None) -> ClipModel:
     p = Path(uri)
-    if p.is_dir() and (p / "config.json").is_file():
+    if p.is_dir() and ((p / "config.json").is_file() or (p / OPEN_CLIP_CONFIG).is_file()):
         return load_hf(uri, spec=spec).eval()
     if p.is_file():
         return load_openai(uri, spec=spec).eval()
@@ -517,8 +517,11 @@ def _hf_sizes(c: dict, where: str, image_size: int, resize: str) -> dict:
 
 
 def load_hf(path: str, spec=None) -> ClipModel:
-    """A transformers CLIPModel / SiglipModel folder (config.json + safetensors or bin)."""
+    """A transformers CLIPModel / SiglipModel folder (config.json + safetensors or bin), or a Hugging
+    Face folder of an open_clip model (open_clip_config.json + open_clip weights)."""
     d = Path(path)
+    if not (d / "config.json").is_file() and (d / OPEN_CLIP_CONFIG).is_file():
+        return load_hf_open_clip(d, spec)
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{d} is not a transformers model folder: no config.json there")
     cfg = _read_json(d / "config.json")
@@ -531,6 +534,85 @@ def load_hf(path: str, spec=None) -> ClipModel:
         sd.update(read_state_dict(f))
     ours, origin = from_hf(sd)
     return load_weights(ClipModel(chosen), ours, origin)
+
+# ----------------------------------------------------------------------- open_clip folders on the Hub
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# open_clip's timm trunk names -> our image tower kind and, for MCi, the preset its config equals
+TIMM_TRUNKS = {"fastvit_mci0": "mci", "fastvit_mci1": "mci", "fastvit_mci2": "mci", "fastvit_mci3": "mci",
+               "fastvit_mci4": "mci", "vit_base_mci_224": "vit-mci"}
+
+
+def load_hf_open_clip(d: Path, spec=None) -> ClipModel:
+    """open_clip_config.json ({"model_cfg", "preprocess_cfg"}) + open_clip_model.safetensors or
+    open_clip_pytorch_model.bin. The architecture is the shipped spec the model config describes."""
+    cfg = _read_json(d / OPEN_CLIP_CONFIG)
+    model_cfg = cfg.get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{d / OPEN_CLIP_CONFIG}: field 'model_cfg' must be an object (open_clip's model config)")
+    weights = next((d / f for f in OPEN_CLIP_WEIGHTS if (d / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{d} has an {OPEN_CLIP_CONFIG} but none of {', '.join(OPEN_CLIP_WEIGHTS)}")
+    sd = read_state_dict(weights)
+    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    if not isinstance(model_cfg.get("vision_cfg"), dict) or "timm_model_name" not in model_cfg["vision_cfg"]:
+        return _build_openai(sd, spec, act)  # a ViT open_clip model: its dimensions are read from the weights
+    chosen = get_spec(spec) if spec is not None else spec_from_open_clip_config(model_cfg, d / OPEN_CLIP_CONFIG)
+    chosen = chosen.replace(preprocess=_open_clip_preprocess(cfg.get("preprocess_cfg"), chosen))
+    return _build_open_clip_timm(sd, chosen, chosen.name)
+
+
+def _open_clip_summary(spec: ModelSpec) -> tuple:
+    t = spec.text
+    return (spec.embed_dim, spec.vision.image_size, t.width, t.layers, t.heads, t.context_length, t.causal)
+
+
+def spec_from_open_clip_config(model_cfg: dict, where: Path) -> ModelSpec:
+    """The shipped spec whose architecture an open_clip model config with a timm trunk describes."""
+    from .mci import mci_config_from_timm, parse_config
+
+    vc, tc = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    trunk = vc.get("timm_model_name")
+    if trunk not in TIMM_TRUNKS:
+        raise CheckpointError(f"{where}: vision_cfg.timm_model_name {trunk!r} is not a trunk edgeclip builds "
+                              f"(known: {', '.join(TIMM_TRUNKS)})")
+    image_size = vc.get("image_size", 224)
+    want = (model_cfg.get("embed_dim"), image_size[0] if isinstance(image_size, list) else image_size,
+            tc.get("width"), tc.get("layers"), tc.get("heads"), tc.get("context_length", 77),
+            not tc.get("no_causal_mask", False))
+    preset = parse_config(mci_config_from_timm({}, trunk)) if TIMM_TRUNKS[trunk] == "mci" else None
+    found = []
+    for name in list_specs():
+        s = get_spec(name)
+        if s.vision.kind != TIMM_TRUNKS[trunk] or s.text.kind != "transformer" or _open_clip_summary(s) != want:
+            continue
+        if preset is None or parse_config(dict(s.vision.config)) == preset:
+            found.append(s)
+    if found:  # same architecture under two names (MobileCLIP-S2, MobileCLIP2-S2): the folder's name decides
+        folder = where.parent.name.lower()
+        named = [s for s in found if s.name.lower() in folder]
+        return max(named, key=lambda s: len(s.name)) if named else found[0]
+    raise CheckpointError(f"{where}: no shipped spec has a {trunk} image tower with embed_dim, image size and text "
+                          f"tower {want}; pass spec= (a spec .json) describing this model")
+
+
+def _open_clip_preprocess(pre, spec: ModelSpec) -> dict:
+    """The folder's preprocessing (open_clip's preprocess_cfg) over the spec's: mean, std, interpolation,
+    resize mode. Checked again when the Preprocessor is built."""
+    out = dict(spec.preprocess_config())
+    if not isinstance(pre, dict):
+        return out
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            out[key] = [float(x) for x in v]
+    if pre.get("interpolation") in ("bilinear", "bicubic", "nearest", "lanczos"):
+        out["interpolation"] = pre["interpolation"]
+    if pre.get("resize_mode") in ("shortest", "squash"):
+        out["resize"] = pre["resize_mode"]
+    return out
+
 
 # ---------------------------------------------------------------------------------------- built-in
 
