@@ -32,7 +32,8 @@ from hf_layouts import clip_ids  # noqa: E402
 
 TINY_URI = "builtin:tiny"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MODELS = ["tiny", "ViT-B-32", "ViT-B-16", "Long-CLIP-B", "SigLIP-B-16"]
+MOBILECLIP = ["MobileCLIP-S1", "MobileCLIP-S2", "MobileCLIP2-S0"]  # convolutional MCi towers, non-causal text
+MODELS = ["tiny", "ViT-B-32", "ViT-B-16", "Long-CLIP-B", "SigLIP-B-16", *MOBILECLIP]
 PRECISIONS = ["fp32", "fp16"]
 FP32_MAX_ABS = 1e-4
 FP16_MAX_ABS, FP16_MIN_COS = 1e-2, 0.999
@@ -66,7 +67,8 @@ class Case:
         ids = np.zeros((3, t.context_length), dtype=np.int64)
         for i, n in enumerate([3, 20, t.context_length - 2]):  # words per prompt; the last one is full
             if t.pool == "eot":  # CLIP BPE: start, words, end, zero padding
-                ids[i, 0], ids[i, n + 1] = 49406, t.eot_token_id
+                # eot_token_id None: OpenAI's argmax rule, the end token is the largest id (49407)
+                ids[i, 0], ids[i, n + 1] = 49406, t.eot_token_id if t.eot_token_id is not None else 49407
                 ids[i, 1:n + 1] = rng.integers(1, 49405, size=n)
             else:  # SigLIP: words, end token, then its pad id (= the end id) up to the full length
                 ids[i] = t.eot_token_id
@@ -163,7 +165,7 @@ def text_input_dims(path: Path) -> list:
 
 # ------------------------------------------------------------------------------------ fidelity
 
-BIG = {"ViT-B-16", "Long-CLIP-B", "SigLIP-B-16"}  # marked slow; they run by default all the same
+BIG = {"ViT-B-16", "Long-CLIP-B", "SigLIP-B-16", *MOBILECLIP}  # marked slow; they run by default all the same
 
 
 @pytest.mark.parametrize("name,precision", [
@@ -405,3 +407,54 @@ def test_ort_graphs_have_no_unfused_attention(exports, name):
         ort.InferenceSession(str(path / f"{graph}.onnx"), so, providers=["CPUExecutionProvider"])
         optimized = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
         assert optimized["MultiHeadAttention"] == count and optimized["Softmax"] == 0, (graph, dict(optimized))
+
+
+# ------------------------------------------------------------------------------------ MobileCLIP
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MOBILECLIP)
+@needs(lambda p: key(p["name"], "fp32"))
+def test_mci_graphs_hold_no_batchnorm_and_no_branches(exports, name):
+    """Reparameterized at export: one Conv per convolution of the folded tower, no BatchNormalization,
+    and every attention of the image tower fused; the manifest says what was folded."""
+    import copy
+    from collections import Counter
+
+    import torch.nn as nn
+
+    path = exports.get(name, "fp32")
+    folded = copy.deepcopy(exports.model(name).visual)
+    folded.reparameterize()
+    convs = sum(isinstance(m, nn.Conv2d) for m in folded.modules())
+    ops = Counter(n.op_type for n in onnx.load(str(path / "image.onnx")).graph.node)
+    assert ops["BatchNormalization"] == 0 and ops["Conv"] == convs, dict(ops)
+    assert ops["MultiHeadAttention"] == folded.attention_layout()[0] and ops["Softmax"] == 0, dict(ops)
+    m = Pipeline.load(path).manifest
+    assert m["towers"]["image"]["kind"] == "mci" and m["towers"]["image"]["reparameterized"]["blocks"] > 0
+    assert m["text"]["trim"] is False and "not causal" in m["text"]["trim_note"]
+
+
+@pytest.mark.slow
+@needs(key("MobileCLIP-S1", "fp32"))
+def test_mobileclip_artifact_runs_with_torch_blocked(exports, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    case = exports.case("MobileCLIP-S1")
+    np.save(tmp_path / "pixels.npy", case.pixels)
+    np.save(tmp_path / "ids.npy", case.ids)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any "import torch" now raises ImportError
+        import numpy as np
+        from edgeclip.runtime import Pipeline
+        p = Pipeline.load({str(exports.get("MobileCLIP-S1", "fp32"))!r})
+        np.save({str(tmp_path / "img.npy")!r}, p.encode_image(np.load({str(tmp_path / "pixels.npy")!r})))
+        np.save({str(tmp_path / "txt.npy")!r}, p.encode_text(np.load({str(tmp_path / "ids.npy")!r})))
+        assert sys.modules["torch"] is None
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert max_abs(np.load(tmp_path / "img.npy"), unit(case.ref_image)) <= 1e-5
+    assert max_abs(np.load(tmp_path / "txt.npy"), unit(case.ref_text)) <= 1e-5

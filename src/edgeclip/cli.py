@@ -111,7 +111,7 @@ def cmd_models(args) -> int:
 
     print(f"\nExport targets: {', '.join(targets())}")
     print("Load with: builtin:tiny (trained, shipped) | random:NAME | hf:DIR | openai:FILE | "
-          "open_clip:NAME --checkpoint FILE")
+          "open_clip:NAME --checkpoint FILE | apple:NAME --checkpoint FILE (ml-mobileclip)")
     return 0
 
 
@@ -501,7 +501,7 @@ def _add_models(sub) -> None:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a model to a verified artifact folder")
-    p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH")
+    p.add_argument("model", help="builtin:tiny | random:SPEC | hf:DIR | openai:FILE | open_clip:ARCH | apple:ARCH")
     p.add_argument("--target", default="onnx",
                    help="export target (default onnx; `edgeclip models` lists the registered ones)")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (per target; default fp32, fp16 for coreml)")
@@ -512,7 +512,7 @@ def _add_export(sub) -> None:
     p.add_argument("--head", action="append", metavar="[NAME=]FILE",
                    help="append an adapter head (.npz from `edgeclip heads fit/import`) to the image graph; "
                         "repeat for several; NAME= renames it")
-    p.add_argument("--checkpoint", help="checkpoint file for open_clip:ARCH")
+    p.add_argument("--checkpoint", help="checkpoint file for open_clip:ARCH or apple:ARCH")
     p.add_argument("--spec", help="spec name or .json to use instead of the inferred one")
     p.add_argument("--seed", type=_SEED, default=0, help="seed for random:SPEC")
     p.add_argument("--no-trim", action="store_true", help="feed text padded to the full context")

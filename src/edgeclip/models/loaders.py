@@ -1,6 +1,6 @@
 """`load_model(uri)`: checkpoints in the formats users have, mapped onto our ClipModel.
 
-URIs: `hf:DIR`, `openai:FILE`, `open_clip:ARCH` (+ checkpoint=FILE), `random:SPEC` (+ seed=),
+URIs: `hf:DIR`, `openai:FILE`, `open_clip:ARCH` and `apple:ARCH` (+ checkpoint=FILE), `random:SPEC` (+ seed=),
 `builtin:NAME`. A bare directory or file path is routed to hf:/openai: by what it contains.
 """
 from __future__ import annotations
