@@ -270,3 +270,24 @@ def test_cli_run_and_bench_say_which_precision_ran(tiny, capsys):
     assert all(g["inference_precision"] in ("f32", "bf16", "f16") for g in rows[0]["graphs"])
     assert main(["inspect", str(tiny["fp32"].path)]) == 0
     assert "validated with inference precision f32" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mobileclip_s1_ir_matches_torch_and_fuses_its_attention(tmp_path):
+    """The MCi image tower (reparameterized at export) and the non-causal text tower in OpenVINO FP32."""
+    from collections import Counter
+
+    model = edgeclip.load_model("random:MobileCLIP-S1", seed=0)
+    art = edgeclip.export(model, target="openvino", out=tmp_path / "s1")
+    assert all(r["ok"] for r in art.fidelity.values()), art.fidelity
+    assert art.manifest["fusions"]["image"]["attention"] == 4 and art.manifest["fusions"]["text"]["attention"] == 12
+    import openvino as ov
+
+    ops = Counter(op.get_type_name() for op in ov.Core().read_model(str(art.path / "image.xml")).get_ordered_ops())
+    assert ops["BatchNormInference"] == 0 and ops["Convolution"] + ops["GroupConvolution"] > 100, dict(ops)
+    pipe = Pipeline.load(art.path, inference_precision="f32")
+    inputs = reference_inputs(model.spec, n=2, seed=99)
+    with torch.no_grad():
+        want = model.encode_image(torch.from_numpy(inputs["pixel_values"])).numpy()
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    assert np.abs(pipe.encode_image(inputs["pixel_values"]) - want).max() <= 1e-5
