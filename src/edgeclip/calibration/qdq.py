@@ -1,9 +1,20 @@
 """Static INT8 by QuantizeLinear/DequantizeLinear (QDQ) insertion on our exported ONNX graphs.
 
-Only GEMMs with constant weights are quantized (MatMul with a 2-D initializer): weights per output
-channel, symmetric int8; activations per tensor from an observer's range. LayerNorm, softmax, GELU,
-residual adds and attention's activation x activation products stay float. ONNX Runtime fuses each
-`DQ(x) -> MatMul <- DQ(W)` into one MatMulIntegerToFloat kernel.
+Only layers with constant weights are quantized: MatMuls with a 2-D initializer and Convs with a 4-D
+one; weights per output channel, symmetric int8; activations per tensor from an observer's range.
+LayerNorm, softmax, GELU, residual adds and attention's activation x activation products stay float.
+ONNX Runtime fuses each `DQ(x) -> MatMul <- DQ(W)` into one MatMulIntegerToFloat kernel. A Conv needs
+more for its int8 kernel: ORT 1.32 fuses `DQ(x) -> Conv <- DQ(W), DQ(int32 bias) -> Q` into
+QLinearConv, and leaves a Conv without the Q on its output as DequantizeLinear + float Conv (the
+weights dequantized on every call: slower than float). So a static conv also quantizes its output,
+with the same observer; a conv that reads another int8 conv's output shares that Q/DQ pair.
+
+Kinds of target (`QuantTarget.kind`) and who quantizes them, as measured with ORT 1.32 on CPU:
+"matmul" and dense "conv" (groups 1) everywhere; "depthwise" (groups = channels) static and
+weights-only; "grouped" convs with a channel multiplier (MCi's downsampling 7x7, groups = C_in,
+C_out = 2 C_in) weights-only, since QLinearConv runs them 20-70x slower than the float Conv;
+int8-dynamic leaves every conv float (ConvInteger takes only per-tensor weight zero points and ran
+5-50x slower than the float Conv).
 """
 from __future__ import annotations
 
@@ -22,13 +33,26 @@ class QuantTarget:
     activation: str  # input tensor quantized per tensor
     weight: str      # initializer quantized per output channel
     layer: str       # module path from the exporter's name scopes, e.g. visual.blocks.3.mlp.fc1
+    kind: str = "matmul"  # "matmul" | "conv" (groups 1) | "depthwise" | "grouped" (channel multiplier > 1)
+    output: str = ""      # a conv's output tensor (static INT8 quantizes it too)
+    bias: str = ""        # a conv's bias initializer, "" when it has none
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "matmul"
 
 
-def _int8_weight(w: np.ndarray, base: str) -> list:
-    """Initializers `{base}_int`, `{base}_scale`, `{base}_zp`: symmetric int8 per output column."""
+STATIC_KINDS = ("matmul", "conv", "depthwise")     # calibrated activations: the int8 kernels ORT runs well
+DYNAMIC_KINDS = ("matmul",)                        # ranges per call: DynamicQuantizeMatMul only
+WEIGHT_KINDS = ("matmul", "conv", "depthwise", "grouped")  # weights only: folded at load, any conv
+
+
+def _int8_weight(w: np.ndarray, base: str, axis: int = 1) -> list:
+    """Initializers `{base}_int`, `{base}_scale`, `{base}_zp`: symmetric int8 per output channel
+    (axis 1 of a (K, N) MatMul weight, axis 0 of a Conv's (C_out, C_in/groups, kH, kW))."""
     from onnx import numpy_helper
 
-    q, scale = quantize_weight_per_channel(w, axis=1)  # (K, N): one scale per output column
+    q, scale = quantize_weight_per_channel(w, axis=axis)
     return [numpy_helper.from_array(q, f"{base}_int"),
             numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
             numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zp")]
@@ -55,8 +79,9 @@ def default_quantizable(path: str) -> bool:
 
 
 def find_targets(model, quantizable=None) -> list[QuantTarget]:
-    """Linear layers (MatMuls with a 2-D initializer as second input) whose module path
-    `quantizable(path)` accepts (default: `default_quantizable`)."""
+    """Layers with constant weights (MatMuls with a 2-D initializer as second input, Convs with a 4-D
+    initializer weight and no bias or an initializer bias) whose module path `quantizable(path)`
+    accepts (default: `default_quantizable`), in graph order."""
     keep = default_quantizable if quantizable is None else quantizable
     inits = {i.name: i for i in model.graph.initializer}
     out = []
@@ -65,7 +90,32 @@ def find_targets(model, quantizable=None) -> list[QuantTarget]:
             layer = _layer_name(n)
             if keep(layer):
                 out.append(QuantTarget(n.name, n.input[0], n.input[1], layer))
+        elif n.op_type == "Conv":
+            t = _conv_target(n, inits)
+            if t is not None and keep(t.layer):
+                out.append(t)
     return out
+
+
+def _conv_target(n, inits) -> QuantTarget | None:
+    """The target for Conv node `n` when its weight is a 4-D initializer and its bias (if any) one too."""
+    if len(n.input) < 2 or n.input[1] not in inits or len(inits[n.input[1]].dims) != 4:
+        return None
+    bias = n.input[2] if len(n.input) > 2 else ""
+    if bias and bias not in inits:
+        return None
+    groups = next((a.i for a in n.attribute if a.name == "group"), 1)
+    c_out, per_group = inits[n.input[1]].dims[:2]
+    kind = "conv" if groups == 1 else "depthwise" if per_group == 1 and c_out == groups else "grouped"
+    return QuantTarget(n.name, n.input[0], n.input[1], _layer_name(n), kind, n.output[0], bias)
+
+
+def activation_tensors(targets) -> list[str]:
+    """The tensors static INT8 quantizes per tensor (and so calibrates): every target's input and
+    each conv's output."""
+    names = {t.activation for t in targets if t.kind in STATIC_KINDS}
+    names.update(t.output for t in targets if t.is_conv and t.kind in STATIC_KINDS)
+    return sorted(names)
 
 
 def probe_session(model, names):
@@ -84,7 +134,7 @@ def probe_session(model, names):
 
 def collect_ranges(model, targets, batches, observer: str = "minmax", **observer_kw) -> dict:
     """Run the float graph on calibration batches; {activation tensor: (lo, hi)}."""
-    names = sorted({t.activation for t in targets})
+    names = activation_tensors(targets)
     sess = probe_session(model, names)
     observers = {n: make_observer(observer, **observer_kw) for n in names}
     for feeds in batches:
@@ -95,47 +145,97 @@ def collect_ranges(model, targets, batches, observer: str = "minmax", **observer
 
 
 def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=()):
-    """A QDQ copy of `model`; targets whose layer (or node) is in `exclude` stay float."""
+    """A QDQ copy of `model`; targets whose layer (or node) is in `exclude` stay float, and so do
+    targets of kinds static INT8 leaves float (`STATIC_KINDS`)."""
     require("onnx", "INT8 quantization")
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     m = copy_model(model)
     inits = {i.name: i for i in m.graph.initializer}
     nodes = {n.name: n for n in m.graph.node}
-    new_nodes, new_inits, done_acts, done_weights = [], [], {}, {}
-    zp_type = TensorProto.UINT8 if act_type == "uint8" else TensorProto.INT8
-    for t in targets:
-        if t.layer in exclude or t.node in exclude:
-            continue
+    todo = [t for t in targets if t.kind in STATIC_KINDS and t.layer not in exclude and t.node not in exclude]
+    q = _QdqBuilder(ranges, act_type)
+    # A conv's output pair first, so that a conv reading it shares the pair instead of quantizing twice.
+    for t in todo:
+        if t.is_conv and t.output not in q.done_acts:
+            node = nodes[t.node]
+            node.output[0] = f"{t.output}_float"
+            q.activation(t.output, source=node.output[0], out=t.output)
+    for t in todo:
         node = nodes[t.node]
-        if t.activation not in done_acts:
-            lo, hi = ranges[t.activation]
-            scale, zp = scale_zero_point(lo, hi, act_type)
-            base = f"{t.activation}_q"
-            new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}_scale"),
-                          helper.make_tensor(f"{base}_zp", zp_type, [], [zp])]
-            new_nodes += [
-                helper.make_node("QuantizeLinear", [t.activation, f"{base}_scale", f"{base}_zp"], [f"{base}_int"],
-                                 name=f"{base}_Q"),
-                helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [f"{base}_dq"],
-                                 name=f"{base}_DQ"),
-            ]
-            done_acts[t.activation] = f"{base}_dq"
-        if t.weight not in done_weights:
+        x = q.activation(t.activation)
+        if t.weight not in q.done_weights:
             base = f"{t.weight}_q"
-            new_inits += _int8_weight(numpy_helper.to_array(inits[t.weight]), base)
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"],
-                                              [f"{base}_dq"], name=f"{base}_DQ", axis=1))
-            done_weights[t.weight] = f"{base}_dq"
-        node.input[0], node.input[1] = done_acts[t.activation], done_weights[t.weight]
-    m.graph.initializer.extend(new_inits)
+            q.inits += _int8_weight(_array(inits[t.weight]), base, axis=0 if t.is_conv else 1)
+            q.nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"],
+                                            [f"{base}_dq"], name=f"{base}_DQ", axis=0 if t.is_conv else 1))
+            q.done_weights[t.weight] = f"{base}_dq"
+        node.input[0], node.input[1] = x, q.done_weights[t.weight]
+        if t.bias:
+            node.input[2] = q.conv_bias(t, _array(inits[t.bias]), _array(inits[t.weight]))
+    m.graph.initializer.extend(q.inits)
     # QDQ nodes go first; ONNX wants a topological order, so re-sort the whole graph.
-    toposort(m.graph, new_nodes)
+    toposort(m.graph, q.nodes)
     used = {i for n in m.graph.node for i in n.input}
     keep = [i for i in m.graph.initializer if i.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
     return m
+
+
+def _array(init) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init)
+
+
+class _QdqBuilder:
+    """The initializers and Q/DQ nodes of one `quantize` call, each activation pair made once."""
+
+    def __init__(self, ranges: dict, act_type: str):
+        from onnx import TensorProto
+
+        self.ranges, self.act_type = ranges, act_type
+        self.zp_type = TensorProto.UINT8 if act_type == "uint8" else TensorProto.INT8
+        self.nodes, self.inits, self.done_acts, self.done_weights, self.scales = [], [], {}, {}, {}
+
+    def activation(self, tensor: str, source: str | None = None, out: str | None = None) -> str:
+        """The dequantized name of `tensor` quantized per tensor with its calibrated range: a
+        QuantizeLinear of `source` (default: the tensor) and a DequantizeLinear writing `out`
+        (default `{tensor}_q_dq`)."""
+        if tensor in self.done_acts:
+            return self.done_acts[tensor]
+        from onnx import helper, numpy_helper
+
+        lo, hi = self.ranges[tensor]
+        scale, zp = scale_zero_point(lo, hi, self.act_type)
+        base = f"{tensor}_q"
+        dq = out or f"{base}_dq"
+        self.inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}_scale"),
+                       helper.make_tensor(f"{base}_zp", self.zp_type, [], [zp])]
+        self.nodes += [
+            helper.make_node("QuantizeLinear", [source or tensor, f"{base}_scale", f"{base}_zp"], [f"{base}_int"],
+                             name=f"{base}_Q"),
+            helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [dq],
+                             name=f"{base}_DQ"),
+        ]
+        self.done_acts[tensor], self.scales[tensor] = dq, np.float32(scale)
+        return dq
+
+    def conv_bias(self, t: QuantTarget, bias: np.ndarray, weight: np.ndarray) -> str:
+        """A conv's bias as int32 with scale x_scale * w_scale per output channel, zero point 0: the
+        form ORT's QDQ Conv (QLinearConv) takes."""
+        from onnx import helper, numpy_helper
+
+        _, w_scale = quantize_weight_per_channel(weight, axis=0)
+        scale = (self.scales[t.activation] * w_scale).astype(np.float32)
+        q = np.clip(np.rint(bias.astype(np.float64) / scale), -2**31, 2**31 - 1).astype(np.int32)
+        base = f"{t.node}_bias_q"
+        self.inits += [numpy_helper.from_array(q, f"{base}_int"), numpy_helper.from_array(scale, f"{base}_scale"),
+                       numpy_helper.from_array(np.zeros_like(q), f"{base}_zp")]
+        self.nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"],
+                                           [f"{base}_dq"], name=f"{base}_DQ", axis=0))
+        return f"{base}_dq"
 
 
 def _replace_linear(model, targets, exclude, make) -> int:
@@ -168,7 +268,8 @@ def _replace_linear(model, targets, exclude, make) -> int:
 
 def quantize_dynamic(model, targets, exclude=()):
     """INT8 weights per output channel; activations quantized per tensor at run time from their own
-    range (ONNX Runtime's `DynamicQuantizeMatMul`). Needs no calibration data."""
+    range (ONNX Runtime's `DynamicQuantizeMatMul`). Needs no calibration data. Convs stay float
+    (`DYNAMIC_KINDS`): ORT's ConvInteger is the only dynamic conv path and runs slower than float."""
     require("onnx", "INT8 quantization")
     from onnx import helper
 
@@ -181,7 +282,7 @@ def quantize_dynamic(model, targets, exclude=()):
         return [helper.make_node("DynamicQuantizeMatMul", ins, [out], name=f"{t.node}_dyn",
                                  domain="com.microsoft")], inits
 
-    _replace_linear(m, targets, exclude, make)
+    _replace_linear(m, [t for t in targets if t.kind in DYNAMIC_KINDS], exclude, make)
     attention_bias_to_gemms(m)
     return m
 
@@ -190,7 +291,8 @@ def quantize_weights(model, targets, exclude=()):
     """Weights only ("w8a16"): int8 weights per output channel stored as `DequantizeLinear -> MatMul`,
     activations and arithmetic stay float. About 4x smaller linear weights on disk and in downloads;
     ONNX Runtime folds the dequantization once at load when the session sets
-    `session.disable_quant_qdq=1` (the manifest asks for it), and then runs at FP32 speed."""
+    `session.disable_quant_qdq=1` (the manifest asks for it), and then runs at FP32 speed. Conv
+    weights of any groups become `DequantizeLinear(int8, axis 0) -> Conv` the same way."""
     require("onnx", "weight quantization")
     from onnx import helper
 
@@ -207,5 +309,26 @@ def quantize_weights(model, targets, exclude=()):
             nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{t.node}_w8_bias"))
         return nodes, inits
 
-    _replace_linear(m, targets, exclude, make)
+    _replace_linear(m, [t for t in targets if not t.is_conv], exclude, make)
+    _conv_weights_only(m, [t for t in targets if t.is_conv and t.layer not in exclude and t.node not in exclude])
     return m
+
+
+def _conv_weights_only(model, targets) -> None:
+    """Each target conv reads its weight through `DequantizeLinear(int8 per output channel)`, in place."""
+    from onnx import helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    new_nodes, done = [], {}
+    for t in targets:
+        if t.weight not in done:
+            base = f"{t.weight}_w8"
+            model.graph.initializer.extend(_int8_weight(_array(inits[t.weight]), base, axis=0))
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"],
+                                              [f"{base}_f"], name=f"{t.node}_w8_DQ", axis=0))
+            done[t.weight] = f"{base}_f"
+        nodes[t.node].input[1] = done[t.weight]
+    if new_nodes:
+        toposort(model.graph, new_nodes)
+        remove_dead(model)

@@ -2,8 +2,10 @@
 
     model, report = quantize_graph(float_model, get_recipe("int8"), calibration_set)
 
-Every recipe quantizes the same layers: the linear layers `quantizable` accepts (by default those
-inside the transformer blocks and of adapter heads). The patch embedding, LayerNorms, softmax, GELU,
+Every recipe quantizes the layers `quantizable` accepts (by default the linear layers inside the
+transformer blocks and of adapter heads; a convolutional tower also names its convs) that its quantizer
+has an int8 kernel for (`kinds`: int8-dynamic leaves convs float, static INT8 leaves grouped convs with a
+channel multiplier float; see calibration.qdq). The patch embedding, LayerNorms, softmax, GELU,
 residual adds, the final projections and baked heads stay float. Every recipe runs under the accuracy
 guard: layers that cost too much accuracy go back to float, and the report says which.
 
@@ -29,6 +31,7 @@ class OnnxStatic:
     portable form), which ONNX Runtime's fused integer kernels can take over (quantize_graph's `lower`)."""
 
     lowers = True
+    kinds = qdq.STATIC_KINDS
 
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
         """`quantize(exclude) -> model` for the guard; `report` gets the observer."""
@@ -44,6 +47,7 @@ class OnnxDynamic:
     """ONNX: DynamicQuantizeMatMul, activations quantized per call from their own range."""
 
     lowers = False
+    kinds = qdq.DYNAMIC_KINDS
 
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
         return lambda exclude: qdq.quantize_dynamic(model, targets, exclude)
@@ -54,6 +58,7 @@ class OnnxWeightsOnly:
     """ONNX: int8 weights behind DequantizeLinear, float activations and arithmetic."""
 
     lowers = False
+    kinds = qdq.WEIGHT_KINDS
 
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
         return lambda exclude: qdq.quantize_weights(model, targets, exclude)
@@ -199,10 +204,12 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     guard cannot meet `max_drop` even with every layer back in float.
 
     `lower`: rewrite static QDQ pairs into ONNX Runtime's fused MatMulIntegerToFloat (bias inside);
-    keep False for graphs other runtimes will read (QDQ is the portable form).
-    `quantizable(layer path) -> bool`: the linear layers INT8 may quantize (default:
-    `qdq.default_quantizable`, those inside the transformer blocks and of adapter heads)."""
-    targets = qdq.find_targets(model, quantizable)
+    keep False for graphs other runtimes will read (QDQ is the portable form). Convs stay QDQ, which
+    ONNX Runtime fuses into QLinearConv itself when it loads the graph.
+    `quantizable(layer path) -> bool`: the layers INT8 may quantize (default:
+    `qdq.default_quantizable`, the linear layers inside the transformer blocks and of adapter heads)."""
+    found = qdq.find_targets(model, quantizable)
+    targets = [t for t in found if t.kind in recipe.onnx.kinds]
     if not targets:
         raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
     if not 0.0 < max_drop < 1.0:
@@ -233,8 +240,27 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
             report["fused_int8_kernels"] = 0
     float_layers = list(g.float_layers)
     report.update(guard_report(g, max_drop, drop, float_layers, len({t.layer for t in targets} - set(float_layers))))
+    report.update(layer_counts(found, targets, float_layers))
     report.update(final_figures(run_outputs(quant, data.held_out, data.outputs), reference, data))
     return quant, report
+
+
+def layer_counts(found, targets, float_layers) -> dict:
+    """How many conv and matmul layers are int8, and the quantizable convs this recipe leaves float
+    (no int8 kernel worth running for their kind), for the report."""
+    int8 = {t.layer: t.is_conv for t in targets if t.layer not in set(float_layers)}
+    out = {"int8_conv_layers": sum(int8.values()), "int8_matmul_layers": len(int8) - sum(int8.values())}
+    skipped = sorted({t.layer for t in found if t.is_conv} - {t.layer for t in targets})
+    if skipped:
+        kinds = sorted({t.kind for t in found if t.layer in set(skipped)})
+        out["convs_left_float"] = {"count": len(skipped), "kinds": kinds, "layers": skipped[:20],
+                                   "why": CONV_FLOAT_WHY}
+    return out
+
+
+CONV_FLOAT_WHY = ("no int8 kernel faster than float for them in ONNX Runtime 1.32 CPU: ConvInteger (the only "
+                  "dynamic conv) and QLinearConv on grouped convs with a channel multiplier ran 5-70x "
+                  "slower than the float Conv")
 
 
 def _smooth(model, targets, data: CalibrationSet, alpha: float, report: dict):
@@ -243,6 +269,8 @@ def _smooth(model, targets, data: CalibrationSet, alpha: float, report: dict):
 
     if not 0.0 <= alpha <= 1.0:
         raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    # SmoothQuant folds into LayerNorm -> MatMul pairs only; a LayerNorm feeding a conv is left alone
+    targets = [t for t in targets if not t.is_conv]
     report["smoothquant"] = {"alpha": alpha, "layernorms": len(smoothable_pairs(model, targets))}
     return smooth(model, targets, data.batches, alpha)
 
