@@ -418,4 +418,7 @@ class ClipModel(nn.Module):
                   getattr(self.text, "pos_embed", None), getattr(pool, "probe", None)):
             if p is not None:
                 normal_(p, 0.02)
+        for tower in self.towers().values():  # a tower kind's own (drawn after the shared ones: same ViT draws)
+            for p in tower.random_parameters():
+                normal_(p, 0.02)
         return self

@@ -53,6 +53,11 @@ class Tower(nn.Module):
     def input_decl(self, trim: bool = False) -> dict:
         raise NotImplementedError
 
+    def random_parameters(self) -> list:
+        """Bare parameters (no Linear/Conv/Norm/Embedding owns them) that `ClipModel.init_random` draws
+        with std 0.02 besides the ones every tower kind shares (position tables, class tokens, probes)."""
+        return []
+
     def export_report(self) -> dict:
         """What the manifest records of this tower: its kind and the rewrites that ran (a tower that
         folds branches sets `self.reparameterized` to a dict of counts)."""

@@ -251,6 +251,9 @@ class MciViTTower(Tower):
     def attention_layout(self) -> tuple[int, int]:
         return self.spec.layers, self.spec.heads
 
+    def random_parameters(self) -> list:
+        return [self.cls_token]
+
     def input_decl(self, trim: bool = False) -> dict:
         s = self.spec.image_size
         return {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, s, s]}}
