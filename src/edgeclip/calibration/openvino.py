@@ -2,10 +2,10 @@
 
     model, report = quantize_ir(float_ir, get_recipe("int8"), calibration_set, layers)
 
-`layers` maps the IR's linear MatMul nodes (friendly names) to our module paths
-("visual.blocks.0.mlp.fc1"). As for ONNX, only the linear layers inside the transformer blocks are
-quantized; everything else (patch embedding, attention itself, final projection, heads) becomes an
-NNCF ignored scope, and so do the layers the guard returns to float. What NNCF runs for a recipe
+`layers` maps the IR's MatMul, Convolution and GroupConvolution nodes (friendly names) to our module
+paths ("visual.blocks.0.mlp.fc1", "visual.stages.2.blocks.0.mlp.fc1"). As for ONNX, only the layers
+the towers call quantizable are; everything else (patch embedding or stem, attention itself, final
+projection, heads) becomes an NNCF ignored scope, and so do the layers the guard returns to float. What NNCF runs for a recipe
 (nncf.quantize, nncf.compress_weights, or nothing: an error) is the recipe's `openvino` entry.
 
 The guard ranks layers on cheap probes: the all-INT8 model with the quantization of some layers
@@ -42,11 +42,34 @@ def _nncf():
 
 
 def weight_source(op):
-    """The Constant behind a MatMul's weight input (through Convert), else None."""
+    """The Constant behind a MatMul's or convolution's weight input (through Convert), else None."""
     node = op.input_value(1).get_node()
     while node.get_type_name() == "Convert":
         node = node.input_value(0).get_node()
     return node if node.get_type_name() == "Constant" else None
+
+
+def module_paths(program) -> dict:
+    """{torch.export node name: path of the module it came from} of an ExportedProgram."""
+    paths = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            paths[node.name] = list(stack.values())[-1][0]
+    return paths
+
+
+def conv_module_paths(program) -> dict:
+    """module_paths for the convolutions as OpenVINO names them. convert_model decomposes the program
+    first, and aten.conv2d becomes aten.convolution there, named "convolution", "convolution_1", ... in
+    graph order; the decomposed graph keeps each node's module stack, so its names map the IR's
+    Convolution/GroupConvolution ops (linear layers keep their names: OpenVINO does not decompose them)."""
+    import torch
+
+    return {name: path for name, path in module_paths(program.run_decompositions()).items()
+            if name.startswith("convolution")} if any(
+        n.op == "call_function" and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+        for n in program.graph.nodes) else {}
 
 
 def runner(outputs):
@@ -71,7 +94,10 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
     report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
               "quantizable_layers": len(q.by_layer), "quantizer": f"nncf {nncf.__version__}"}
     quant, g, drop, float_layers = recipe.openvino.quantize(q, recipe, observer, alpha, report)
-    report.update(guard_report(g, max_drop, drop, float_layers, len(quantized_layers(quant, layers))))
+    done = quantized_layers(quant, layers)
+    report.update(guard_report(g, max_drop, drop, float_layers, len(done)))
+    convs = conv_layers(model, layers)
+    report.update({"int8_conv_layers": len(done & convs), "int8_matmul_layers": len(done - convs)})
     report.update(final_figures(q.run(quant, data.held_out), q.reference, data))
     return quant, report
 
@@ -225,7 +251,7 @@ def activation_fq(op):
 
 
 def strip(quantized, float_model, names, restore_weights: bool = True):
-    """A copy of `quantized` with the MatMuls `names` back in float: the FakeQuantize in front of
+    """A copy of `quantized` with the layers `names` back in float: the FakeQuantize in front of
     their activations bypassed, and (`restore_weights`) the float weights of `float_model` put back."""
     ov = _ov()
     if not names:
@@ -247,7 +273,7 @@ def strip(quantized, float_model, names, restore_weights: bool = True):
 
 
 def quantized_layers(model, layers: dict) -> set:
-    """Layers whose MatMul runs in INT8: a FakeQuantize feeds its activations, or its weights are int8."""
+    """Layers whose op runs in INT8: a FakeQuantize feeds its activations, or its weights are int8."""
     done = set()
     for op in model.get_ordered_ops():
         layer = layers.get(op.get_friendly_name())
@@ -256,6 +282,12 @@ def quantized_layers(model, layers: dict) -> set:
         if activation_fq(op)[0] is not None or _int8_weights(op):
             done.add(layer)
     return done
+
+
+def conv_layers(model, layers: dict) -> set:
+    """The layers of `layers` that are convolutions (Convolution or GroupConvolution ops)."""
+    return {layers[op.get_friendly_name()] for op in model.get_ordered_ops()
+            if op.get_friendly_name() in layers and op.get_type_name() in ("Convolution", "GroupConvolution")}
 
 
 def _int8_weights(op) -> bool:

@@ -130,27 +130,27 @@ def to_openvino(module, name, decl, spec, dynamic_length: bool, quantizable=None
         model.reshape({input_name: ov.PartialShape([-1, 3, s, s])})
     else:
         model.reshape({input_name: ov.PartialShape([-1, -1 if dynamic_length else spec.text.context_length])})
-    return model, block_linears(model, program, quantizable)
+    return model, quantizable_ops(model, program, quantizable)
 
 
-def block_linears(model, program, quantizable=None) -> dict:
-    """MatMuls with constant weights that `quantizable(module path)` accepts (default: inside the
-    transformer blocks), mapped to their module paths. Adapter heads stay float on OpenVINO.
+def quantizable_ops(model, program, quantizable=None) -> dict:
+    """MatMuls, Convolutions and GroupConvolutions with constant weights that `quantizable(module
+    path)` accepts (default: inside the transformer blocks), mapped to their module paths: the layers
+    NNCF quantizes and the guard may return to float. Adapter heads stay float on OpenVINO.
 
-    OpenVINO names a converted op after the torch.export node ("linear_3/aten.linear.default/MatMul");
-    the node's `nn_module_stack` says which module it came from."""
-    from ...calibration.openvino import weight_source
+    OpenVINO names a converted op after the torch.export node ("linear_3/aten.linear.default/MatMul",
+    "convolution_5/aten.convolution.default/GroupConvolution"); the node's `nn_module_stack` says which
+    module it came from (for convolutions, the node of the decomposed program convert_model read)."""
+    from ...calibration.openvino import conv_module_paths, module_paths, weight_source
 
-    paths = {}
-    for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            paths[node.name] = list(stack.values())[-1][0]
+    convs = ("Convolution", "GroupConvolution")  # depthwise and grouped convs are GroupConvolution in the IR
+    paths, conv_paths = module_paths(program), conv_module_paths(program)
     out = {}
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul" or weight_source(op) is None:
+        kind = op.get_type_name()
+        if kind not in ("MatMul",) + convs or weight_source(op) is None:
             continue
-        path = paths.get(op.get_friendly_name().split("/")[0], "")
+        path = (conv_paths if kind in convs else paths).get(op.get_friendly_name().split("/")[0], "")
         if not path.startswith("heads.") and (quantizable(path) if quantizable else ".blocks." in f".{path}"):
             out[op.get_friendly_name()] = path
     return out
