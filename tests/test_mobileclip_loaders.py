@@ -206,3 +206,21 @@ def test_an_open_clip_hub_folder_loads_with_its_preprocessing(tmp_path):
     (d / "open_clip_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="open_clip_model.safetensors"):
         edgeclip.load_model(f"hf:{d}", spec=reduced_spec(name))
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort-mobile", "openvino"])
+def test_an_upstream_checkpoint_exports_and_runs_like_upstream(target, tmp_path):
+    """open_clip's checkpoint -> our artifact -> the runtime: the features open_clip computed."""
+    if target == "openvino":
+        pytest.importorskip("openvino")
+    from edgeclip.runtime import Pipeline
+
+    name = "openclip_mci1"
+    model = edgeclip.load_model("open_clip:MobileCLIP-S1", checkpoint=str(FIX / f"{name}.safetensors"),
+                                spec=reduced_spec(name))
+    art = edgeclip.export(model, target=target, out=tmp_path / target)
+    out = st.load_file(str(FIX / f"{name}.outputs.safetensors"))
+    pipe = Pipeline.load(art.path, **({"inference_precision": "f32"} if target == "openvino" else {}))
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    assert np.abs(pipe.encode_image(out["pixel_values"].numpy()) - unit(out["image"].numpy())).max() <= 1e-5
+    assert np.abs(pipe.encode_text(out["input_ids"].numpy()) - unit(out["text"].numpy())).max() <= 1e-5
