@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import EdgeClipError
 from .attention import register_attention
 
 NEG = -3.0e4  # masked scores: exp() underflows to 0 in fp16 and fp32 without inf arithmetic
@@ -129,6 +130,36 @@ class AneBlocks(nn.Module):
             x = blk(x, mask)
         return x.squeeze(2).transpose(1, 2)
 
+
+def conv1x1(linear: nn.Linear) -> nn.Conv2d:
+    """A linear layer as the 1x1 convolution that computes it on (B, C, 1, S) (or any NCHW map)."""
+    return _conv(linear)
+
+
+class AneAttention(nn.Module):
+    """A packed-QKV self-attention (models.clip.Attention or a subclass: `qkv`, `out`, `heads`,
+    `head_dim`) on channels-first maps: (B, C, 1, S) -> (B, C, 1, S), with 1x1 convolutions for the
+    projections and per-head split einsum. Towers that are channels-first already (convolutional
+    stages, RepMixer text layers) use it directly, without the (B, L, C) transposes.
+
+    The projections take the names the tower gives them (`qkv_name`, `out_name`), so the rewritten
+    module's parameters are named like the original's (compressed weights map back by name)."""
+
+    def __init__(self, attn, qkv_name: str = "qkv", out_name: str = "out"):
+        super().__init__()
+        if getattr(attn, "q_proj", None) is not None:
+            raise EdgeClipError("AneAttention takes the packed qkv projection: apply the ANE rewrite "
+                                "before split_qkv()")
+        self.heads = attn.heads
+        self.scale = attn.head_dim ** -0.5
+        self.names = (qkv_name, out_name)
+        setattr(self, qkv_name, _conv(attn.qkv))
+        setattr(self, out_name, _conv(attn.out))
+
+    def forward(self, x, mask=None):
+        qkv, out = (getattr(self, n) for n in self.names)
+        q, k, v = qkv(x).split(x.shape[1], dim=1)
+        return out(split_einsum_attention(q, k, v, self.heads, self.scale, mask))
 
 def rewrite_for_ane(model):
     """Run both towers in the ANE layout (in place; use on an export copy): each tower applies its own

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError, SpecError
+from ..kernels.ane import AneAttention, LayerNormANE
 from .clip import Attention
 from .towers import Tower, register_tower
 
@@ -546,6 +547,19 @@ class MciAttention(Attention):
         self.qkv = new
 
 
+class MciAneAttention(AneAttention):
+    """MciAttention in the Neural Engine layout: the (B, C, H, W) map is viewed as (B, C, 1, H*W) (a
+    reshape, no transpose: the tower is channels-first already), qkv/proj run as 1x1 convolutions and
+    attention as per-head split einsum; the parameters keep their paths (token_mixer.qkv, .proj)."""
+
+    def __init__(self, attn: MciAttention):
+        super().__init__(attn, qkv_name="qkv", out_name="proj")
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return super().forward(x.reshape(b, c, 1, h * w)).reshape(b, c, h, w)
+
+
 class RepMixerBlock(nn.Module):
     """RepMixer token mixing, then x + layer_scale * ConvMlp(x)."""
 
@@ -707,13 +721,27 @@ class MciTower(Tower):
         # projection, float in every tower) stay float.
         return path.startswith(("stages.", "final_conv.")) and ".se." not in f".{path}."
 
-    def attention_layout(self) -> tuple[int, int]:
+    def rewrite_for_ane(self) -> None:
+        """The attention blocks in the Neural Engine layout (in place, on an export copy): attention on
+        (B, C, 1, H*W) with 1x1 convolutions and per-head split einsum; MCi3/4's LayerNorm2d pre-norm
+        normalizes over the channel axis in place instead of permuting to channels-last and back.
+        The convolutional blocks are channels-first convolutions already and stay as they are."""
+        for block in list(self.modules()):
+            if not isinstance(block, AttentionBlock) or not isinstance(block.token_mixer, MciAttention):
+                continue  # not an attention block, or rewritten already
+            block.token_mixer = MciAneAttention(block.token_mixer)
+            if isinstance(block.norm, LayerNorm2d):
+                block.norm = LayerNormANE(block.norm)
+
+    def attention_layout(self) -> tuple[int, int | tuple]:
         cfg = self.config
         att = [i for i, m in enumerate(cfg.token_mixers) if m == "attention"]
-        # one attention op per block; MCi3/4's two attention stages differ in heads (24, 48): the first
-        # stage's count is reported (only the Neural Engine layout, which this tower lacks, multiplies it)
-        heads = cfg.embed_dims[att[0]] // cfg.head_dim if att else 0
-        return sum(cfg.layers[i] for i in att), heads
+        heads = [cfg.embed_dims[i] // cfg.head_dim for i in att for _ in range(cfg.layers[i])]
+        # one attention op per block; where the stages differ in heads (MCi3/4: 24 and 48) the heads are
+        # given per op, in order, so the Neural Engine layout's per-head softmax count is their sum
+        if not heads:
+            return 0, 0
+        return len(heads), heads[0] if len(set(heads)) == 1 else tuple(heads)
 
     def input_decl(self, trim: bool = False) -> dict:
         s = self.spec.image_size

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError, SpecError
+from ..kernels.ane import AneAttention, LayerNormANE, causal_mask, conv1x1
 from ..specs import ACTIVATIONS, TEXT_POOLS, TextSpec
 from .clip import Attention, TextTower, _take, make_act
 from .towers import Tower, register_tower
@@ -220,6 +221,56 @@ class AttentionLayer(nn.Module):
         return x + self.pre_norm_ffn(x)
 
 
+# ------------------------------------------------------------------- the Neural Engine layout (Core ML)
+
+class AneRepMixerBlock(nn.Module):
+    """A RepMixerBlock without its layout transposes: the ANE stack runs on (B, C, 1, L) throughout."""
+
+    def __init__(self, block: RepMixerBlock):
+        super().__init__()
+        self.token_mixer, self.convffn, self.layer_scale = block.token_mixer, block.convffn, block.layer_scale
+
+    def forward(self, x, mask=None):
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.convffn(x)
+
+
+class AneAttentionLayer(nn.Module):
+    """An AttentionLayer on (B, C, 1, L): channel-axis LayerNorms, 1x1 convolutions for every
+    projection, per-head split einsum (`kernels.ane`). Parameters keep Apple's paths and indices
+    (pre_norm_mha.1.qkv_proj, pre_norm_ffn.4, ...), so compressed weights map back by name."""
+
+    def __init__(self, layer: AttentionLayer):
+        super().__init__()
+        mha, ffn = layer.pre_norm_mha, layer.pre_norm_ffn
+        self.pre_norm_mha = nn.Sequential(LayerNormANE(mha[0]), AneAttention(mha[1], "qkv_proj", "out_proj"))
+        self.pre_norm_ffn = nn.Sequential(LayerNormANE(ffn[0]), conv1x1(ffn[1]), ffn[2], nn.Identity(),
+                                          conv1x1(ffn[4]))
+
+    def forward(self, x, mask=None):
+        x = x + self.pre_norm_mha[1](self.pre_norm_mha[0](x), mask)
+        return x + self.pre_norm_ffn(x)
+
+
+class AneTextLayers(nn.Module):
+    """The whole layer stack in the ANE layout: (B, L, C) in and out, one transpose each way, every
+    layer on (B, C, 1, L) in between (the RepMixer convolutions run there anyway)."""
+
+    def __init__(self, layers, causal: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            AneAttentionLayer(layer) if isinstance(layer, AttentionLayer) else AneRepMixerBlock(layer)
+            for layer in layers)
+        self.causal = causal
+
+    def forward(self, x, *, causal: bool = False):
+        x = x.transpose(1, 2).unsqueeze(2)
+        mask = causal_mask(x.shape[-1], x.dtype, x.device) if self.causal else None
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x.squeeze(2).transpose(1, 2)
+
+
 class _LearnedPositions(nn.Module):
     def __init__(self, length: int, width: int):
         super().__init__()
@@ -367,6 +418,14 @@ class RepMixerTextTower(Tower):
     def quantizable(self, path: str) -> bool:
         # the attention layers' linear layers; the 1x1 convolutions of ConvFFN are no MatMuls
         return path.startswith("transformer.") and ".pre_norm_" in path
+
+    def rewrite_for_ane(self) -> None:
+        """Every layer in the Neural Engine layout (in place, on an export copy; `AneTextLayers`). The
+        RepMixer layers' convolutions stay; forward runs each `transformer` entry on (B, L, C), so the
+        whole stack becomes its one entry and the tokens are transposed once each way, not per layer."""
+        if len(self.transformer) == 1 and isinstance(self.transformer[0], AneTextLayers):
+            return
+        self.transformer = nn.ModuleList([AneTextLayers(self.transformer, self.spec.causal)])
 
     def attention_layout(self) -> tuple[int, int]:
         return self.cfg["layer_types"].count("attention"), self.spec.heads or 0

@@ -311,10 +311,11 @@ def _dtype_name(dtype) -> str:
     return types.builtin_to_string(dtype)
 
 
-def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int, heads: int,
+def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int, heads,
               other_softmax: int = 0) -> dict:
     """Facts about a converted program; raises ValidationError when one the target promises is false.
 
+    `layers`, `heads`: the tower's `attention_layout()` (heads: one count, or one per attention op);
     `other_softmax`: softmax ops outside attention (the adapter heads' MCM scores)."""
     from ...errors import ValidationError
 
@@ -327,8 +328,10 @@ def structure(ml, *, fused: bool, fp16: bool, compress: str | None, layers: int,
                             f"{other_softmax} softmax (outside attention), got "
                             f"{counts['scaled_dot_product_attention']} and {counts['softmax']}")
     else:
-        if counts["scaled_dot_product_attention"] or counts["softmax"] < layers * heads:
-            problems.append(f"expected the per-head ANE pattern ({layers * heads} softmax ops), got "
+        # `heads`: per attention op, or one count for all of them (towers whose stages differ give a list)
+        per_head = sum(heads) if isinstance(heads, (tuple, list)) else layers * heads
+        if counts["scaled_dot_product_attention"] or counts["softmax"] < per_head:
+            problems.append(f"expected the per-head ANE pattern ({per_head} softmax ops), got "
                             f"{counts['softmax']} softmax and {counts['scaled_dot_product_attention']} fused")
     float32_compute = []
     if fp16:
