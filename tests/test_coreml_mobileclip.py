@@ -263,3 +263,21 @@ def test_s0_text_ane_rewrite_matches_the_reference_fp32(reparameterized):
     names = dict(ane.named_parameters())
     assert "transformer.0.layers.1.pre_norm_mha.1.qkv_proj.weight" in names
     assert names["transformer.0.layers.1.pre_norm_ffn.4.weight"].dim() == 4
+
+
+def test_causal_attention_only_repmixer_text_in_the_ane_layout_matches():
+    """A repmixer-kind tower of attention layers alone may be causal: the ANE stack masks like the reference."""
+    base = s0_spec().text
+    spec = s0_spec().replace(text={"layers": 2, "causal": True, "config": {**base.config, "layer_types": ["attention"] * 2}})
+    text = RepMixerTextTower(spec.text, spec.embed_dim)
+    _perturb_norms(text)
+    text.eval()
+    ids = torch.from_numpy(reference_inputs(spec, n=3)["input_ids"])
+    ane = copy.deepcopy(text)
+    ane.rewrite_for_ane()
+    with torch.no_grad():
+        want, got = text(ids), ane(ids)
+        bidirectional = copy.deepcopy(ane)
+        bidirectional.spec = s0_spec().replace(text={"layers": 2, "config": spec.text.config}).text
+        assert _rel(bidirectional(ids), want) > 1e-3  # the mask matters for these inputs
+    assert _rel(got, want) < 1e-5

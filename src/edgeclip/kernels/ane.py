@@ -161,6 +161,7 @@ class AneAttention(nn.Module):
         q, k, v = qkv(x).split(x.shape[1], dim=1)
         return out(split_einsum_attention(q, k, v, self.heads, self.scale, mask))
 
+
 def rewrite_for_ane(model):
     """Run both towers in the ANE layout (in place; use on an export copy): each tower applies its own
     rewrite (`Tower.rewrite_for_ane`; the transformer towers swap their blocks for AneBlocks)."""

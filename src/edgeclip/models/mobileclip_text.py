@@ -254,18 +254,19 @@ class AneAttentionLayer(nn.Module):
 
 class AneTextLayers(nn.Module):
     """The whole layer stack in the ANE layout: (B, L, C) in and out, one transpose each way, every
-    layer on (B, C, 1, L) in between (the RepMixer convolutions run there anyway)."""
+    layer on (B, C, 1, L) in between (the RepMixer convolutions run there anyway). The LayerNorms
+    normalize in the input's dtype: a Core ML FP16 program has no float32 to compute Apple's
+    layer_norm_fp32 in."""
 
-    def __init__(self, layers, causal: bool):
+    def __init__(self, layers):
         super().__init__()
         self.layers = nn.ModuleList(
             AneAttentionLayer(layer) if isinstance(layer, AttentionLayer) else AneRepMixerBlock(layer)
             for layer in layers)
-        self.causal = causal
 
     def forward(self, x, *, causal: bool = False):
         x = x.transpose(1, 2).unsqueeze(2)
-        mask = causal_mask(x.shape[-1], x.dtype, x.device) if self.causal else None
+        mask = causal_mask(x.shape[-1], x.dtype, x.device) if causal else None
         for layer in self.layers:
             x = layer(x, mask)
         return x.squeeze(2).transpose(1, 2)
@@ -425,7 +426,7 @@ class RepMixerTextTower(Tower):
         whole stack becomes its one entry and the tokens are transposed once each way, not per layer."""
         if len(self.transformer) == 1 and isinstance(self.transformer[0], AneTextLayers):
             return
-        self.transformer = nn.ModuleList([AneTextLayers(self.transformer, self.spec.causal)])
+        self.transformer = nn.ModuleList([AneTextLayers(self.transformer)])
 
     def attention_layout(self) -> tuple[int, int]:
         return self.cfg["layer_types"].count("attention"), self.spec.heads or 0
