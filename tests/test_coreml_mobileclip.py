@@ -221,7 +221,7 @@ def test_mci_ane_rewrite_matches_the_reference_fp32(fold):
     assert isinstance(qkv, nn.Conv2d) and qkv.kernel_size == (1, 1)
     with torch.no_grad():
         want, got = tower(x), ane(x)
-        # the attention moves the features: without it (identity token mixer) the output differs
+        # the attention moves the features: with its branch zeroed the output differs
         blind = copy.deepcopy(ane)
         for stage in blind.stages[3:]:
             for blk in stage.blocks:
@@ -233,6 +233,8 @@ def test_mci_ane_rewrite_matches_the_reference_fp32(fold):
 
 
 class ZeroMixer(nn.Module):
+    """An attention branch that adds nothing (the blind control of the rewrite test)."""
+
     def forward(self, x):
         return torch.zeros_like(x)
 
