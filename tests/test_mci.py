@@ -241,8 +241,8 @@ def test_tower_hooks(random_s1):
 
 def test_the_mobileclip_specs_build():
     for name, dim, attention in (("MobileCLIP-S2", 512, (4, 20)), ("MobileCLIP2-S0", 512, (2, 16)),
-                                 ("MobileCLIP2-S2", 512, (4, 20)), ("MobileCLIP2-S3", 768, (6, 24)),
-                                 ("MobileCLIP2-S4", 768, (8, 32))):
+                                 ("MobileCLIP2-S2", 512, (4, 20)), ("MobileCLIP2-S3", 768, (6, (24,) * 4 + (48,) * 2)),
+                                 ("MobileCLIP2-S4", 768, (8, (32,) * 4 + (64,) * 4))):  # heads per op differ
         spec = get_spec(name)
         assert spec.family == "mobileclip" and spec.embed_dim == dim and not spec.text.causal
         tower = MciTower(spec.vision, spec.embed_dim)
