@@ -17,6 +17,18 @@ def model_tokenizer(spec):
     return load_tokenizer(cfg["kind"], cfg["context_length"], cfg.get("path"))
 
 
+def _in_preprocessed_range(z: np.ndarray, spec) -> np.ndarray:
+    """Map N(0, 1)-like images into what the model's preprocessing produces: colours in [0, 1]
+    (a logistic squash, so the images stay smooth), then normalized with the spec's mean and std.
+    A model normalized with mean 0 / std 1 (MobileCLIP) sees [0, 1], a CLIP model about [-1.8, 2.1]:
+    the ranges its INT8 calibration covers."""
+    pre = spec.preprocess_config()
+    mean = np.asarray(pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(pre.get("std", (0.26862954, 0.26130258, 0.27577711)), np.float32).reshape(1, 3, 1, 1)
+    colours = 1.0 / (1.0 + np.exp(-1.5 * z))
+    return ((colours - mean) / std).astype(np.float32)
+
+
 def reference_inputs(spec, n: int = 3, seed: int = 1234) -> dict:
     """Fixed inputs: smooth random images (like preprocessed photos) and tokenizer-shaped ids."""
     import torch
@@ -27,6 +39,7 @@ def reference_inputs(spec, n: int = 3, seed: int = 1234) -> dict:
     coarse = g.normal(size=(n, 3, max(2, s // 8), max(2, s // 8))).astype(np.float32)
     pixels = F.interpolate(torch.from_numpy(coarse), size=(s, s), mode="bilinear", align_corners=False)
     pixels = (pixels + 0.1 * torch.from_numpy(g.normal(size=(n, 3, s, s)).astype(np.float32))).numpy()
+    pixels = _in_preprocessed_range(pixels, spec)
     t = spec.text
     ids = np.zeros((n, t.context_length), dtype=np.int64)
     lengths = [3, min(12, t.context_length - 2), t.context_length - 2][:n]
