@@ -3,7 +3,6 @@
 Standard library only (`importlib.metadata` reads versions without importing the libraries)."""
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import platform
 import time
@@ -34,13 +33,9 @@ def cpu_info() -> dict:
 
 
 def library_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    from ..exporter.artifact import tool_versions
+
+    return tool_versions(LIBRARIES)
 
 
 def machine() -> dict:

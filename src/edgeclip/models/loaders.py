@@ -280,7 +280,8 @@ def load_apple(arch: str, checkpoint=None, spec=None) -> ClipModel:
         raise CheckpointError(f"apple:{arch}: only Apple's MCi checkpoints (MobileCLIP-S0, -S1, -S2) load in "
                               "Apple's layout; for MobileCLIP-B use the open_clip checkpoint (open_clip:MobileCLIP-B)")
     ours, origin = from_apple_mobileclip(read_state_dict(Path(checkpoint)))
-    changes = {"text": apple_text(chosen.text)} if apple_text(chosen.text) else {}
+    text = apple_text(chosen.text)
+    changes = {"text": text} if text else {}
     if any(".reparam_conv." in k for k in ours if k.startswith("visual.")):
         changes["vision"] = {"config": {**chosen.vision.config, "reparameterized": True}}
     if any(".reparam_conv." in k for k in ours if k.startswith("text.")):
