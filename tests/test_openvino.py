@@ -4,6 +4,7 @@ reference of the caller's model (inference precision forced to f32 where the bou
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,6 +20,7 @@ import edgeclip  # noqa: E402
 from edgeclip import builtin  # noqa: E402
 from edgeclip.errors import ArtifactError, CalibrationError, ChecksumError, EdgeClipError  # noqa: E402
 from edgeclip.exporter.graphs import reference_inputs  # noqa: E402
+from edgeclip.runtime.backends.openvino import precision_name  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 from synthetic import calibration_data, outlier_tiny  # noqa: E402
@@ -130,6 +132,24 @@ def test_int8_ir_is_quantized_and_keeps_digits_accuracy(tiny):
                                                                 truth)]))
                for p in ("fp32", "int8", "w8a16")}
         assert acc["fp32"] >= 0.98 and acc["int8"] >= acc["fp32"] - 0.01 and acc["w8a16"] >= acc["fp32"] - 0.01, acc
+
+
+def test_int8_ir_pins_the_precision_it_was_validated_at(tiny, tmp_path):
+    # INT8 IRs run in f32 by default (OpenVINO's bf16 default broke MobileCLIP-S1's INT8 IR); float IRs
+    # keep the device's default; an explicit precision still wins; a manifest cannot ask for others
+    assert tiny["int8"].manifest["graphs"]["image"]["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32"}
+    assert "ov_config" not in tiny["fp32"].manifest["graphs"]["image"]
+    assert {i["inference_precision"] for i in Pipeline.load(tiny["int8"].path).info().values()} == {"f32"}
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    assert {i["inference_precision"] for i in Pipeline.load(tiny["fp32"].path).info().values()} == {
+        precision_name(default)}
+    art = tmp_path / "art"
+    shutil.copytree(tiny["int8"].path, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["graphs"]["image"]["ov_config"] = {"INFERENCE_PRECISION_HINT": "bf16"}
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="ov_config"):
+        Pipeline.load(art)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ FORMAT_VERSION = 1
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Runtime options an export may ask of its backend: only what exports write, with the values they write.
-BACKEND_OPTIONS = {"session_config": {"session.disable_quant_qdq": ("0", "1")}, "ov_config": {}}
+BACKEND_OPTIONS = {"session_config": {"session.disable_quant_qdq": ("0", "1")},
+                   # INT8 IRs pin the precision they were validated at (see exporter/formats/openvino.py)
+                   "ov_config": {"INFERENCE_PRECISION_HINT": ("f32",)}}
 OPTION_BACKEND = {"session_config": "ort", "ov_config": "openvino"}
 DTYPES = ("float32", "float16", "int64", "int32")
 # graph -> its one input, the dtypes it may take (Core ML feeds int32 ids), its rank, its embedding output

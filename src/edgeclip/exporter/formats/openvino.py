@@ -5,7 +5,8 @@ torch's scaled-dot-product attention, which OpenVINO keeps as one `ScaledDotProd
 and its CPU plugin compiles into a fused Snippets subgraph. FP16 stores compressed (fp16) weights;
 INT8 goes through NNCF with edgeclip's calibration data, recipes and accuracy guard
 (`calibration.openvino`). Validation runs OpenVINO with the inference precision forced to f32;
-the manifest also records which precision OpenVINO picks on the export machine by default.
+the manifest also records which precision OpenVINO picks on the export machine by default. INT8 IRs
+also run in f32 by default (`graphs.<name>.ov_config`), the precision they were validated at.
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ class OpenVinoTarget(OnnxFamilyTarget):
     def graph_config(self, job: ExportJob, graphs: dict) -> None:
         for info in graphs.values():
             info["weights"] = info["file"][: -len(".xml")] + ".bin"
+            if job.opts.precision == "int8":
+                # The guard and the validation measure INT8 IRs in f32. OpenVINO's bf16 default runs an
+                # INT8 IR's float remainder and requantization in bf16, which broke MobileCLIP-S1
+                # (image cosine 0.04 vs 0.998 in f32; tiny layer-scaled branches): pin f32. Its float
+                # parts are few, so it costs little (NNCF's S1: 16.0 ms f32, 16.9 ms bf16).
+                info["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32"}
 
     def open_graph(self, path: Path, info: dict):
         return OvBackend(path, inference_precision="f32")

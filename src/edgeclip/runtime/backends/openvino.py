@@ -2,7 +2,8 @@
 
 Compiled once per graph with the latency hint and the Pipeline's thread count. OpenVINO picks an
 inference precision per device (bf16 on CPUs that have it, even for FP32 models); pass
-`inference_precision="f32"` to force full precision. `.info["inference_precision"]` is read back
+`inference_precision="f32"` to force full precision (INT8 artifacts ask for f32 in their manifest;
+an explicit `inference_precision` still wins). `.info["inference_precision"]` is read back
 from the compiled model: what actually runs, not what was asked.
 """
 from __future__ import annotations
