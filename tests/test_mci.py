@@ -225,6 +225,28 @@ def test_reparameterize_on_full_size_mci1_is_exact(random_s1):
     assert folded.reparameterized == {"blocks": 47, "batchnorms": n_bn, "layer_scales": 44} and n_bn == 208
 
 
+def test_prefer_depthwise_tiles_the_multiplier_convs_exactly(random_s1):
+    # OpenVINO's rewrite: the stage entries' 7x7 convs and final_conv (two outputs per input channel)
+    # become depthwise convs over a tiled input, their consumers' channels permuted to match
+    from edgeclip.models.mci import TiledDepthwise
+
+    tower = copy.deepcopy(random_s1.visual)
+    tower.prefer_depthwise()
+    assert tower.tiled_convs == 0  # unfolded: nothing to tile
+    tower.prepare_export(pooled_only_last=True)
+    pixels = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    want = encode(tower, pixels)
+    tower.prefer_depthwise()
+    tiled = [m for m in tower.modules() if isinstance(m, TiledDepthwise)]
+    grouped = [m for m in tower.modules() if type(m) is nn.Conv2d and 1 < m.groups and m.out_channels != m.groups]
+    assert tower.tiled_convs == len(tiled) == 4 and not grouped  # 3 stage entries + final_conv
+    assert all(m.groups == m.out_channels for m in tiled)
+    assert rel_err(encode(tower, pixels), want) <= 1e-6
+    assert tower.export_report()["tiled_multiplier_convs"] == 4
+    tower.prefer_depthwise()  # a second call finds nothing left
+    assert tower.tiled_convs == 0 and rel_err(encode(tower, pixels), want) <= 1e-6
+
+
 # ------------------------------------------------------------------------- hooks and errors
 
 def test_tower_hooks(random_s1):

@@ -27,6 +27,12 @@ from .recipes import CalibrationSet, Recipe, final_figures, guard_report
 
 log = logging.getLogger(__name__)
 QUANTIZABLE = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData")
+# Ops that stay float on OpenVINO even where the tower allows INT8: the CPU plugin runs grouped and
+# depthwise convolutions no faster in INT8 than in f32 (MobileCLIP-S1, 41 7x7 depthwise convs: 2.0 vs
+# 2.1 ms) and those with several outputs per group far slower (jit_gemm_I8, ~10x), while they are the
+# layers the guard returns to float first (RepMixer convs carry the residual). The ONNX target leaves
+# them to its guard.
+FLOAT_FOR_SPEED = ("GroupConvolution",)
 OBSERVERS = ("minmax", "percentile")
 MAX_REQUANTIZE = 4  # extra NNCF runs when the probes' choice misses the bound on the real model
 
@@ -72,13 +78,19 @@ def conv_module_paths(program) -> dict:
         for n in program.graph.nodes) else {}
 
 
-def runner(outputs):
-    """`run(model, feeds) -> {output: array}`, compiled on CPU in full float32."""
+def _default_precision() -> str:
+    from ..runtime.backends.openvino import precision_name
+
+    return precision_name(_ov().Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+
+
+def runner(outputs, precision: str = "f32"):
+    """`run(model, feeds) -> {output: array}`, compiled on CPU at `precision` (default full float32)."""
     ov = _ov()
     core = ov.Core()
 
     def run(model, feeds):
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
         res = compiled.create_infer_request().infer(feeds)
         return {o: np.asarray(res[compiled.output(o)]) for o in outputs}
 
@@ -99,6 +111,7 @@ def quantize_ir(model, recipe: Recipe, data: CalibrationSet, layers: dict, *, ob
     convs = conv_layers(model, layers)
     report.update({"int8_conv_layers": len(done & convs), "int8_matmul_layers": len(done - convs)})
     report.update(final_figures(q.run(quant, data.held_out), q.reference, data))
+    report.update(q.float_for_speed_report(), **q.default_precision_check(quant))
     return quant, report
 
 
@@ -128,10 +141,40 @@ class _Quantizer:
         # quantizable nodes outside our linear layers (patch embedding, projections, heads) stay float
         self.others = [n for n, op in ops.items() if op.get_type_name() in QUANTIZABLE and n not in layers]
         self.by_layer: dict[str, list[str]] = {}
+        self.speed_float: list[str] = []  # layers kept float because INT8 is no faster for them here
         for node, layer in layers.items():
-            self.by_layer.setdefault(layer, []).append(node)
+            if ops[node].get_type_name() in FLOAT_FOR_SPEED:
+                self.others.append(node)
+                self.speed_float.append(layer)
+            else:
+                self.by_layer.setdefault(layer, []).append(node)
+        if not self.by_layer:
+            raise CalibrationError(f"the {data.graph} graph has no layer INT8 makes faster on OpenVINO "
+                                   f"(only {', '.join(FLOAT_FOR_SPEED)}); export fp16 or fp32")
         self.run = runner(data.outputs)
         self.reference = self.run(model, data.held_out)
+
+    def float_for_speed_report(self) -> dict:
+        return {"float_for_speed": {"ops": list(FLOAT_FOR_SPEED), "layers": len(set(self.speed_float))}} \
+            if self.speed_float else {}
+
+    def default_precision_check(self, quant) -> dict:
+        """Whether the INT8 IR also holds the bound at OpenVINO's default precision here (bf16 on CPUs
+        with bf16): {"inference_precision": the one the artifact asks for, ...}. f32 (pinned in the
+        manifest) unless that default was measured and kept the bound: an IR whose float remainder
+        and requantization run in bf16 can fail even when the f32 IR passes (MobileCLIP-S1 with INT8
+        depthwise convs: image cosine 0.04), and an IR never measured in bf16 must not run in it."""
+        default = _default_precision()
+        out = {"inference_precision": "f32"}
+        if default == "f32":
+            return out
+        d = self.data
+        got = runner(d.outputs, default)(quant, d.held_out)
+        drop = guard_measure(got, self.reference, d.output, d.heads, self.max_drop, d.min_agreement)
+        out[f"cosine_drop_{default}"] = drop
+        if drop <= self.max_drop:
+            out["inference_precision"] = "default"
+        return out
 
     def nodes(self, exclude) -> list[str]:
         """The IR nodes of the layers in `exclude` (the guard hands a set: sorted, so the order never

@@ -88,10 +88,15 @@ class Target:
         from .graphs import prepare
 
         m = prepare(job.model, job.opts, attention=attention, dtype=dtype)
+        self.rewrite(m)
         job.towers = {"image": m.visual.export_report(), "text": m.text.export_report()}
         return m
 
     # ------------------------------------------------------------------------------ hooks
+    def rewrite(self, m) -> None:
+        """Exact rewrites this target's runtime prefers (in place, on the export copy), through the
+        towers' hooks (`prefer_gemm`, `prefer_depthwise`)."""
+
     def check_options(self, opts) -> None:
         """Target-specific checks of the options, before any work."""
 

@@ -261,6 +261,69 @@ def _new_conv(weight, bias, *, stride=1, groups=1) -> nn.Conv2d:
     return conv
 
 
+class TiledDepthwise(nn.Conv2d):
+    """A grouped conv with one input channel per group and m > 1 outputs per group (the stage
+    entries' large-kernel convs and final_conv: groups = C_in, C_out = m C_in), computed as a
+    depthwise conv over the input tiled m times along channels. Its output channels come in tiled
+    order (j C_in + g for the grouped conv's g m + j), which the consumers' weights absorb
+    (`tile_multiplier_convs`). Why: OpenVINO's CPU plugin has fast depthwise kernels but runs
+    multiplier convs on generic ones (measured on MobileCLIP-S1: jit_avx512_f32 ~4x a depthwise
+    conv's time, jit_gemm_I8 ~10x), and a channel concat keeps its blocked layout."""
+
+    def forward(self, x):
+        m = self.out_channels // x.shape[1]
+        return F.conv2d(torch.cat([x] * m, 1), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.out_channels)
+
+
+def _tile_conv(conv: nn.Conv2d) -> tuple[TiledDepthwise, torch.Tensor]:
+    """(TiledDepthwise equal to `conv` up to output order, perm: tiled output i is conv's output perm[i])."""
+    cin, m = conv.in_channels, conv.out_channels // conv.in_channels
+    j, g = torch.div(torch.arange(cin * m), cin, rounding_mode="floor"), torch.arange(cin * m) % cin
+    perm = g * m + j
+    new = TiledDepthwise(cin * m, cin * m, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                         dilation=conv.dilation, groups=cin * m, bias=True,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[perm])
+        new.bias.copy_(conv.bias[perm] if conv.bias is not None else torch.zeros_like(new.bias))
+    new.in_channels = cin  # what the module reads (the state dict keeps the grouped conv's shapes)
+    return new, perm
+
+
+def _permute_se(se: nn.Module, perm: torch.Tensor) -> None:
+    if isinstance(se, SqueezeExcite):
+        se.fc1.weight.data = se.fc1.weight.data[:, perm]
+        se.fc2.weight.data, se.fc2.bias.data = se.fc2.weight.data[perm], se.fc2.bias.data[perm]
+
+
+def _is_multiplier(conv) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels > 1
+            and conv.out_channels > conv.in_channels and conv.out_channels % conv.in_channels == 0)
+
+
+def tile_multiplier_convs(tower) -> int:
+    """Every folded multiplier conv of an MCi tower as a TiledDepthwise (in place, on an export copy),
+    its squeeze-excite and the next layer's input channels permuted to match: the same sums in
+    another channel order, so the tower's output is unchanged. Returns how many convs changed."""
+    pairs = [(st.downsample.proj[0], lambda p, nxt=st.downsample.proj[1]: _permute_in(nxt.reparam_conv, p))
+             for st in tower.stages if isinstance(st.downsample, PatchEmbed)]
+    pairs.append((tower.final_conv, lambda p: _permute_in(tower.head.fc, p)))
+    n = 0
+    for block, permute_next in pairs:
+        if not _is_multiplier(block.reparam_conv) or not isinstance(block.act, (nn.GELU, nn.Identity)):
+            continue  # unfolded, already tiled, or not the shape this rewrite is for
+        block.reparam_conv, perm = _tile_conv(block.reparam_conv)
+        _permute_se(block.se, perm)
+        permute_next(perm)
+        n += 1
+    return n
+
+
+def _permute_in(layer: nn.Module, perm: torch.Tensor) -> None:
+    layer.weight.data = layer.weight.data[:, perm]
+
+
 def _fold_linear_output(layer: nn.Module, gamma: torch.Tensor) -> None:
     """layer(x) * gamma, per output channel, becomes one layer (a conv or linear with a bias)."""
     g = gamma.reshape(-1)
@@ -713,6 +776,15 @@ class MciTower(Tower):
     def prepare_export(self, pooled_only_last: bool) -> None:
         # average pooling reads every position, so there is no pooled-only shortcut; folding is exact
         self.reparameterize()
+
+    def prefer_depthwise(self) -> None:
+        self.tiled_convs = tile_multiplier_convs(self)
+
+    def export_report(self) -> dict:
+        report = super().export_report()
+        if getattr(self, "tiled_convs", 0):
+            report["tiled_multiplier_convs"] = self.tiled_convs
+        return report
 
     def quantizable(self, path: str) -> bool:
         # INT8 candidates: the stages' convolutions and linears (1x1 dense MLP convs, attention qkv/proj,

@@ -38,6 +38,10 @@ class Tower(nn.Module):
     def prefer_gemm(self) -> None:
         """Run convolutions that are GEMMs in disguise as GEMMs (same sums), where the tower has any."""
 
+    def prefer_depthwise(self) -> None:
+        """Run grouped convolutions with several outputs per input channel as depthwise ones (same
+        sums), where the tower has any and its export is folded."""
+
     def rewrite_for_ane(self) -> None:
         raise EdgeClipError(f"the {self.kind} {self.role} tower has no Neural Engine layout; export Core ML "
                             "with --min-ios 18 (fused attention) instead")

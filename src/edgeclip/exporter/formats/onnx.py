@@ -45,7 +45,6 @@ class OnnxFamilyTarget(Target):
         opts, spec = job.opts, job.spec
         dtype = self.trace_dtype(opts.precision)
         m = self.prepare(job, self.attention, dtype)
-        self.rewrite(m)
         if opts.precision == "int8":
             self.calibrate(job, m)
         decl = io_spec(m, len(job.labels), trim=job.trim, heads=job.heads)

@@ -46,16 +46,19 @@ class OpenVinoTarget(OnnxFamilyTarget):
         require("openvino", "the OpenVINO target")
 
     def rewrite(self, m) -> None:
-        """OpenVINO's CPU plugin runs the patch convolution well: no rewrite."""
+        """OpenVINO's CPU plugin runs the patch convolution well (no GEMM rewrite) but multiplier
+        grouped convolutions slowly: those become depthwise ones where a tower has any."""
+        for tower in m.towers().values():
+            tower.prefer_depthwise()
 
     def graph_config(self, job: ExportJob, graphs: dict) -> None:
-        for info in graphs.values():
+        for name, info in graphs.items():
             info["weights"] = info["file"][: -len(".xml")] + ".bin"
-            if job.opts.precision == "int8":
-                # The guard and the validation measure INT8 IRs in f32. OpenVINO's bf16 default runs an
-                # INT8 IR's float remainder and requantization in bf16, which broke MobileCLIP-S1
-                # (image cosine 0.04 vs 0.998 in f32; tiny layer-scaled branches): pin f32. Its float
-                # parts are few, so it costs little (NNCF's S1: 16.0 ms f32, 16.9 ms bf16).
+            q = job.quantization.get(name) if job.opts.precision == "int8" else None
+            if q is not None and q.get("inference_precision", "f32") == "f32":
+                # The guard measures INT8 IRs in f32; OpenVINO's bf16 default runs their float remainder
+                # and requantization in bf16, which can break them (see calibration.openvino
+                # default_precision_check): pin f32 unless the default was measured and kept the bound.
                 info["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32"}
 
     def open_graph(self, path: Path, info: dict):
