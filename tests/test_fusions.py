@@ -13,7 +13,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edgeclip.kernels.onnx_fusions import AttentionFusion, QuickGeluFusion, SkipLayerNormFusion, fuse  # noqa: E402
+from edgeclip.kernels.onnx_fusions import (  # noqa: E402
+    AttentionFusion, GeluFusion, QuickGeluFusion, SkipLayerNormFusion, fuse)
 
 B, L, N, H = 2, 7, 4, 8
 D = N * H
@@ -393,6 +394,49 @@ def test_quick_gelu_fusion_leaves_other_gates_alone():
     assert QuickGeluFusion().fuse(model) == 0
 
 
+def _gelu_graph(scale_op="Div", half_first=True, x_first=False):
+    """x * 0.5 * (1 + erf(x / sqrt 2)) in the orders exporters write it."""
+    inits = [_const("c", np.array(2 ** 0.5 if scale_op == "Div" else 2 ** -0.5, np.float32)),
+             _const("one", np.array(1.0, np.float32)), _const("half", np.array(0.5, np.float32))]
+    nodes = [helper.make_node(scale_op, ["x", "c"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["one", "e"], ["a"])]
+    if half_first:
+        nodes += [helper.make_node("Mul", ["half", "a"], ["m"]),
+                  helper.make_node("Mul", ["x", "m"] if x_first else ["m", "x"], ["y"])]
+    else:
+        nodes += [helper.make_node("Mul", ["x", "a"] if x_first else ["a", "x"], ["m"]),
+                  helper.make_node("Mul", ["m", "half"], ["y"])]
+    return helper.make_model(helper.make_graph(
+        nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, L, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, L, D])], inits),
+        opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("scale_op,half_first,x_first", [("Div", True, True), ("Div", False, False),
+                                                          ("Mul", True, False), ("Mul", False, True)])
+def test_gelu_fusion_golden(scale_op, half_first, x_first):
+    model = _gelu_graph(scale_op, half_first, x_first)
+    x = {"x": np.random.default_rng(4).normal(size=(B, L, D)).astype(np.float32) * 3}
+    before = _run(model, x)
+    assert GeluFusion().fuse(model) == 1
+    onnx.checker.check_model(model)
+    (node,) = model.graph.node
+    assert node.op_type == "Gelu" and node.domain == "com.microsoft" and not model.graph.initializer
+    np.testing.assert_allclose(_run(model, x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit", ["scale", "half", "gate"])
+def test_gelu_fusion_leaves_near_misses_alone(edit):
+    model = _gelu_graph()
+    if edit == "scale":  # x / 2: not erf(x / sqrt 2)
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(2.0, np.float32), "c"))
+    elif edit == "half":  # 0.25 * (1 + erf) * x
+        model.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array(0.25, np.float32), "half"))
+    else:  # (1 + erf(x / sqrt 2)) * 0.5 * d: gated by another tensor than the erf's input
+        model.graph.node[4].input[1] = "d"
+    assert GeluFusion().fuse(model) == 0
+
+
 # ------------------------------------------------------------------------------ exported models
 
 def _tiny_pair_exports():
@@ -458,5 +502,5 @@ def test_fused_and_unfused_exports_agree(tiny_pair):
 
 def test_fuse_reports_counts_per_fusion():
     model = _attention_graph("causal")
-    assert fuse(model) == {"attention": 1, "quick_gelu": 0}
+    assert fuse(model) == {"attention": 1, "quick_gelu": 0, "gelu": 0}
     assert fuse(_skip_ln_graph(True), ("attention", "skip_layernorm")) == {"attention": 0, "skip_layernorm": 1}
