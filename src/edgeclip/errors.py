@@ -125,3 +125,12 @@ class OutputPathError(ArtifactError):
 
 class UsageError(InputError):
     """A command-line argument is missing, malformed or out of range."""
+
+
+class TensorRTCompatError(ArtifactError):
+    """A graph meant for TensorRT uses an op, opset, quantization form or dynamic shape the targeted
+    TensorRT version cannot build; the message names the node."""
+
+    def __init__(self, message: str, node: str | None = None, rule: str | None = None):
+        super().__init__(message)
+        self.node, self.rule = node, rule
