@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError
+from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError, UsageError
 from .backends import backend_for_target, get_backend
 from .manifest import check_files, graph_files, load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor, check_pixels
@@ -67,14 +67,17 @@ class Pipeline:
     TEXT_CACHE_SIZE = 64  # label sets whose class embeddings are kept (least recently used go first)
 
     def __init__(self, root: Path, manifest: dict, backend: str, threads: int | None,
-                 inference_precision: str | None = None, digest: str | None = None):
+                 inference_precision: str | None = None, digest: str | None = None, providers=None):
         self.root, self.manifest, self.threads = root, manifest, check_threads(threads)
         self.digest = digest
         self.backend_name = backend
         if inference_precision not in (None, "f32") and backend != "openvino":
             raise ArtifactError(f"backend '{backend}' runs float32 on CPU; inference_precision="
                                 f"'{inference_precision}' applies to the openvino backend only")
-        self.inference_precision = inference_precision
+        if providers is not None and backend != "ort":
+            raise UsageError(f"providers= are ONNX Runtime execution providers; this artifact runs on the "
+                             f"'{backend}' backend")
+        self.inference_precision, self.providers = inference_precision, providers
         try:
             self.preprocessor = Preprocessor.from_config(manifest["preprocess"])
         except EdgeClipError as e:
@@ -88,7 +91,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-             inference_precision: str | None = None, digest: str | None = None) -> "Pipeline":
+             inference_precision: str | None = None, digest: str | None = None, providers=None) -> "Pipeline":
         """Open an artifact folder, verifying the manifest and every file's checksum (verify=False
         skips hashing at load; each graph and the tokenizer are still checked as they are read).
 
@@ -96,7 +99,8 @@ class Pipeline:
         app shipped: any other manifest raises DigestError. `backend="auto"` runs the artifact with
         the backend its target is made for. `inference_precision` (OpenVINO: f32 | bf16 | f16)
         overrides the device's default; OpenVINO runs float32 models in bf16 on CPUs that support it
-        unless told f32. `info()` says what ran."""
+        unless told f32. `providers` (ort backend): ONNX Runtime execution providers, names or
+        (name, options) pairs, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]. `info()` says what ran."""
         root = Path(path)
         check_threads(threads)
         manifest, found = load_manifest(root, verify=False, digest=digest)  # parsed, validated, sizes checked
@@ -109,7 +113,7 @@ class Pipeline:
         elif backend != expected:
             raise ArtifactError(f"a {manifest['target']} artifact runs on the '{expected}' backend, not "
                                 f"'{backend}'; pass backend='auto'")
-        p = cls(root, manifest, backend, threads, inference_precision, digest=found)
+        p = cls(root, manifest, backend, threads, inference_precision, digest=found, providers=providers)
         p._graph("image")  # compile now: load errors surface at load time, not at first call
         return p
 
@@ -132,6 +136,8 @@ class Pipeline:
     def _open(self, info: dict):
         """A backend over the verified bytes of one graph (what runs is what was hashed)."""
         kw = _backend_kwargs(info, self.inference_precision)
+        if self.providers is not None:
+            kw["providers"] = self.providers
         return self._backend_cls.open_verified(self.root, info, self.manifest, threads=self.threads, **kw)
 
     def info(self) -> dict:
