@@ -69,3 +69,5 @@ def graph_suffixes(target: str) -> tuple:
 register_backend("ort", "ort", "ort", {"onnx": (".onnx",), "ort-mobile": (".ort",)})
 register_backend("openvino", "openvino", "openvino", {"openvino": (".xml",)})
 register_backend("coreml", "coreml", "coreml", {"coreml": (".mlpackage",)})
+# engines are built on the device from the artifact's TensorRT-ready ONNX (runtime/backends/tensorrt.py)
+register_backend("tensorrt", "tensorrt", "tensorrt", {"tensorrt": (".onnx",)})
