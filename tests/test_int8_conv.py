@@ -193,8 +193,12 @@ def test_openvino_int8_quantizes_convolutions_under_the_guard(setup):
     ir = ov.Core().read_model(str(art.path / "image.xml"))
     fq_convs = [op for op in ir.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution")
                 and op.input_value(0).get_node().get_type_name() == "FakeQuantize"]
-    assert len(fq_convs) == rep["int8_conv_layers"] > KINDS["conv"]
+    # dense convs INT8 under the guard; grouped and depthwise convs stay float on OpenVINO (no faster
+    # in INT8 on its CPU plugin), counted apart, with no FakeQuantize in front of them
+    assert len(fq_convs) == rep["int8_conv_layers"] > 0.5 * KINDS["conv"]
+    assert all(op.get_type_name() == "Convolution" for op in fq_convs)
+    assert rep["float_for_speed"] == {"ops": ["GroupConvolution"], "layers": KINDS["depthwise"] + KINDS["grouped"]}
     assert rep["int8_conv_layers"] + rep["int8_matmul_layers"] == rep["int8_layers"]
-    assert rep["quantizable_layers"] == sum(KINDS.values()) + 2
+    assert rep["quantizable_layers"] == KINDS["conv"] + 2
     assert rep["cosine_drop"] <= MAX_DROP and rep["max_cosine_drop"] == MAX_DROP
     assert runtime_cosine(setup, art) >= 0.99

@@ -140,7 +140,7 @@ def cmd_export(args) -> int:
         model, target=args.target, precision=args.precision, out=args.out,
         labels=labels, templates=args.templates, heads=args.head or [], trim_text=not args.no_trim,
         pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
-        fuse=not args.no_fuse, **_int8_options(args), **_coreml_options(args),
+        fuse=not args.no_fuse, **_int8_options(args), **_coreml_options(args), **_tensorrt_options(args),
     )
     elapsed = time.perf_counter() - t1
     if args.json:
@@ -178,6 +178,21 @@ def _coreml_options(args) -> dict:
     """Core ML flags, passed only when given (other targets reject them)."""
     kw = {"compress": args.compress, "min_ios": args.min_ios}
     return {k: v for k, v in kw.items() if v is not None}
+
+
+def _tensorrt_options(args) -> dict:
+    """TensorRT flags, passed only when given. `--profile batch=1,8,64` (repeatable)."""
+    kw = {"trt_version": args.trt_version} if args.trt_version else {}
+    if args.profile:
+        prof = {}
+        for item in args.profile:
+            name, _, rng = item.partition("=")
+            try:
+                prof[name.strip()] = tuple(int(v) for v in rng.split(","))
+            except ValueError:
+                raise UsageError(f"--profile {item!r}: expected NAME=MIN,OPT,MAX (e.g. batch=1,8,64)") from None
+        kw["profiles"] = prof
+    return kw
 
 
 def _int8_options(args) -> dict:
@@ -521,6 +536,7 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-fuse", action="store_true", help="keep attention unfused (for comparisons)")
     _add_coreml_group(p)
+    _add_tensorrt_group(p)
     _add_int8_group(p)
     p.add_argument("--json", action="store_true")  # after the groups: --help lists it last
     p.set_defaults(func=cmd_export)
@@ -532,6 +548,13 @@ def _add_coreml_group(p) -> None:
                    help="deployment target (default 18: fused attention; 16/17: Neural Engine layout)")
     c.add_argument("--compress", choices=["w8", "palettize6", "palettize4", "int4-blockwise"],
                    help="weight compression of the fp16 model; int4-blockwise needs iOS 18")
+
+
+def _add_tensorrt_group(p) -> None:
+    t = p.add_argument_group("TensorRT (--target tensorrt)")
+    t.add_argument("--trt-version", help="TensorRT version the graphs are made for (default 10.3: JetPack 6)")
+    t.add_argument("--profile", action="append", metavar="NAME=MIN,OPT,MAX",
+                   help="optimization profile: batch=1,8,64 (default) or length=1,77,77 (text tokens); repeatable")
 
 
 def _add_int8_group(p) -> None:

@@ -144,9 +144,16 @@ def collect_ranges(model, targets, batches, observer: str = "minmax", **observer
     return {n: o.range() for n, o in observers.items()}
 
 
-def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=()):
+FORMS = ("ort", "tensorrt")
+
+
+def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=(), form: str = "ort"):
     """A QDQ copy of `model`; targets whose layer (or node) is in `exclude` stay float, and so do
-    targets of kinds static INT8 leaves float (`STATIC_KINDS`)."""
+    targets of kinds static INT8 leaves float (`STATIC_KINDS`).
+
+    `form`: "ort" (above: a conv's output quantized too, its bias int32) or "tensorrt" (TensorRT's
+    explicit quantization: Q/DQ only on the inputs of MatMul/Conv, bias left float; pass
+    act_type="int8" for its symmetric activations)."""
     require("onnx", "INT8 quantization")
     from onnx import helper
 
@@ -155,9 +162,10 @@ def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=()):
     nodes = {n.name: n for n in m.graph.node}
     todo = [t for t in targets if t.kind in STATIC_KINDS and t.layer not in exclude and t.node not in exclude]
     q = _QdqBuilder(ranges, act_type)
+    ort_convs = form == "ort"
     # A conv's output pair first, so that a conv reading it shares the pair instead of quantizing twice.
     for t in todo:
-        if t.is_conv and t.output not in q.done_acts:
+        if ort_convs and t.is_conv and t.output not in q.done_acts:
             node = nodes[t.node]
             node.output[0] = f"{t.output}_float"
             q.activation(t.output, source=node.output[0], out=t.output)
@@ -171,7 +179,7 @@ def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=()):
                                             [f"{base}_dq"], name=f"{base}_DQ", axis=0 if t.is_conv else 1))
             q.done_weights[t.weight] = f"{base}_dq"
         node.input[0], node.input[1] = x, q.done_weights[t.weight]
-        if t.bias:
+        if t.bias and ort_convs:
             node.input[2] = q.conv_bias(t, _array(inits[t.bias]), _array(inits[t.weight]))
     m.graph.initializer.extend(q.inits)
     # QDQ nodes go first; ONNX wants a topological order, so re-sort the whole graph.

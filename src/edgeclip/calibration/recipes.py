@@ -33,13 +33,17 @@ class OnnxStatic:
     lowers = True
     kinds = qdq.STATIC_KINDS
 
-    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
-        """`quantize(exclude) -> model` for the guard; `report` gets the observer."""
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort"):
+        """`quantize(exclude) -> model` for the guard; `report` gets the observer. `form`: see
+        `qdq.quantize` (TensorRT: symmetric int8 activations, Q/DQ on layer inputs only)."""
         if not data.batches:
             raise CalibrationError(f"no calibration batches for the {data.graph} graph")
         ranges = qdq.collect_ranges(model, targets, data.batches, observer)
         report["observer"] = observer
-        return lambda exclude: qdq.quantize(model, targets, ranges, exclude=exclude)
+        act = "int8" if form == "tensorrt" else "uint8"
+        if form != "ort":
+            report["form"], report["activation_type"] = form, act
+        return lambda exclude: qdq.quantize(model, targets, ranges, act, exclude=exclude, form=form)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class OnnxDynamic:
     lowers = False
     kinds = qdq.DYNAMIC_KINDS
 
-    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort"):
         return lambda exclude: qdq.quantize_dynamic(model, targets, exclude)
 
 
@@ -60,7 +64,7 @@ class OnnxWeightsOnly:
     lowers = False
     kinds = qdq.WEIGHT_KINDS
 
-    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict):
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort"):
         return lambda exclude: qdq.quantize_weights(model, targets, exclude)
 
 
@@ -199,7 +203,8 @@ def text_calibration(ids: np.ndarray, eot_token_id, trim: bool, info: dict, batc
 
 
 def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str = "minmax",
-                   alpha: float = 0.5, max_drop: float = 0.005, lower: bool = True, quantizable=None):
+                   alpha: float = 0.5, max_drop: float = 0.005, lower: bool = True, quantizable=None,
+                   form: str = "ort"):
     """(quantized ONNX model, report for the manifest). Raises ValidationError when the accuracy
     guard cannot meet `max_drop` even with every layer back in float.
 
@@ -218,7 +223,7 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
               "quantizable_layers": len(targets)}
     if recipe.smoothquant:
         model = _smooth(model, targets, data, alpha, report)
-    quantize_fn = recipe.onnx.prepare(model, targets, data, observer, report)
+    quantize_fn = recipe.onnx.prepare(model, targets, data, observer, report, form=form)
     reference = run_outputs(model, data.held_out, data.outputs)
 
     def drop_fn(candidate):

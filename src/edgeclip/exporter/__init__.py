@@ -87,6 +87,9 @@ class ExportOptions:
     # Core ML
     min_ios: int = 18             # deployment target: 18 (fused SDPA), 17 or 16 (ANE-layout attention)
     compress: str | None = None   # weight compression: w8 | palettize6 | palettize4 | int4-blockwise
+    # TensorRT
+    trt_version: str = "10.3"     # the TensorRT the graphs are made for (10.3: JetPack 6 on Jetson Orin)
+    profiles: dict | None = None  # {"batch": (min, opt, max), "length": (min, opt, max)}
 
     # numeric options: (low, high); out of range is an InputError before any work
     RANGES = {"calib_size": (1, 1_000_000), "calib_seed": (0, 2**32 - 1), "smoothquant_alpha": (0.0, 1.0),
