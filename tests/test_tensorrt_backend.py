@@ -57,9 +57,11 @@ def make_tensorrt_artifact(src: Path, dst: Path, precision: str = "fp16", sectio
     ctx = m["text"]["context_length"]
     size = m["graphs"]["image"]["inputs"]["pixel_values"]["shape"][2]
     m.update(target="tensorrt", backend="tensorrt", precision=precision)
-    m["tensorrt"] = section if section is not None else {"trt_version": "10.3", "profiles": {
-        "image": {"pixel_values": {"min": [1, 3, size, size], "opt": [4, 3, size, size], "max": [16, 3, size, size]}},
-        "text": {"input_ids": {"min": [1, 1], "opt": [4, ctx], "max": [16, ctx]}}}}
+    # the section exporter/formats/tensorrt.py writes (its `check` reports are not read by the runtime)
+    m["tensorrt"] = section if section is not None else {"version": "10.3", "precision": precision, "graphs": {
+        "image": {"profiles": {"pixel_values": {"min": [1, 3, size, size], "opt": [4, 3, size, size],
+                                                "max": [16, 3, size, size]}}},
+        "text": {"profiles": {"input_ids": {"min": [1, 1], "opt": [4, ctx], "max": [16, ctx]}}}}}
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
 
@@ -302,7 +304,9 @@ def test_plan_changed_after_signing_or_under_another_key_is_not_trusted(tmp_path
 def test_timing_cache_is_per_gpu_and_version_in_the_user_cache(user_cache):
     a = trtb.timing_cache_path("Orin", (8, 7), "10.3.0.30")
     assert a.parent == user_cache.absolute() and a == trtb.timing_cache_path("Orin", "8.7", "10.3.0.30")
-    assert a != trtb.timing_cache_path("Orin", (8, 7), "10.3.0.26") != trtb.timing_cache_path("Thor", (8, 7), "10.3.0.30")
+    others = {trtb.timing_cache_path("Orin", (8, 7), "10.3.0.26"), trtb.timing_cache_path("Thor", (8, 7), "10.3.0.30"),
+              trtb.timing_cache_path("Orin", (7, 2), "10.3.0.30")}
+    assert len(others) == 3 and a not in others
 
 
 # -------------------------------------------------------------------------------- manifest sections
@@ -322,6 +326,25 @@ def test_graph_profiles_and_aimed_version_from_the_manifest(onnx_artifact, tmp_p
     trtb.build_settings("10.3", m["precision"], trtb.graph_profiles(m, m["graphs"]["text"]), inputs)
     with pytest.raises(TensorRTCompatError, match="input_ids"):
         trtb.build_settings("10.3", m["precision"], {}, inputs)
+
+
+@pytest.mark.parametrize("section", [{}, {"graphs": {}}, {"graphs": {"image": {}}},
+                                     {"graphs": {"text": {"profiles": {}}}}])
+def test_missing_profiles_leave_dynamic_inputs_refused(section):
+    m = {"graphs": {"image": {"file": "image.onnx"}}, "tensorrt": section}
+    inputs = {"pixel_values": ["batch", 3, 32, 32]}
+    with pytest.raises(TensorRTCompatError, match="no optimization profile"):
+        trtb.build_settings("10.3", "fp16", trtb.graph_profiles(m, m["graphs"]["image"]), inputs)
+
+
+@pytest.mark.parametrize("section", [{"graphs": {"image": "1x3x32x32"}},
+                                     {"graphs": {"image": {"profiles": [1, 8, 64]}}},
+                                     {"graphs": {"image": {"profiles": {"pixel_values": {"min": -1}}}}}])
+def test_malformed_tensorrt_section_is_a_typed_error(section):
+    m = {"graphs": {"image": {"file": "image.onnx"}}, "tensorrt": section}
+    with pytest.raises(TensorRTCompatError):
+        trtb.build_settings("10.3", "fp16", trtb.graph_profiles(m, m["graphs"]["image"]),
+                            {"pixel_values": ["batch", 3, 32, 32]})
 
 
 # --------------------------------------------------------------------------- registry and the extra

@@ -17,9 +17,13 @@ with the FP16 / INT8 builder flags from the artifact's precision; 11.x removed t
 builds strongly typed networks and the precision comes from the ONNX itself (fp16 tensors, Q/DQ).
 What manifests carry for this backend (written by the tensorrt target):
 
-    "tensorrt": {"trt_version": "10.3",            # the oldest TensorRT the graphs were checked for
-                 "profiles": {"image": {"pixel_values": {"min": [1, 3, 224, 224], "opt": [...], "max": [...]}},
-                              "text": {"input_ids": {"min": [1, 1], "opt": [...], "max": [...]}}}}
+    "tensorrt": {"version": "10.3",                # the oldest TensorRT the graphs were checked for
+                 "precision": "fp16",
+                 "graphs": {"image": {"profiles": {"pixel_values": {"min": [1, 3, 224, 224], "opt": [...],
+                                                                    "max": [...]}}, "check": {...}},
+                            "text": {"profiles": {"input_ids": {"min": [1, 1], "opt": [...], "max": [...]}}}}}
+
+(the precision built is the manifest's top-level `precision`; `check` is the export's report, not read here)
 
 Only the functions above the "needs TensorRT" line run without TensorRT; the rest imports `tensorrt`
 and cuda-python (`cuda.bindings.runtime`, or `cuda.cudart` before cuda-python 12.6) lazily. Device
@@ -274,21 +278,22 @@ def timing_cache_path(gpu_name: str, compute_capability, trt_version: str) -> Pa
 
 
 def graph_profiles(manifest: dict, info: dict) -> dict:
-    """The optimization profiles the manifest's `tensorrt.profiles` gives the graph `info` ({} if none:
-    `check_profiles` then refuses any dynamic input)."""
+    """The optimization profiles the manifest's `tensorrt.graphs.<graph>.profiles` gives the graph
+    `info` ({} if none: `check_profiles` then refuses any dynamic input). The manifest is untrusted:
+    whatever is there goes through `check_profiles` before use."""
     name = next((n for n, g in manifest["graphs"].items() if g.get("file") == info["file"]), None)
-    section = manifest.get("tensorrt") or {}
-    profiles = (section.get("profiles") or {}) if isinstance(section, dict) else {}
-    if not isinstance(profiles, dict):
-        raise TensorRTCompatError("manifest field 'tensorrt.profiles' is not a mapping of graph to profiles",
-                                  rule="profile")
-    return profiles.get(name) or {}
+    section = manifest.get("tensorrt")
+    graphs = section.get("graphs") if isinstance(section, dict) else None
+    entry = graphs.get(name) if isinstance(graphs, dict) else None
+    if section is not None and not isinstance(entry, (dict, type(None))):
+        raise TensorRTCompatError(f"manifest field 'tensorrt.graphs.{name}' is not a mapping", rule="profile")
+    return (entry or {}).get("profiles") or {}
 
 
 def check_aimed_version(manifest: dict, installed: str) -> None:
-    """The graphs were checked against `tensorrt.trt_version`'s parser: an older TensorRT may lack ops."""
-    section = manifest.get("tensorrt") or {}
-    aimed = section.get("trt_version") if isinstance(section, dict) else None
+    """The graphs were checked against `tensorrt.version`'s parser: an older TensorRT may lack ops."""
+    section = manifest.get("tensorrt")
+    aimed = section.get("version") if isinstance(section, dict) else None
     if aimed is not None and parse_trt_version(installed) < parse_trt_version(aimed):
         raise TensorRTCompatError(f"this artifact was made for TensorRT {aimed} or newer; this machine has "
                                   f"{installed}: re-export it with --trt-version {installed}", rule="version")
@@ -474,7 +479,8 @@ class Backend:
         self.info = {"backend": "tensorrt", "version": trt.__version__, "device": gpu, "compute_capability": cc,
                      "precision": precision, "strongly_typed": self.settings["strongly_typed"],
                      "builder_flags": self.settings["builder_flags"], "plan": str(self.plan_file), "built": built,
-                     "threads": threads, "inference_precision": {"fp32": "f32", "fp16": "f16"}.get(precision, precision)}
+                     "threads": threads,
+                     "inference_precision": {"fp32": "f32", "fp16": "f16"}.get(precision, precision)}
 
     def _open_engine(self, trt, data: bytes, key: str, ident: tuple, workspace_mb: int, rebuild: bool) -> bool:
         """Deserialize the signed cached plan, or build (and cache) one; True when built now."""
