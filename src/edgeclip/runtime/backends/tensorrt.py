@@ -424,7 +424,10 @@ def build_plan(trt, onnx: bytes, settings: dict, timing: bytes = b"",
         for name, p in profiles.items():
             profile.set_shape(name, p["min"], p["opt"], p["max"])
         config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing or b"")
+    try:
+        cache = config.create_timing_cache(timing or b"")
+    except Exception:  # a corrupt cache file: TensorRT raises its own error types
+        cache = None
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         # a timing cache from another TensorRT build or GPU: start a fresh one rather than mix timings
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
