@@ -199,6 +199,15 @@ def test_qdq_on_a_matmul_output_fails():
     assert "MatMul 'fc/matmul'" in str(e)
 
 
+def test_a_gemm_output_quantized_as_the_next_gemms_input_passes():
+    # MatMul -> Q -> DQ -> MatMul: the second layer's input quantization (conv -> conv chains in CNNs)
+    m = _qdq(after_matmul=True)
+    m.graph.initializer.append(_init("w2", np.eye(3, dtype=np.float32)))
+    m.graph.node[-1].CopyFrom(helper.make_node("MatMul", ["hd", "w2"], ["y"], name="fc2/matmul"))
+    report = check_graph(m, "10.3", PROFILE)
+    assert report["qdq"]["quantize"] == 1
+
+
 def test_per_channel_axis_must_be_the_output_channels():
     e = _raises(_qdq(w_axis=0, w_scales=4), "qdq-axis", "fc/w_dq", profiles=PROFILE)
     assert "MatMul 'fc/matmul'" in str(e)

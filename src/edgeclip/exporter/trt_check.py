@@ -241,7 +241,12 @@ def _check_placement(node, g: _Graph) -> None:
     users = g.consumers.get(out, [])
     if node.op_type == "QuantizeLinear":
         src = g.producer.get(node.input[0])
-        if src is not None and src.op_type in _GEMMS:
+        # a GEMM's output may be quantized only as the next GEMM's input (conv -> Q/DQ -> conv, which
+        # TensorRT fuses into an int8-output conv); a pair that hands int8 to anything else is an
+        # output quantization TensorRT does not fuse
+        feeds_gemms = all(c.op_type in _GEMMS for n, _ in users if n.op_type == "DequantizeLinear"
+                          for c, _ in g.consumers.get(n.output[0], [])) and users
+        if src is not None and src.op_type in _GEMMS and not feeds_gemms:
             _fail(node, "qdq-placement", f"quantizes the output of {src.op_type} '{_label(src)}'; TensorRT "
                   "wants Q/DQ on MatMul/Conv/Gemm inputs only (keep their outputs in float)")
         bad = [n for n, _ in users if n.op_type != "DequantizeLinear"]
