@@ -129,3 +129,25 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     assert "TensorRT 10.3" in text and "batch 1/2/8" in text and "not with a TensorRT engine" in text
     assert main(["export", "builtin:tiny", "--target", "tensorrt", "--profile", "batch:1", "--out",
                  str(tmp_path / "b"), "--json"]) != 0
+
+
+def test_the_artifact_runs_on_onnx_runtime_and_asks_for_tensorrt_by_default(tmp_path):
+    # onnxruntime(-gpu) users run the same artifact through execution providers (CPU here); the
+    # default backend builds a TensorRT engine, which needs TensorRT: a typed error naming the extra
+    from edgeclip.errors import ArtifactError, MissingExtraError
+    from edgeclip.runtime import Pipeline
+
+    art = edgeclip.export("builtin:tiny", target="tensorrt", precision="fp16", out=tmp_path / "a")
+    ref = edgeclip.export("builtin:tiny", out=tmp_path / "onnx")
+    p = Pipeline.load(art.path, backend="ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert p._graph("image").info["providers"] == ["CPUExecutionProvider"]
+    texts = ["a photo of the digit seven", "zero"]
+    got, want = p.encode_text(texts), Pipeline.load(ref.path).encode_text(texts)
+    assert float(((got * want).sum(-1)).min()) >= 0.999
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingExtraError, match="tensorrt"):
+            Pipeline.load(art.path)
+    with pytest.raises(ArtifactError, match="or ort"):
+        Pipeline.load(art.path, backend="openvino")

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, EdgeClipError, InputError, ManifestError, TokenizerError, UsageError
-from .backends import backend_for_target, get_backend
+from .backends import get_backend
+from .registry import backends_for_target
 from .manifest import check_files, graph_files, load_manifest, read_verified, safe_path
 from .preprocess import Preprocessor, check_pixels
 from .tokenizer import check_token_ids, load_tokenizer, trim  # noqa: F401  (export imports trim from here)
@@ -107,12 +108,12 @@ class Pipeline:
         if verify:  # the image graph is hashed as it is read, just below: hash every other file now
             image = graph_files(manifest["graphs"]["image"], manifest["files"])
             check_files(root, {k: v for k, v in manifest["files"].items() if k not in image}, True)
-        expected = backend_for_target(manifest["target"])
+        expected, *also = backends_for_target(manifest["target"])
         if backend == "auto":
             backend = expected
-        elif backend != expected:
-            raise ArtifactError(f"a {manifest['target']} artifact runs on the '{expected}' backend, not "
-                                f"'{backend}'; pass backend='auto'")
+        elif backend != expected and backend not in also:
+            raise ArtifactError(f"a {manifest['target']} artifact runs on the '{expected}' backend"
+                                + (f" (or {', '.join(also)})" if also else "") + f", not '{backend}'; pass backend='auto'")
         p = cls(root, manifest, backend, threads, inference_precision, digest=found, providers=providers)
         p._graph("image")  # compile now: load errors surface at load time, not at first call
         return p

@@ -62,6 +62,16 @@ def backend_for_target(target: str) -> str:
     return found
 
 
+# backends that can also open a target's artifacts besides its own: TensorRT-ready ONNX runs on ONNX
+# Runtime too (CPU, or onnxruntime-gpu's CUDA / TensorRT execution providers on Jetson)
+_ALSO_RUNS = {"tensorrt": ("ort",)}
+
+
+def backends_for_target(target: str) -> tuple:
+    """(the target's own backend, other backends that can run its graphs)."""
+    return (backend_for_target(target), *_ALSO_RUNS.get(target, ()))
+
+
 def graph_suffixes(target: str) -> tuple:
     return _BACKENDS[backend_for_target(target)].targets[target]
 
