@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,24 @@ def test_the_artifact_runs_on_onnx_runtime_and_asks_for_tensorrt_by_default(tmp_
             Pipeline.load(art.path)
     with pytest.raises(ArtifactError, match="or ort"):
         Pipeline.load(art.path, backend="openvino")
+
+
+def test_cli_run_with_providers_and_engine_build_without_tensorrt(tmp_path, capsys):
+    from edgeclip.builtin import digit_labels, heldout_dir
+
+    art = tmp_path / "a"
+    assert main(["export", "builtin:tiny", "--target", "tensorrt", "--labels", ",".join(digit_labels()),
+                 "--out", str(art), "--json"]) == 0
+    capsys.readouterr()
+    image = str(sorted(heldout_dir().rglob("*.png"))[0])
+    assert main(["run", str(art), "--backend", "ort", "--providers", "CPUExecutionProvider", "--image", image,
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"][0]["label"] == digit_labels()[int(Path(image).parent.name)]
+    assert main(["run", str(art), "--backend", "ort", "--providers", "NoSuchExecutionProvider", "--image", image,
+                 "--json"]) != 0
+    assert "NoSuchExecutionProvider" in capsys.readouterr().out
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:  # the engine is built on the device; here the command says what is missing
+        assert main(["engine", "build", str(art), "--json"]) != 0
+        assert "tensorrt" in capsys.readouterr().out

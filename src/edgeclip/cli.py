@@ -246,7 +246,8 @@ def cmd_run(args) -> int:
 
     labels = _labels(args.labels, args.labels_file)
     p = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads,
-                      inference_precision=args.inference_precision, digest=args.digest)
+                      inference_precision=args.inference_precision, digest=args.digest,
+                      providers=args.providers.split(",") if args.providers else None)
     result = {"artifact": str(args.artifact), "digest": p.digest, "images": []}
     if args.image:
         if labels is not None or p.head is not None or args.head or p.heads:
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
     ap.add_argument("--version", action="version", version=f"edgeclip {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_models, _add_export, _add_run, _add_inspect, _add_bench, _add_heads):
+    for add in (_add_models, _add_export, _add_run, _add_inspect, _add_bench, _add_heads, _add_engine):
         add(sub)
     return ap
 
@@ -591,6 +592,8 @@ def _add_run(sub) -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=_threads, help="inference threads (default: the backend's)")
     p.add_argument("--inference-precision", choices=["f32", "bf16", "f16"], help=_OV_PRECISION)
+    p.add_argument("--providers", help="ort backend: ONNX Runtime execution providers in order, e.g. "
+                                       "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -633,6 +636,28 @@ def _add_bench(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+
+def _add_engine(sub) -> None:
+    ep = sub.add_parser("engine", help="TensorRT engines of a tensorrt artifact (run on the device)")
+    esub = ep.add_subparsers(dest="engine_command", required=True)
+    p = esub.add_parser("build", help="build (or find cached) the engine of every graph on this GPU")
+    p.add_argument("artifact")
+    p.add_argument("--workspace-mb", type=_bounded_int(64, 1 << 20, "--workspace-mb"), default=1024)
+    p.add_argument("--rebuild", action="store_true", help="ignore cached plans")
+    p.add_argument("--device", type=_bounded_int(0, 64, "--device"), default=0, help="CUDA device index")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_engine_build)
+
+
+def cmd_engine_build(args) -> int:
+    from .runtime.backends.tensorrt import build_engine
+
+    plans = build_engine(args.artifact, workspace_mb=args.workspace_mb, rebuild=args.rebuild, device=args.device,
+                         log=None if args.json else print)
+    if args.json:
+        _print_json({"artifact": str(args.artifact), "plans": [str(p) for p in plans]})
+    return 0
 
 
 def _add_heads(sub) -> None:
