@@ -104,10 +104,10 @@ OPTIONS = {
     "models": ["--json"],
     "export": ["--calib", "--calib-captions", "--calib-size", "--checkpoint", "--compress", "--head", "--json",
                "--labels", "--labels-file", "--max-cosine-drop", "--min-ios", "--no-fuse", "--no-pooled-last",
-               "--no-trim", "--no-validate", "--observer", "--out", "--overwrite", "--precision", "--recipe",
-               "--seed", "--smoothquant-alpha", "--spec", "--target", "--templates"],
+               "--no-trim", "--no-validate", "--observer", "--out", "--overwrite", "--precision", "--profile",
+               "--recipe", "--seed", "--smoothquant-alpha", "--spec", "--target", "--templates", "--trt-version"],
     "run": ["--backend", "--digest", "--head", "--image", "--inference-precision", "--json", "--labels",
-            "--labels-file", "--text", "--threads", "--top-k", "--truncate"],
+            "--labels-file", "--providers", "--text", "--threads", "--top-k", "--truncate"],
     "inspect": ["--digest", "--json"],
     "bench": ["--baseline-cache", "--baselines", "--batch", "--calib", "--eval", "--eval-limit",
               "--inference-precision", "--json", "--labels", "--model", "--no-memory", "--quiet", "--report",
@@ -118,6 +118,8 @@ OPTIONS = {
     "heads import": ["--alpha", "--beta", "--classes", "--json", "--kind", "--model", "--name", "--normalize",
                      "--out", "--ratio", "--templates"],
     "heads show": ["--json"],
+    "engine": [],
+    "engine build": ["--device", "--json", "--rebuild", "--workspace-mb"],
 }
 
 EXPORT_DEFAULTS = {"command": "export", "model": "builtin:tiny", "target": "onnx", "precision": None, "out": "a",
@@ -125,10 +127,11 @@ EXPORT_DEFAULTS = {"command": "export", "model": "builtin:tiny", "target": "onnx
                    "spec": None, "seed": 0, "no_trim": False, "no_pooled_last": False, "no_validate": False,
                    "overwrite": False, "no_fuse": False, "min_ios": None, "compress": None, "recipe": None,
                    "calib": None, "calib_captions": None, "calib_size": 256, "observer": "minmax",
-                   "smoothquant_alpha": 0.5, "max_cosine_drop": 0.005, "json": False}
+                   "smoothquant_alpha": 0.5, "max_cosine_drop": 0.005, "trt_version": None, "profile": None,
+                   "json": False}
 RUN_DEFAULTS = {"command": "run", "artifact": "art", "image": ["x.png"], "text": None, "labels": None,
                 "labels_file": None, "digest": None, "head": None, "top_k": 5, "truncate": False, "backend": "auto",
-                "threads": None, "inference_precision": None, "json": False}
+                "threads": None, "inference_precision": None, "providers": None, "json": False}
 BENCH_DEFAULTS = {"command": "bench", "artifacts": ["art"], "batch": [1], "threads": [None], "seconds": 2.0,
                   "inference_precision": None, "report": None, "baselines": False, "eval": None, "labels": None,
                   "templates": None, "eval_limit": 1000, "model": None, "calib": None, "baseline_cache": None,
@@ -171,6 +174,12 @@ PARSES = [  # (argv, the command function, the whole namespace but `func`)
      "cmd_heads_import", {**IMPORT_DEFAULTS, "kind": "tip_adapter", "alpha": 2.0, "normalize": "no"}),
     (["heads", "show", "h"], "cmd_heads_show", {"command": "heads", "heads_command": "show", "head": "h",
                                                 "json": False}),
+    (["export", "builtin:tiny", "--out", "a", "--target", "tensorrt", "--trt-version", "11.0", "--profile",
+      "batch=1,4,8", "--profile", "length=1,16,77"], "cmd_export",
+     {**EXPORT_DEFAULTS, "target": "tensorrt", "trt_version": "11.0", "profile": ["batch=1,4,8", "length=1,16,77"]}),
+    (["engine", "build", "art", "--workspace-mb", "2048", "--rebuild"], "cmd_engine_build",
+     {"command": "engine", "engine_command": "build", "artifact": "art", "workspace_mb": 2048, "rebuild": True,
+      "device": 0, "json": False}),
 ]
 
 
