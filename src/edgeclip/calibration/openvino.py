@@ -78,12 +78,6 @@ def conv_module_paths(program) -> dict:
         for n in program.graph.nodes) else {}
 
 
-def _default_precision() -> str:
-    from ..runtime.backends.openvino import precision_name
-
-    return precision_name(_ov().Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
-
-
 def runner(outputs, precision: str = "f32"):
     """`run(model, feeds) -> {output: array}`, compiled on CPU at `precision` (default full float32)."""
     ov = _ov()
@@ -164,7 +158,9 @@ class _Quantizer:
         manifest) unless that default was measured and kept the bound: an IR whose float remainder
         and requantization run in bf16 can fail even when the f32 IR passes (MobileCLIP-S1 with INT8
         depthwise convs: image cosine 0.04), and an IR never measured in bf16 must not run in it."""
-        default = _default_precision()
+        from ..runtime.backends.openvino import default_precision
+
+        default = default_precision()
         out = {"inference_precision": "f32"}
         if default == "f32":
             return out

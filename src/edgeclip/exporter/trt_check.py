@@ -373,11 +373,13 @@ def _text_length(name: str, dims: list, dtype: int, length: int | None) -> int |
     return length
 
 
-def profile_for(model, batch=(1, 8, 64), length: int | None = None) -> dict:
+def profile_for(model, batch=(1, 8, 64), length: int | None = None, length_range=None) -> dict:
     """Default optimization profiles for `model`'s inputs: dim 0 over `batch` (min, opt, max); a
-    token-id input's length dim over 1..context length with opt = max (the tokenizer pads to the
-    context length); static dims fixed. -> {input: {"min": [...], "opt": [...], "max": [...]}}."""
+    token-id input's length dim over `length_range` (min, opt, max), by default 1..context length with
+    opt = max (the tokenizer pads to the context length); static dims fixed.
+    -> {input: {"min": [...], "opt": [...], "max": [...]}}."""
     lo, opt, hi = _triple(batch, "batch")
+    text = _triple(length_range, "length") if length_range is not None else None
     g = _Graph(model)
     profiles = {}
     for inp in g.inputs():
@@ -390,7 +392,7 @@ def profile_for(model, batch=(1, 8, 64), length: int | None = None) -> dict:
             elif axis == 0:
                 r = (lo, opt, hi)
             elif axis == 1 and ctx is not None:
-                r = (1, ctx, ctx)
+                r = text or (1, ctx, ctx)
             else:
                 raise UsageError(f"input '{inp.name}' dim {axis} ('{d}') is dynamic and has no default range: "
                                  "pass profiles= to check_graph")

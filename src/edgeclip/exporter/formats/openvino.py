@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..._lazy import require
 from ...runtime.backends.openvino import Backend as OvBackend
-from ...runtime.backends.openvino import precision_name
+from ...runtime.backends.openvino import default_precision
 from .. import register_target
 from ..target import ExportJob
 from .onnx import OnnxFamilyTarget
@@ -103,12 +103,6 @@ def _core():
     from ...runtime.backends.openvino import _core as runtime_core
 
     return runtime_core()
-
-
-def default_precision(device: str = "CPU") -> str:
-    """The inference precision OpenVINO picks on this machine when none is asked for."""
-    _, core = _core()
-    return precision_name(core.get_property(device, "INFERENCE_PRECISION_HINT"))
 
 
 def to_openvino(module, name, decl, spec, dynamic_length: bool, quantizable=None):

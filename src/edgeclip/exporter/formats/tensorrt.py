@@ -71,7 +71,7 @@ class TensorRtTarget(OnnxFamilyTarget):
     def build_graph(self, job: ExportJob, module, name, decl, w, dynamic_length: bool, path: Path) -> None:
         import onnx
 
-        from ..trt_check import check_graph, load_allowlist
+        from ..trt_check import check_graph, load_allowlist, profile_for
 
         opts = job.opts
         max_opset = load_allowlist(opts.trt_version)["max_opset"]
@@ -89,15 +89,16 @@ class TensorRtTarget(OnnxFamilyTarget):
                 graph, get_recipe(opts.recipe), job.calibration[name], observer=opts.observer,
                 alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop, lower=False,
                 quantizable=job.quantizable, form="tensorrt")
-        prof = graph_profiles(graph, profiles(opts, job.spec.text.context_length))
+        ranges = profiles(opts, job.spec.text.context_length)
+        prof = profile_for(graph, batch=ranges["batch"], length=job.spec.text.context_length,
+                           length_range=ranges["length"])
         job.extra.setdefault("tensorrt", {"version": opts.trt_version, "graphs": {}})["graphs"][name] = {
             "profiles": prof, "check": check_graph(graph, opts.trt_version, prof)}
         onnx.save(graph, str(path))
 
     def graph_config(self, job: ExportJob, graphs: dict) -> None:
-        super().graph_config(job, graphs)
-        for name, info in graphs.items():
-            info.pop("session_config", None)  # an ONNX Runtime setting; TensorRT reads the graph alone
+        """Nothing beside the graphs: the ONNX family's only entry (ORT's session config for weights-only
+        INT8) has no TensorRT recipe."""
 
     def manifest_extra(self, job: ExportJob) -> dict:
         extra = super().manifest_extra(job)
@@ -144,23 +145,4 @@ def profiles(opts, context: int | None) -> dict:
                              "1 <= min <= opt <= max")
         if key == "length" and r[2] > context:
             raise InputError(f"TensorRT profile length max {r[2]} exceeds the context length {context}")
-    return out
-
-
-def graph_profiles(graph, ranges: dict) -> dict:
-    """Per graph input {name: {"min": [...], "opt": [...], "max": [...]}}: the batch range on the
-    first dynamic dim, the text length range on the second, static dims as they are."""
-    out = {}
-    for inp in graph.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        rows = {"min": [], "opt": [], "max": []}
-        for i, d in enumerate(dims):
-            if d.dim_param or not d.dim_value:
-                r = ranges["batch"] if i == 0 else ranges.get("length", ranges["batch"])
-                for k, v in zip(("min", "opt", "max"), r):
-                    rows[k].append(int(v))
-            else:
-                for k in rows:
-                    rows[k].append(int(d.dim_value))
-        out[inp.name] = rows
     return out

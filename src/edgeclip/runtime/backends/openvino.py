@@ -38,6 +38,12 @@ def precision_name(value) -> str:
     return s
 
 
+def default_precision(device: str = "CPU") -> str:
+    """The inference precision OpenVINO picks on this machine when none is asked for."""
+    _, core = _core()
+    return precision_name(core.get_property(device, "INFERENCE_PRECISION_HINT"))
+
+
 class Backend:
     name = "openvino"
 
