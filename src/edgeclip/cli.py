@@ -316,12 +316,34 @@ def cmd_inspect(args) -> int:
         print(line)
     total = sum(v["size"] for v in m["files"].values())
     print(f"files      {len(m['files'])}, {_mb(total)}: " + ", ".join(f"{k} {_mb(v['size'])}" for k, v in m["files"].items()))
+    for line in size_lines(m):
+        print(line)
     _print_quantization(m)
     _print_fidelity(m)
     _print_heads(m)
     tools = m.get("tools", {})
     print("tools      " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     return 0
+
+
+def size_lines(m: dict) -> list[str]:
+    """`edgeclip inspect`'s size lines: bytes and bits per weight per tower, and the quantized layers by width."""
+    sizes = m.get("sizes") or {}
+    lines = []
+    if sizes:
+        lines.append("size       " + "; ".join(
+            f"{g} {_mb(s['bytes'])}, {s['weights'] / 1e6:.2f} M weights"
+            + (f", {s['bits_per_weight']:.2f} bits/weight" if s.get("bits_per_weight") else "")
+            for g, s in sizes.items()))
+    for g, r in ((m.get("quantization") or {}).get("graphs") or {}).items():
+        bits = r.get("bits") or {}
+        if bits:
+            count: dict = {}
+            for b in bits.values():
+                count[b] = count.get(b, 0) + 1
+            lines.append(f"bits       {g}: " + ", ".join(f"{n} layer{'s' * (n != 1)} {'float' if b >= 32 else f'{b}-bit'}"
+                                                   for b, n in sorted(count.items())))
+    return lines
 
 
 def _target_lines(m: dict) -> list[str]:

@@ -153,6 +153,41 @@ def copy_model(model):
     return m
 
 
+def gemms_to_matmuls(model) -> int:
+    """In place: every Gemm with a constant 2-D weight (alpha = beta = 1, no transposed input) becomes
+    MatMul against the weight as (K, N) [+ Add of its bias], the form the quantizers read; exact. Returns
+    how many."""
+    from onnx import helper, numpy_helper
+
+    g = Graph(model.graph)
+    done = 0
+    for n in list(model.graph.node):
+        if n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in g.inits:
+            continue
+        a = {x.name: (x.f if x.type == 1 else x.i) for x in n.attribute}
+        if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+            continue
+        w = numpy_helper.to_array(g.inits[n.input[1]])
+        if w.ndim != 2:
+            continue
+        name = f"{n.input[1]}_kn" if a.get("transB", 0) else n.input[1]
+        if a.get("transB", 0) and name not in g.inits:
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+            g.inits[name] = model.graph.initializer[-1]
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else ""
+        mm_out = f"{n.output[0]}_mm" if bias else n.output[0]
+        new = [helper.make_node("MatMul", [n.input[0], name], [mm_out], name=f"{n.name}_mm")]
+        if bias:
+            new.append(helper.make_node("Add", [mm_out, bias], [n.output[0]], name=f"{n.name}_bias"))
+        for x in new:
+            x.metadata_props.extend(n.metadata_props)
+        replace(model, n, new, [n])
+        done += 1
+    if done:
+        remove_dead(model)
+    return done
+
+
 def toposort(graph, extra=()) -> None:
     """Re-order `graph`'s nodes, and the `extra` nodes added to them, so every node follows its inputs'
     producers (ONNX wants a topological order)."""

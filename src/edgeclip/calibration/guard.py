@@ -74,13 +74,14 @@ def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_dr
 
 
 def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005, reference=None,
-          drop_fn=None):
+          drop_fn=None, allow_all: bool = False):
     """Run `quantize_fn(exclude=set of layers kept float)` under the accuracy bound.
 
     `drop_fn(quantized) -> cosine drop` measures a candidate (default: ONNX Runtime on `held_out`
     against `reference`, the float model's output). Returns (quantized model, GuardReport); raises
     ValidationError when the bound holds only with every layer back in float (nothing INT8 would be
-    left), with the per-layer sensitivities."""
+    left), with the per-layer sensitivities. `allow_all`: excluding every layer is a result, not a
+    failure (the excluded layers fall back to another quantized form, not to float: `guard_chain`)."""
     if drop_fn is None:
         if reference is None:  # the float model's `output` on `held_out`
             reference = float_reference(model, held_out, output)
@@ -104,7 +105,7 @@ def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: flo
         if report.ok:
             break
     report.float_layers = excluded
-    if not report.ok or len(excluded) == len(layers):  # an "INT8" model with no INT8 layer left is a failure
+    if not report.ok or (len(excluded) == len(layers) and not allow_all):  # an "INT8" model with no INT8 layer left is a failure
         worst = sorted(report.sensitivity.items(), key=lambda kv: -kv[1])[:5]
         raise ValidationError(
             f"INT8 misses the accuracy bound: only with every layer returned to float is the cosine drop "
@@ -115,3 +116,65 @@ def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: flo
                        "drop_all_int8": drop_all, "sensitivity": report.sensitivity}],
         )
     return quant, report
+
+
+
+@dataclass
+class ChainReport:
+    """What `guard_chain` chose: the bits of every layer (32: float), and each width's guard report
+    (None where even every layer at the next width missed the bound)."""
+
+    bits: dict
+    levels: list = field(default_factory=list)   # [(bits, GuardReport | None)] in the order tried
+    drop: float = 0.0
+
+    @property
+    def float_layers(self) -> list:
+        return [k for k, b in self.bits.items() if b >= 32]
+
+    @property
+    def _first(self):
+        return next((g for _, g in self.levels if g is not None), None)
+
+    @property
+    def drop_all_int8(self) -> float:
+        """The drop with every layer at the narrowest width that was measured (the first guard's)."""
+        return self._first.drop_all_int8 if self._first is not None else self.drop
+
+    @property
+    def sensitivity(self) -> dict:
+        return self._first.sensitivity if self._first is not None else {}
+
+
+def guard_chain(model, quantize_fn, layers, held_out: dict, output: str, chain=(4, 8), max_drop: float = 0.005,
+                drop_fn=None):
+    """The accuracy guard over a chain of weight widths: every layer starts at `chain[0]` bits and the
+    most sensitive ones fall back to the next width (`guard`, its excluded layers one width wider);
+    where even every layer at the next width misses the bound, the next width is tried the same way,
+    and after the last one layers go back to float.
+
+    `quantize_fn(bits: {layer: bits}) -> model` (32 = float). Returns (model, ChainReport); raises
+    ValidationError as `guard` does when the last width holds only with every layer in float."""
+    layers = list(dict.fromkeys(layers))
+    report = ChainReport({})
+    for i, bits in enumerate(chain):
+        fallback = chain[i + 1] if i + 1 < len(chain) else 32
+
+        def at(exclude, bits=bits, fallback=fallback):
+            return quantize_fn({layer: fallback if layer in exclude else bits for layer in layers})
+
+        last = fallback == 32
+        try:
+            quant, g = guard(model, at, layers, held_out, output, max_drop, drop_fn=drop_fn, allow_all=not last)
+        except ValidationError:
+            if last:
+                raise
+            report.levels.append((bits, None))
+            continue
+        report.levels.append((bits, g))
+        if last or len(g.float_layers) < len(layers):
+            moved = set(g.float_layers)
+            report.bits = {layer: fallback if layer in moved else bits for layer in layers}
+            report.drop = g.drop
+            return quant, report
+    raise AssertionError("unreachable: the last width returns or raises")

@@ -34,14 +34,22 @@ class QuantTarget:
     weight: str      # initializer quantized per output channel
     layer: str       # module path from the exporter's name scopes, e.g. visual.blocks.3.mlp.fc1
     kind: str = "matmul"  # "matmul" | "conv" (groups 1) | "depthwise" | "grouped" (channel multiplier > 1)
+    #                       | "gather" (a table read by index: the token embedding) | "table" (a constant
+    #                       table added to activations: positional embeddings)
     output: str = ""      # a conv's output tensor (static INT8 quantizes it too)
     bias: str = ""        # a conv's bias initializer, "" when it has none
 
     @property
     def is_conv(self) -> bool:
-        return self.kind != "matmul"
+        return self.kind in CONV_KINDS
+
+    @property
+    def is_table(self) -> bool:
+        return self.kind in TABLE_KINDS
 
 
+CONV_KINDS = ("conv", "depthwise", "grouped")
+TABLE_KINDS = ("gather", "table")   # stored int8 (or 4-bit) by every recipe, read as weights: no activation
 STATIC_KINDS = ("matmul", "conv", "depthwise")     # calibrated activations: the int8 kernels ORT runs well
 DYNAMIC_KINDS = ("matmul",)                        # ranges per call: DynamicQuantizeMatMul only
 WEIGHT_KINDS = ("matmul", "conv", "depthwise", "grouped")  # weights only: folded at load, any conv
@@ -78,22 +86,65 @@ def default_quantizable(path: str) -> bool:
     return ".blocks." in path or path.startswith("heads.")
 
 
-def find_targets(model, quantizable=None) -> list[QuantTarget]:
+def find_targets(model, quantizable=None, tables: bool = False) -> list[QuantTarget]:
     """Layers with constant weights (MatMuls with a 2-D initializer as second input, Convs with a 4-D
     initializer weight and no bias or an initializer bias) whose module path `quantizable(path)`
-    accepts (default: `default_quantizable`), in graph order."""
+    accepts (default: `default_quantizable`), in graph order.
+
+    `tables`: also the weights that dominate an artifact's size outside those layers (`in_tower`): the
+    towers' other MatMuls (patch projection, final projections), the token embedding ("gather") and
+    positional tables ("table"). Every recipe stores them in int8 (4-bit recipes: narrower), under the
+    same guard."""
     keep = default_quantizable if quantizable is None else quantizable
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
         if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             layer = _layer_name(n)
-            if keep(layer):
+            if keep(layer) or (tables and in_tower(layer)):
                 out.append(QuantTarget(n.name, n.input[0], n.input[1], layer))
         elif n.op_type == "Conv":
             t = _conv_target(n, inits)
             if t is not None and keep(t.layer):
                 out.append(t)
+    if tables:
+        out += table_targets(model, inits)
+    return out
+
+
+TABLE_MIN_ELEMENTS = 1024  # smaller constants (class embeddings, biases, scales) stay float
+
+
+def in_tower(layer: str) -> bool:
+    """A layer of the image or text tower (not a baked zero-shot head, not an adapter head)."""
+    return layer.split(".")[0] in ("visual", "text")
+
+
+def table_targets(model, inits=None) -> list[QuantTarget]:
+    """The token embedding (a Gather of a 2-D initializer by the graph's ids) and constant tables of
+    rank >= 2 that other ops read as data (positional embeddings, added or sliced then added), inside
+    the towers and of at least TABLE_MIN_ELEMENTS entries."""
+    inits = inits if inits is not None else {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            if name in inits:
+                readers.setdefault(name, []).append((n, i))
+    out = []
+    for name, uses in readers.items():
+        dims = list(inits[name].dims)
+        if len(dims) < 2 or int(np.prod(dims)) < TABLE_MIN_ELEMENTS or inits[name].data_type != 1:  # float32
+            continue
+        n, i = uses[0]
+        layer = _layer_name(n)
+        if not in_tower(layer):
+            continue
+        if len(uses) == 1 and n.op_type == "Gather" and i == 0 and len(dims) == 2 and \
+                all(a.i == 0 for a in n.attribute if a.name == "axis"):
+            out.append(QuantTarget(n.name, n.input[1], name, layer, "gather", n.output[0]))
+        elif all(u.op_type in ("Add", "Slice", "Concat", "Expand") and j == 0 or u.op_type == "Add"
+                 for u, j in uses):
+            out.append(QuantTarget(n.name, "", name, name if "." in name else f"{layer}.{name}", "table"))
     return out
 
 
@@ -184,6 +235,8 @@ def quantize(model, targets, ranges: dict, act_type: str = "uint8", exclude=(), 
     m.graph.initializer.extend(q.inits)
     # QDQ nodes go first; ONNX wants a topological order, so re-sort the whole graph.
     toposort(m.graph, q.nodes)
+    if form == "ort":
+        quantize_tables(m, _kept(targets, exclude, TABLE_KINDS))
     used = {i for n in m.graph.node for i in n.input}
     keep = [i for i in m.graph.initializer if i.name in used]
     del m.graph.initializer[:]
@@ -292,6 +345,7 @@ def quantize_dynamic(model, targets, exclude=()):
 
     _replace_linear(m, [t for t in targets if t.kind in DYNAMIC_KINDS], exclude, make)
     attention_bias_to_gemms(m)
+    quantize_tables(m, _kept(targets, exclude, TABLE_KINDS))
     return m
 
 
@@ -317,9 +371,152 @@ def quantize_weights(model, targets, exclude=()):
             nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{t.node}_w8_bias"))
         return nodes, inits
 
-    _replace_linear(m, [t for t in targets if not t.is_conv], exclude, make)
-    _conv_weights_only(m, [t for t in targets if t.is_conv and t.layer not in exclude and t.node not in exclude])
+    _replace_linear(m, [t for t in targets if t.kind == "matmul"], exclude, make)
+    _conv_weights_only(m, _kept(targets, exclude, CONV_KINDS))
+    quantize_tables(m, _kept(targets, exclude, TABLE_KINDS))
     return m
+
+
+def _kept(targets, exclude, kinds) -> list:
+    return [t for t in targets if t.kind in kinds and t.layer not in exclude and t.node not in exclude]
+
+
+def _pow2_block(width: int, at_most: int) -> int:
+    """The largest power of two <= `at_most` (and >= 16) dividing `width`; 0 when there is none."""
+    b = 1 << (max(int(at_most), 16).bit_length() - 1)
+    while b >= 16 and width % b:
+        b //= 2
+    return b if b >= 16 else 0
+
+
+def block_quantize(w: np.ndarray, bits: int, block: int):
+    """Symmetric block-wise quantization along the last axis of `w` (R, K): (codes uint8 (R, K) offset by
+    2**(bits-1), the zero point that ONNX Runtime's MatMulNBits/GatherBlockQuantized assume when none is
+    given; scales float32 (R, K // block)). K must be a multiple of `block`."""
+    rows, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    blocks = w.astype(np.float32).reshape(rows, k // block, block)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale), -qmax - 1, qmax) + 2 ** (bits - 1)
+    return q.astype(np.uint8).reshape(rows, k), scale.reshape(rows, k // block)
+
+
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (R, K) packed along K: 8 bits as is, 4 bits two to a byte (the first in the low nibble)."""
+    if bits == 8:
+        return q
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_tables(model, targets, bits=8, block: int = 32) -> int:
+    """In place: each "gather" target (token embedding) becomes ONNX Runtime's GatherBlockQuantized over
+    uint8 codes (`bits` 8: one scale per row, or per largest power-of-two block dividing the width;
+    4: per `block`), each "table" target a DequantizeLinear of int8 rows writing the tensor the graph
+    already reads. `bits`: one width, or {layer: bits} (32 keeps a table float). Returns how many."""
+    from onnx import helper, numpy_helper
+
+    g = Graph(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    done = 0
+    for t in targets:
+        b = bits.get(t.layer, 8) if isinstance(bits, dict) else bits
+        if b >= 16 or t.weight not in g.inits:
+            continue
+        w = numpy_helper.to_array(g.inits[t.weight])
+        if t.kind == "gather":
+            size = _pow2_block(w.shape[1], w.shape[1] if b == 8 else block)
+            if not size:
+                continue
+            q, scale = block_quantize(w, b, size)
+            base = f"{t.weight}_q{b}"
+            model.graph.initializer.extend([numpy_helper.from_array(pack_codes(q, b), f"{base}_codes"),
+                                            numpy_helper.from_array(scale, f"{base}_scale")])
+            node = nodes[t.node]
+            new = helper.make_node("GatherBlockQuantized", [f"{base}_codes", node.input[1], f"{base}_scale"],
+                                   list(node.output), name=f"{t.node}_q{b}", domain=MS, bits=b, block_size=size,
+                                   gather_axis=0, quantize_axis=1)
+            new.metadata_props.extend(node.metadata_props)
+            replace(model, node, [new], [node])
+        else:
+            flat = w.reshape(w.shape[0], -1)
+            q, scale = quantize_weight_per_channel(flat, axis=0)
+            base = f"{t.weight}_q8"
+            model.graph.initializer.extend([
+                numpy_helper.from_array(q.reshape(w.shape), f"{base}_int"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
+                numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zp")])
+            dq = helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [t.weight],
+                                  name=f"{base}_DQ", axis=0)
+            model.graph.initializer.remove(g.inits[t.weight])
+            toposort(model.graph, [dq])
+        done += 1
+    if done:
+        ensure_opset(model, MS)
+        remove_dead(model)
+    return done
+
+
+NBITS_LEVELS = {0: "unset", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
+
+
+def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, cache: dict | None = None):
+    """Block-wise weights ("w4a16"/"w4a8"): a copy of `model` where each target gets `bits[layer]`
+    (default 4; 32 keeps it float). MatMuls at 4 bits become ONNX Runtime's MatMulNBits (symmetric,
+    one float32 scale per `block` input rows, computed at `accuracy_level` `level`: 1 fp32 ... 4
+    int8 activations); at 8 bits, MatMulNBits too when `level` is 4 (its int8 kernel), else int8
+    weights behind DequantizeLinear (`quantize_weights`' form, folded at load). Convs store int8
+    weights (DequantizeLinear); the token embedding 4 or 8 bits (GatherBlockQuantized), positional
+    tables int8. `cache` ({}) keeps packed weights between the guard's candidates."""
+    require("onnx", "4-bit weight quantization")
+    from onnx import helper, numpy_helper
+
+    m = copy_model(model)
+    cache = {} if cache is None else cache
+    width = {t.layer: bits.get(t.layer, 4) for t in targets}
+
+    def nbits(t, w, bias, x, out):
+        b = width[t.layer]
+        key = (t.weight, b, block)
+        if key not in cache:
+            k, n = w.shape
+            size = block if k % block == 0 else _pow2_block(k, block)
+            q, scale = block_quantize(w.T, b, size)
+            packed = pack_codes(q, b).reshape(n, k // size, size * b // 8)
+            cache[key] = (packed, scale.reshape(-1), size)
+        packed, scale, size = cache[key]
+        base = f"{t.weight}_nb{b}"
+        inits = [numpy_helper.from_array(packed, f"{base}_B"), numpy_helper.from_array(scale, f"{base}_scale")]
+        ins = [x, f"{base}_B", f"{base}_scale"] + (["", "", bias] if bias else [])
+        return [helper.make_node("MatMulNBits", ins, [out], name=f"{t.node}_nb{b}", domain=MS, K=w.shape[0],
+                                 N=w.shape[1], bits=b, block_size=size, accuracy_level=level)], inits
+
+    def w8(t, w, bias, x, out):
+        base = f"{t.weight}_w8"
+        mm_out = f"{out}_w8mm" if bias else out
+        nodes = [helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [f"{base}_f"],
+                                  name=f"{t.node}_w8_DQ", axis=1),
+                 helper.make_node("MatMul", [x, f"{base}_f"], [mm_out], name=f"{t.node}_w8")]
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{t.node}_w8_bias"))
+        return nodes, _int8_weight(w, base)
+
+    def blockable(t):
+        k = _init_dims(m, t.weight)[0]
+        return k % block == 0 or _pow2_block(k, block)
+
+    mm = [t for t in targets if t.kind == "matmul" and width[t.layer] < 16]
+    four = [t for t in mm if (width[t.layer] == 4 or level == 4) and blockable(t)]
+    _replace_linear(m, four, (), nbits)
+    _replace_linear(m, [t for t in mm if t not in four], (), w8)
+    _conv_weights_only(m, [t for t in targets if t.is_conv and width[t.layer] < 16])
+    quantize_tables(m, [t for t in targets if t.is_table], {t.layer: width[t.layer] for t in targets}, block)
+    ensure_opset(m, MS)
+    return m
+
+
+def _init_dims(model, name: str) -> list:
+    return next(list(i.dims) for i in model.graph.initializer if i.name == name)
 
 
 def _conv_weights_only(model, targets) -> None:

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._lazy import require
 from ..errors import CalibrationError, EdgeClipError
-from ..onnxgraph import copy_model, lower_for_ort
+from ..onnxgraph import copy_model, gemms_to_matmuls, lower_for_ort
 from . import qdq
-from .guard import guard, guard_measure, head_agreement, min_cosine_drop, run_outputs
+from .guard import guard, guard_chain, guard_measure, head_agreement, min_cosine_drop, run_outputs
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class OnnxStatic:
     portable form), which ONNX Runtime's fused integer kernels can take over (quantize_graph's `lower`)."""
 
     lowers = True
-    kinds = qdq.STATIC_KINDS
+    kinds = qdq.STATIC_KINDS + qdq.TABLE_KINDS
+    chain = None
 
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort"):
         """`quantize(exclude) -> model` for the guard; `report` gets the observer. `form`: see
@@ -51,7 +53,8 @@ class OnnxDynamic:
     """ONNX: DynamicQuantizeMatMul, activations quantized per call from their own range."""
 
     lowers = False
-    kinds = qdq.DYNAMIC_KINDS
+    kinds = qdq.DYNAMIC_KINDS + qdq.TABLE_KINDS
+    chain = None
 
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort"):
         return lambda exclude: qdq.quantize_dynamic(model, targets, exclude)
@@ -62,10 +65,40 @@ class OnnxWeightsOnly:
     """ONNX: int8 weights behind DequantizeLinear, float activations and arithmetic."""
 
     lowers = False
-    kinds = qdq.WEIGHT_KINDS
+    kinds = qdq.WEIGHT_KINDS + qdq.TABLE_KINDS
+    chain = None
 
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort"):
         return lambda exclude: qdq.quantize_weights(model, targets, exclude)
+
+
+@dataclass(frozen=True)
+class OnnxNBits:
+    """ONNX: block-wise 4-bit weights (ONNX Runtime's MatMulNBits; the token embedding as
+    GatherBlockQuantized), layers the guard moves falling back to int8, then float (`chain`). `a8`:
+    activations quantized to int8 per block at run time (accuracy_level 4, ONNX Runtime's int8
+    kernel); else they stay float and the accuracy level is measured on the export CPU (`LEVELS`)."""
+
+    a8: bool = False
+    lowers = False
+    kinds = qdq.WEIGHT_KINDS + qdq.TABLE_KINDS
+    chain = (4, 8)
+    LEVELS = (1, 2, 3)  # fp32, fp16, bf16 arithmetic on A: the a16 candidates
+
+    @property
+    def levels(self) -> tuple:
+        return (4,) if self.a8 else self.LEVELS
+
+    def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort",
+                block: int = 32):
+        """`quantize(bits: {layer: bits}, level=None) -> model` for the guard (level: the first candidate)."""
+        cache: dict = {}
+        report["block_size"] = block
+
+        def quantize(bits, level=None):
+            return qdq.quantize_nbits(model, targets, bits, block, self.levels[0] if level is None else level, cache)
+
+        return quantize
 
 
 @dataclass(frozen=True)
@@ -88,13 +121,17 @@ class NncfStatic:
 
 @dataclass(frozen=True)
 class NncfWeightsOnly:
-    """OpenVINO: nncf.compress_weights, int8 weights, float activations; no calibration data."""
+    """OpenVINO: nncf.compress_weights, float activations; no calibration data. `mode`: "int8" weights,
+    or "int4" (symmetric, per block of the recipe's block size; layers the guard moves go to int8,
+    then float)."""
+
+    mode: str = "int8"
 
     def check(self, recipe: Recipe) -> None:
         pass
 
     def quantize(self, q, recipe: Recipe, observer: str, alpha: float, report: dict):
-        return q.weights_only()
+        return q.weights_only() if self.mode == "int8" else q.weights_int4(report)
 
 
 @dataclass(frozen=True)
@@ -143,7 +180,16 @@ RECIPES = {r.name: r for r in (
     Recipe("w8a16", "int8 weights only, float activations and arithmetic: ~4x smaller linear "
                     "weights at FP32 speed and accuracy", "float",
            onnx=OnnxWeightsOnly(), openvino=NncfWeightsOnly()),
+    Recipe("w4a16", "4-bit weights per block (--block-size, default 32), float activations: the smallest "
+                    "artifact; the guard moves sensitive layers to int8, then float. Smaller, not faster, "
+                    "on x86 CPUs", "float",
+           onnx=OnnxNBits(), openvino=NncfWeightsOnly(mode="int4")),
+    Recipe("w4a8", "4-bit weights per block with activations quantized to int8 at run time (ONNX Runtime's "
+                   "int8 kernel, accuracy_level 4): w4a16's size with an int8 GEMM", "dynamic",
+           onnx=OnnxNBits(a8=True),
+           openvino=NoOpenVinoForm("its CPU plugin picks dynamic activation quantization itself; use w4a16")),
 )}
+NBIT_BLOCK = 32  # default block of 4-bit recipes: input rows per scale
 DEFAULT_RECIPE = "int8"
 
 
@@ -204,7 +250,7 @@ def text_calibration(ids: np.ndarray, eot_token_id, trim: bool, info: dict, batc
 
 def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str = "minmax",
                    alpha: float = 0.5, max_drop: float = 0.005, lower: bool = True, quantizable=None,
-                   form: str = "ort"):
+                   form: str = "ort", block_size: int = NBIT_BLOCK):
     """(quantized ONNX model, report for the manifest). Raises ValidationError when the accuracy
     guard cannot meet `max_drop` even with every layer back in float.
 
@@ -212,27 +258,40 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     keep False for graphs other runtimes will read (QDQ is the portable form). Convs stay QDQ, which
     ONNX Runtime fuses into QLinearConv itself when it loads the graph.
     `quantizable(layer path) -> bool`: the layers INT8 may quantize (default:
-    `qdq.default_quantizable`, the linear layers inside the transformer blocks and of adapter heads)."""
-    found = qdq.find_targets(model, quantizable)
+    `qdq.default_quantizable`, the linear layers inside the transformer blocks and of adapter heads).
+    In ONNX Runtime's form (`form="ort"`) every recipe also stores the towers' tables and end layers
+    in int8 (token embedding, positional tables, patch and final projections: `qdq.find_targets`'
+    `tables`), guarded like any other layer. `block_size`: the 4-bit recipes' block."""
+    tables = form == "ort"
+    if tables:
+        model = copy_model(model)
+        gemms_to_matmuls(model)  # the end projections are traced as Gemm: the quantizers read MatMul
+    found = qdq.find_targets(model, quantizable, tables=tables)
     targets = [t for t in found if t.kind in recipe.onnx.kinds]
     if not targets:
         raise CalibrationError(f"the {data.graph} graph has no linear layers to quantize")
     if not 0.0 < max_drop < 1.0:
         raise CalibrationError(f"max cosine drop must be in (0, 1), got {max_drop}")
     report = {"recipe": recipe.name, "activations": recipe.activations, "data": data.info,
-              "quantizable_layers": len(targets)}
+              "quantizable_layers": len({t.layer for t in targets})}
     if recipe.smoothquant:
         model = _smooth(model, targets, data, alpha, report)
-    quantize_fn = recipe.onnx.prepare(model, targets, data, observer, report, form=form)
+    extra = {"block": block_size} if recipe.onnx.chain else {}
+    quantize_fn = recipe.onnx.prepare(model, targets, data, observer, report, form=form, **extra)
     reference = run_outputs(model, data.held_out, data.outputs)
 
     def drop_fn(candidate):
         return guard_measure(run_outputs(candidate, data.held_out, data.outputs), reference, data.output,
                              data.heads, max_drop, data.min_agreement)
 
-    quant, g = guard(model, quantize_fn, [t.layer for t in targets], data.held_out, data.output, max_drop,
-                     drop_fn=drop_fn)
-    drop = g.drop
+    layers = [t.layer for t in targets]
+    if recipe.onnx.chain:
+        quant, g = guard_chain(model, quantize_fn, layers, data.held_out, data.output, recipe.onnx.chain,
+                               max_drop, drop_fn=drop_fn)
+        quant, drop = _choose_level(recipe.onnx, quantize_fn, g, quant, drop_fn, data, max_drop, report)
+    else:
+        quant, g = guard(model, quantize_fn, layers, data.held_out, data.output, max_drop, drop_fn=drop_fn)
+        drop = g.drop
     if lower and recipe.onnx.lowers:
         # ONNX Runtime's fused integer kernels round slightly differently from QDQ: measure again,
         # and keep the portable QDQ form if the lowered graph were to miss the bound.
@@ -246,15 +305,75 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
     float_layers = list(g.float_layers)
     report.update(guard_report(g, max_drop, drop, float_layers, len({t.layer for t in targets} - set(float_layers))))
     report.update(layer_counts(found, targets, float_layers))
+    report["bits"] = layer_bits(targets, g)
     report.update(final_figures(run_outputs(quant, data.held_out, data.outputs), reference, data))
     return quant, report
+
+
+def layer_bits(targets, g) -> dict:
+    """{layer: bits of its weights} (32: float), for the manifest."""
+    chosen = getattr(g, "bits", None)
+    float_layers = set(g.float_layers)
+    bits = {t.layer: int(chosen.get(t.layer, 32)) if chosen is not None else 32 if t.layer in float_layers else 8
+            for t in targets}
+    for t in targets:  # positional tables are int8 in every recipe (qdq.quantize_nbits)
+        if t.kind == "table" and bits[t.layer] < 8:
+            bits[t.layer] = 8
+    return bits
+
+
+def _choose_level(quantizer, quantize_fn, g, quant, drop_fn, data: CalibrationSet, max_drop: float, report: dict):
+    """The MatMulNBits accuracy level of a 4-bit graph, measured here: each candidate of the recipe
+    (`OnnxNBits.levels`) is timed at batch 1 and measured on the held-out set; a candidate whose
+    outputs equal the first one's bit for bit is not implemented by this CPU's kernels (it falls back)
+    and is not chosen; of the rest, the fastest within the bound. (model, drop); `report` gets
+    `accuracy_level` with every figure."""
+    from .guard import run_outputs as run
+
+    levels = quantizer.levels
+    first = run(quant, data.held_out, data.outputs)[data.output]
+    figures, best = {}, (levels[0], quant, g.drop, _latency_ms(quant, data.held_out))
+    figures[str(levels[0])] = {"ms": best[3], "cosine_drop": g.drop}
+    for level in levels[1:]:
+        candidate = quantize_fn(g.bits, level)
+        out = run(candidate, data.held_out, data.outputs)[data.output]
+        if np.array_equal(out, first):
+            figures[str(level)] = {"same_as": levels[0]}
+            continue
+        drop, ms = drop_fn(candidate), _latency_ms(candidate, data.held_out)
+        figures[str(level)] = {"ms": ms, "cosine_drop": drop}
+        if drop <= max_drop and ms < best[3]:
+            best = (level, candidate, drop, ms)
+    report["accuracy_level"] = {"chosen": best[0], "name": qdq.NBITS_LEVELS[best[0]], "measured": figures,
+                                "note": "timed at batch 1 on the export machine; a level this CPU's kernels "
+                                        "do not implement gives the first level's outputs and is not chosen"}
+    return best[1], best[2]
+
+
+def _latency_ms(model, feeds: dict, runs: int = 10) -> float:
+    """Median ms of one batch-1 run of `model` under ONNX Runtime."""
+    import time
+
+    ort = require("onnxruntime", "4-bit quantization")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    one = {k: v[:1] for k, v in feeds.items()}
+    sess.run(None, one)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, one)
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1e3, 3)
 
 
 def layer_counts(found, targets, float_layers) -> dict:
     """How many conv and matmul layers are int8, and the quantizable convs this recipe leaves float
     (no int8 kernel worth running for their kind), for the report."""
-    int8 = {t.layer: t.is_conv for t in targets if t.layer not in set(float_layers)}
-    out = {"int8_conv_layers": sum(int8.values()), "int8_matmul_layers": len(int8) - sum(int8.values())}
+    kept = [t for t in targets if t.layer not in set(float_layers)]
+    convs = {t.layer for t in kept if t.is_conv}
+    tables = {t.layer for t in kept if t.is_table}
+    out = {"int8_conv_layers": len(convs), "int8_matmul_layers": len({t.layer for t in kept} - convs - tables),
+           "int8_tables": len(tables)}
     skipped = sorted({t.layer for t in found if t.is_conv} - {t.layer for t in targets})
     if skipped:
         kinds = sorted({t.kind for t in found if t.layer in set(skipped)})
@@ -275,7 +394,7 @@ def _smooth(model, targets, data: CalibrationSet, alpha: float, report: dict):
     if not 0.0 <= alpha <= 1.0:
         raise CalibrationError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
     # SmoothQuant folds into LayerNorm -> MatMul pairs only; a LayerNorm feeding a conv is left alone
-    targets = [t for t in targets if not t.is_conv]
+    targets = [t for t in targets if t.kind == "matmul"]
     report["smoothquant"] = {"alpha": alpha, "layernorms": len(smoothable_pairs(model, targets))}
     return smooth(model, targets, data.batches, alpha)
 

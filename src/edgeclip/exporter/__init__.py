@@ -83,6 +83,7 @@ class ExportOptions:
     calib_seed: int = 0
     observer: str = "minmax"      # activation range: minmax | percentile | entropy | mse
     smoothquant_alpha: float = 0.5
+    block_size: int = 32          # 4-bit recipes (w4a16, w4a8): input rows per weight scale, a power of two
     max_cosine_drop: float = 0.005  # guard: 1 - min cosine to FP32 on held-out calibration samples
     # Core ML
     min_ios: int = 18             # deployment target: 18 (fused SDPA), 17 or 16 (ANE-layout attention)
@@ -93,7 +94,8 @@ class ExportOptions:
 
     # numeric options: (low, high); out of range is an InputError before any work
     RANGES = {"calib_size": (1, 1_000_000), "calib_seed": (0, 2**32 - 1), "smoothquant_alpha": (0.0, 1.0),
-              "max_cosine_drop": (0.0, 1.0), "min_head_agreement": (0.0, 1.0), "opset": (7, 30)}
+              "max_cosine_drop": (0.0, 1.0), "min_head_agreement": (0.0, 1.0), "opset": (7, 30),
+              "block_size": (16, 4096)}
 
     def __post_init__(self):
         import math
@@ -107,6 +109,8 @@ class ExportOptions:
             if not ok or not math.isfinite(v) or not lo <= v <= hi:
                 raise InputError(f"export option {name}={v!r} must be {'an integer' if integral else 'a number'} "
                                  f"from {lo} to {hi}")
+        if self.block_size & (self.block_size - 1):
+            raise InputError(f"export option block_size={self.block_size} must be a power of two (16, 32, 64, ...)")
 
     @classmethod
     def from_kwargs(cls, **kw) -> "ExportOptions":
@@ -151,4 +155,7 @@ def export(model, target: str = "onnx", precision: str | None = None, out=None, 
         given = [k for k in ("recipe", "calib", "calib_captions") if getattr(opts, k) is not None]
         if given:
             raise EdgeClipError(f"{', '.join(given)} only apply to precision='int8' (got '{precision}')")
+    if opts.block_size != ExportOptions.block_size and not (opts.recipe or "").startswith("w4"):
+        raise EdgeClipError(f"block_size applies to the 4-bit recipes (w4a16, w4a8) only, not "
+                            f"'{opts.recipe or 'int8'}'")
     return tgt.export(model, model.spec, opts, out)

@@ -41,6 +41,7 @@ class ExportJob:
     quantizable: Any = None      # (layer path) -> whether INT8 may quantize it, as the towers say
     extra: dict = field(default_factory=dict)          # target-specific manifest sections
     towers: dict = field(default_factory=dict)         # per graph: what the tower's export rewrites did
+    sizes: dict = field(default_factory=dict)          # per graph: bytes, weights, bits per weight
 
 
 class Target:
@@ -60,6 +61,7 @@ class Target:
         job = self.begin(model, spec, opts)
         with ArtifactWriter(out, overwrite=opts.overwrite) as w:
             graphs, fidelity = self.write_graphs(job, w)
+            job.sizes = graph_sizes(w.staging, graphs, job)
             if opts.validate:
                 from .graphs import raise_if_failed
 
@@ -154,12 +156,38 @@ class Target:
             "options": {k: str(v) if isinstance(v, Path) else v
                         for k, v in dataclasses.asdict(opts).items() if k not in ("labels", "heads")},
             "fidelity": fidelity,
+            "sizes": job.sizes or None,
             **self.manifest_extra(job),
             "tools": self.tool_versions(),
         }
 
 
 # ----------------------------------------------------------------------------- shared steps
+
+def graph_sizes(root: Path, graphs: dict, job: ExportJob) -> dict:
+    """Per graph: the bytes of its files (graph, weights file, or package folder), the weights it holds
+    (the tower's parameters, plus the baked zero-shot head and the adapter heads' arrays for the
+    image graph), and bits per weight (file bits over weights: 32 for a float32 graph, plus the
+    graph's own structure)."""
+    model = job.model
+    weights = {"image": sum(p.numel() for p in model.visual.parameters()),
+               "text": sum(p.numel() for p in model.text.parameters())}
+    if job.head is not None:
+        weights["image"] += int(job.head.size)
+    weights["image"] += sum(int(a.size) for h in job.heads for a in h.arrays.values())
+    out = {}
+    for name, entry in graphs.items():
+        paths = [root / entry[k] for k in ("file", "weights") if entry.get(k)]
+        size = sum(_bytes(p) for p in paths)
+        w = int(weights.get(name, 0))
+        out[name] = {"bytes": size, "weights": w, "bits_per_weight": round(size * 8 / w, 3) if w else None}
+    return out
+
+
+def _bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return path.stat().st_size if path.is_file() else 0
 
 def zero_shot_head(model, spec, labels, templates):
     """(C, E) class embeddings computed once with the float32 torch reference."""

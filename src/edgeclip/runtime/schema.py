@@ -41,7 +41,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_KEYS = {"format", "format_version", "created", "target", "precision", "backend", "model", "preprocess",
             "tokenizer", "text", "graphs", "head", "heads", "logit_scale", "logit_bias", "activation", "options",
-            "fidelity", "fusions", "quantization", "tools", "files", "towers"}
+            "fidelity", "fusions", "quantization", "tools", "files", "towers", "sizes"}
 ACTIVATIONS = ("softmax", "sigmoid")  # how class scores come from logits (specs' logit_activation)
 REQUIRED = ("format", "format_version", "target", "precision", "model", "preprocess", "tokenizer", "text",
             "graphs", "logit_scale", "files")
@@ -357,4 +357,18 @@ def validate_manifest(m) -> dict:
     for k in ("options", "fidelity", "fusions", "quantization", "tools", "openvino", "coreml"):
         if m.get(k) is not None:
             _dict(m[k], k)
+    _sizes(m.get("sizes"), graphs)
     return m
+
+
+def _sizes(sizes, graphs: dict) -> None:
+    """`sizes`: per graph of the artifact, {bytes, weights, bits_per_weight} (display only, but typed)."""
+    if sizes is None:
+        return
+    for name, entry in _dict(sizes, "sizes", allowed=set(graphs)).items():
+        path = f"sizes.{name}"
+        _dict(entry, path, allowed={"bytes", "weights", "bits_per_weight"}, required=("bytes", "weights"))
+        _int(entry["bytes"], f"{path}.bytes", 0, 1 << 44)
+        _int(entry["weights"], f"{path}.weights", 0, 1 << 40)
+        if entry.get("bits_per_weight") is not None:
+            _num(entry["bits_per_weight"], f"{path}.bits_per_weight", 0.0, 1e6)

@@ -78,7 +78,8 @@ class OnnxFamilyTarget(Target):
 
     def graph_config(self, job: ExportJob, graphs: dict) -> None:
         for name, report in job.quantization.items():
-            if report["activations"] == "float":  # fold the weight dequantization once, at load
+            # weights-only recipes: fold the weight dequantization once, at load
+            if report["activations"] == "float" or report.get("accuracy_level"):
                 graphs[name]["session_config"] = {"session.disable_quant_qdq": "1"}
 
     def open_graph(self, path: Path, info: dict):
@@ -110,7 +111,7 @@ class OnnxFamilyTarget(Target):
             graph, job.quantization[name] = quantize_graph(
                 graph, get_recipe(opts.recipe), job.calibration[name], observer=opts.observer,
                 alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop, lower=self.lower_int8,
-                quantizable=job.quantizable)
+                quantizable=job.quantizable, block_size=opts.block_size)
         onnx.save(graph, str(path))
 
 
