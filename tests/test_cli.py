@@ -102,7 +102,7 @@ from edgeclip import cli as cli_module  # noqa: E402
 
 OPTIONS = {
     "models": ["--json"],
-    "export": ["--calib", "--calib-captions", "--calib-size", "--checkpoint", "--compress", "--head", "--json",
+    "export": ["--block-size", "--calib", "--calib-captions", "--calib-size", "--checkpoint", "--compress", "--head", "--json",
                "--labels", "--labels-file", "--max-cosine-drop", "--min-ios", "--no-fuse", "--no-pooled-last",
                "--no-trim", "--no-validate", "--observer", "--out", "--overwrite", "--precision", "--profile",
                "--recipe", "--seed", "--smoothquant-alpha", "--spec", "--target", "--templates", "--trt-version"],
@@ -128,7 +128,7 @@ EXPORT_DEFAULTS = {"command": "export", "model": "builtin:tiny", "target": "onnx
                    "overwrite": False, "no_fuse": False, "min_ios": None, "compress": None, "recipe": None,
                    "calib": None, "calib_captions": None, "calib_size": 256, "observer": "minmax",
                    "smoothquant_alpha": 0.5, "max_cosine_drop": 0.005, "trt_version": None, "profile": None,
-                   "json": False}
+                   "block_size": None, "json": False}
 RUN_DEFAULTS = {"command": "run", "artifact": "art", "image": ["x.png"], "text": None, "labels": None,
                 "labels_file": None, "digest": None, "head": None, "top_k": 5, "truncate": False, "backend": "auto",
                 "threads": None, "inference_precision": None, "providers": None, "json": False}
@@ -150,11 +150,12 @@ PARSES = [  # (argv, the command function, the whole namespace but `func`)
     (["export", "builtin:tiny", "--out", "a", "--target", "coreml", "--precision", "int8", "--seed", "7",
       "--head", "x.npz", "--head", "b=y", "--templates", "a {}", "b {}", "--min-ios", "17", "--compress", "w8",
       "--recipe", "int8-smoothquant", "--calib-size", "3", "--observer", "mse", "--smoothquant-alpha", "0.25",
-      "--max-cosine-drop", "0.01", "--no-trim", "--no-fuse", "--overwrite", "--json"], "cmd_export",
+      "--max-cosine-drop", "0.01", "--no-trim", "--no-fuse", "--overwrite", "--json", "--block-size", "64"],
+     "cmd_export",
      {**EXPORT_DEFAULTS, "target": "coreml", "precision": "int8", "seed": 7, "head": ["x.npz", "b=y"],
       "templates": ["a {}", "b {}"], "min_ios": 17, "compress": "w8", "recipe": "int8-smoothquant",
       "calib_size": 3, "observer": "mse", "smoothquant_alpha": 0.25, "max_cosine_drop": 0.01, "no_trim": True,
-      "no_fuse": True, "overwrite": True, "json": True}),
+      "no_fuse": True, "overwrite": True, "json": True, "block_size": 64}),
     (["run", "art", "--image", "x.png"], "cmd_run", RUN_DEFAULTS),
     (["run", "art", "--image", "x.png", "y.png", "--text", "t", "--top-k", "3", "--threads", "2",
       "--inference-precision", "bf16", "--head", "tip", "--truncate"], "cmd_run",

@@ -202,6 +202,8 @@ def _int8_options(args) -> dict:
     if args.precision == "int8":
         kw.update(calib_size=args.calib_size, observer=args.observer, smoothquant_alpha=args.smoothquant_alpha,
                   max_cosine_drop=args.max_cosine_drop)
+        if args.block_size is not None:
+            kw["block_size"] = args.block_size
     return kw
 
 
@@ -586,6 +588,9 @@ def _add_int8_group(p) -> None:
     g = p.add_argument_group("INT8 (--precision int8)")
     g.add_argument("--recipe", choices=list(RECIPES),
                    help="quantization recipe (default int8). " + recipes_help().replace("%", "%%"))
+    g.add_argument("--block-size", type=int, metavar="N",
+                   help="4-bit recipes (w4a16, w4a8): input rows per weight scale, a power of two (default 32; "
+                        "larger is smaller and less accurate)")
     g.add_argument("--calib", help="folder of calibration images (recursive; jpg/png/webp/bmp); "
                                    "builtin:tiny ships its own")
     g.add_argument("--calib-captions", help="captions for the text tower: .txt (one per line) or .jsonl")
