@@ -128,10 +128,32 @@ class OrtMobileTarget(OnnxFamilyTarget):
     lower_int8 = False
 
     def write_graph(self, job: ExportJob, module, name: str, decl: dict, w, dynamic_length: bool) -> None:
+        import onnx
+
         onnx_path = w.staging / f".{name}.tmp.onnx"
         self.build_graph(job, module, name, decl, w, dynamic_length, onnx_path)
+        ops = sorted({n.op_type for n in onnx.load(str(onnx_path)).graph.node if n.domain == "com.microsoft"})
+        section = job.extra.setdefault("ort-mobile", {"contrib_ops": {}, "packages": MOBILE_PACKAGES})
+        section["contrib_ops"][name] = ops
         to_ort_format(onnx_path, w.path(f"{name}.ort"))
         onnx_path.unlink()
+
+    @classmethod
+    def inspect_lines(cls, manifest: dict) -> list[str]:
+        o = manifest.get("ort-mobile") or {}
+        lines = ["mobile     contrib ops " + "; ".join(f"{g}: {', '.join(ops) or 'none'}"
+                                                      for g, ops in o.get("contrib_ops", {}).items())] if o else []
+        return lines + super().inspect_lines(manifest)
+
+
+# What the ORT-format files need from the app's ONNX Runtime (the contrib ops recorded per graph).
+MOBILE_PACKAGES = ("onnxruntime-android (Maven), onnxruntime-c / onnxruntime-objc (CocoaPods) are full builds: "
+                   "every ONNX and com.microsoft contrib operator and type, so they run these files. The files "
+                   "were checked with the onnxruntime recorded under tools; GatherBlockQuantized over uint8 codes "
+                   "(quantized token embeddings) and MatMulNBits (4-bit recipes) are recent: use that release or "
+                   "later in the app. "
+                   "The discontinued onnxruntime-mobile packages (<= 1.18) had a reduced operator set without "
+                   "them; a custom reduced build must list the contrib ops above in its operator config")
 
 
 def to_onnx(module, name, decl, spec, path, opset: int, dynamic_length: bool) -> None:
