@@ -29,7 +29,7 @@ from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
 from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
 from synthetic import calibration_data, captions, outlier_tiny, write_images  # noqa: E402
 
-ALL_RECIPES = ["int8", "int8-dynamic", "int8-smoothquant", "w8a16"]
+ALL_RECIPES = ["int8", "int8-dynamic", "int8-smoothquant", "w8a16", "w4a16", "w4a8"]
 
 
 def _heldout():
@@ -91,21 +91,31 @@ def test_int8_manifest_records_recipe_layers_and_fidelity(tiny_artifacts):
     # bias inside, and packed-QKV projections fused with their attention (the pooled-only last block
     # keeps its separate Q and KV projections and a float MultiHeadAttention)
     image = _ops(tiny_artifacts["int8"].path / "image.onnx")
-    int8_layers = q["graphs"]["image"]["int8_layers"]
+    r = q["graphs"]["image"]
+    int8_layers = r["int8_matmul_layers"]
+    assert r["int8_layers"] == int8_layers + r["int8_tables"] and r["int8_tables"] == 1  # the positional table
     assert image["MatMulIntegerToFloat"] + image["QAttention"] == int8_layers
     assert image["QAttention"] == 2 and image["MultiHeadAttention"] == 1 and image["Softmax"] == 0
-    assert image["DequantizeLinear"] == 0 and 0 < image["QuantizeLinear"] <= int8_layers
+    # the only DequantizeLinear left reads the int8 positional table; the patch and final projections
+    # are int8 GEMMs like the blocks' (their layers are in the report)
+    assert image["DequantizeLinear"] == 1 and 0 < image["QuantizeLinear"] <= int8_layers
+    assert r["bits"]["visual.patch_linear"] == 8 or "visual.patch_linear" in r["float_layers"]
+    assert {"visual.patch_linear", "visual.proj"} <= set(r["bits"])
     assert image["SkipLayerNormalization"] == 0  # measured slower than Add + LayerNorm on ORT's CPU
 
 
 def test_recipes_produce_their_own_graph_forms(tiny_artifacts):
     dyn = _ops(tiny_artifacts["int8-dynamic"].path / "image.onnx")
-    assert dyn["DynamicQuantizeMatMul"] == 13 and dyn["QuantizeLinear"] == 0
+    r = tiny_artifacts["int8-dynamic"].manifest["quantization"]["graphs"]["image"]
+    assert dyn["DynamicQuantizeMatMul"] == r["int8_matmul_layers"] >= 13 and dyn["QuantizeLinear"] == 0
     smooth = tiny_artifacts["int8-smoothquant"].manifest["quantization"]["graphs"]["image"]
     assert smooth["smoothquant"]["alpha"] == 0.5 and smooth["smoothquant"]["layernorms"] > 0
     w8 = tiny_artifacts["w8a16"]
     ops = _ops(w8.path / "image.onnx")
-    assert ops["DequantizeLinear"] == 13 and ops["MatMulIntegerToFloat"] == 0 and ops["QuantizeLinear"] == 0
+    r = w8.manifest["quantization"]["graphs"]["image"]
+    # every block linear, the patch and final projections and the positional table: int8 behind DequantizeLinear
+    assert ops["DequantizeLinear"] == r["int8_layers"] == 16 and r["float_layers"] == []
+    assert ops["MatMulIntegerToFloat"] == 0 and ops["QuantizeLinear"] == 0
     assert w8.manifest["graphs"]["image"]["session_config"] == {"session.disable_quant_qdq": "1"}
     # weight-only: the block linears' weights take a quarter of their float bytes
     from edgeclip.calibration.qdq import find_targets
