@@ -32,6 +32,7 @@ import numpy as np
 
 from .._lazy import require
 from .machine import library_versions
+from .sizes import TOWERS, baseline_sizes, graph_bytes, tower_weights
 from .variants import Variant
 
 STAMP = "baselines.json"
@@ -112,9 +113,6 @@ def openvino_available() -> bool:
     return True
 
 
-_TOWERS = {"image": "visual", "text": "text"}  # graph -> ClipModel attribute
-
-
 def upstream_reparameterized(model):
     """(deep copy of `model` reparameterized as upstream's `reparameterize_model` does, graphs whose
     tower changed); (None, []) when no tower has train-time branches left to fold.
@@ -126,10 +124,10 @@ def upstream_reparameterized(model):
     torch = require("torch", "building baselines (bench --baselines)")
     m, changed = None, []
     for graph in ("image", "text"):
-        if not callable(getattr(getattr(model, _TOWERS[graph]), "reparameterize", None)):
+        if not callable(getattr(getattr(model, TOWERS[graph]), "reparameterize", None)):
             continue
         m = m if m is not None else copy.deepcopy(model).eval()
-        tower = getattr(m, _TOWERS[graph])
+        tower = getattr(m, TOWERS[graph])
         before = set(tower.state_dict())
         with torch.no_grad():
             for block in [b for b in tower.modules() if b is not tower]:
@@ -205,8 +203,11 @@ def build(model, cache: Path, companion: str, pixels: np.ndarray, ids: np.ndarra
 
     `pixels`, `ids`: calibration inputs for NNCF (preprocessed images, full-length token ids)."""
     cache.mkdir(parents=True, exist_ok=True)
+    towers = tower_weights(model)
     saved = _reuse(cache, key, companion, inference_precision, log)
     if saved is not None:
+        for v in saved:  # caches written before sizes existed have none
+            v.sizes = baseline_sizes(cache, v.graphs, towers)
         return saved
     files = _onnx_files(model, cache, log)
     common = dict(path=str(cache), model=model.spec.name, source=getattr(model, "source", None),
@@ -228,17 +229,12 @@ def build(model, cache: Path, companion: str, pixels: np.ndarray, ids: np.ndarra
                                 description=f"{what}, OpenVINO + nncf.quantize(model_type=TRANSFORMER) "
                                             f"on {len(pixels)} images / {len(ids)} captions"))
     for v in variants:
-        v.size_bytes = sum(_graph_bytes(cache / f) for f in v.graphs.values())
+        v.size_bytes = sum(graph_bytes(cache / f) for f in v.graphs.values())
+        # the model's parameters as loaded, reparameterized baselines included: one denominator per model
+        v.sizes = baseline_sizes(cache, v.graphs, towers)
     (cache / STAMP).write_text(json.dumps({"key": key, "variants": [v.to_dict() for v in variants]}, indent=2))
     for v in variants:
         if v.backend == "openvino":
             v.inference_precision = inference_precision
     return variants
 
-
-def _graph_bytes(path: Path) -> int:
-    """A graph's size on disk: .xml with its .bin, .onnx with any external data beside it."""
-    size = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        size += path.with_suffix(".bin").stat().st_size
-    return size

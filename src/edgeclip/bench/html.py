@@ -4,7 +4,7 @@ from __future__ import annotations
 from html import escape
 
 from . import svg
-from .report import _cos, _pct, headline, mb, num, summary_rows, threads_name
+from .report import BITS, _cos, _pct, bits, headline, mb, mb_num, num, size_note, summary_rows, threads_name
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1d2125; max-width: 1180px; }
@@ -12,7 +12,10 @@ h1 { font-size: 22px; margin: 0 0 6px; } h2 { font-size: 17px; margin: 26px 0 8p
 .meta { color: #555; } .callout { background: #eef4fb; border-left: 4px solid #1f77b4; padding: 8px 12px; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; } .plots svg { border: 1px solid #dde1e6; }
 table { border-collapse: collapse; margin: 8px 0; } th, td { padding: 4px 8px; border-bottom: 1px solid #e3e6ea; }
-th { text-align: left; background: #f3f5f7; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+th { text-align: left; background: #f3f5f7; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td:first-child { white-space: nowrap; }
+.wide { overflow-x: auto; }  /* a table wider than the page scrolls on its own */
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 5px; margin-right: 6px; }
 code { font-size: 12px; }
 """
@@ -22,18 +25,28 @@ def _colours(report: dict) -> dict[str, str]:
     return {v["name"]: svg.colour(i) for i, v in enumerate(report["variants"])}
 
 
+def _points(rows: list[dict], colours: dict, x: str, y: str, scale: float = 1.0) -> list[dict]:
+    return [{"name": r["name"], "x": r[x] / scale if r[x] is not None else None, "y": r[y],
+             "colour": colours[r["name"]]} for r in rows]
+
+
 def plots(report: dict) -> tuple[list[str], list[str]]:
-    """Latency vs fidelity (cosine; zero-shot accuracy with --eval), and p50/p90/p99 per configuration."""
+    """Latency vs fidelity and size vs fidelity, side by side (cosine; zero-shot accuracy with --eval),
+    and p50/p90/p99 per configuration."""
     colours, h = _colours(report), headline(report)
     where = f"batch {h['batch']}, threads {threads_name(h['threads'])}"
     rows = summary_rows(report)
-    out = [svg.scatter([{"name": r["name"], "x": r["image_p50"], "y": r["image_cos"], "colour": colours[r["name"]]}
-                        for r in rows], "image graph p50 latency, ms", "image feature cosine to FP32 (mean)",
-                       f"Latency vs fidelity ({where})")]
+    cos = "image feature cosine to FP32 (mean)"
+    out = [svg.scatter(_points(rows, colours, "image_p50", "image_cos"), "image graph p50 latency, ms", cos,
+                       f"Latency vs fidelity ({where})"),
+           svg.scatter(_points(rows, colours, "image_bytes", "image_cos", 1e6), "image graph size, MB", cos,
+                       "Size vs fidelity", x_unit="MB")]
     if any(r["acc"] is not None for r in rows):
-        out.append(svg.scatter([{"name": r["name"], "x": r["image_p50"], "y": r["acc"], "colour": colours[r["name"]]}
-                                for r in rows], "image graph p50 latency, ms", "zero-shot top-1 accuracy",
-                               f"Latency vs accuracy ({where})"))
+        acc = "zero-shot top-1 accuracy"
+        out += [svg.scatter(_points(rows, colours, "image_p50", "acc"), "image graph p50 latency, ms", acc,
+                            f"Latency vs accuracy ({where})"),
+                svg.scatter(_points(rows, colours, "graph_bytes", "acc", 1e6), "image + text graphs, MB", acc,
+                            "Size vs accuracy", x_unit="MB")]
     bars = [svg.percentiles(
         [{"name": n, "p50": r["p50_ms"], "p90": r["p90_ms"], "p99": r["p99_ms"], "colour": colours[n]}
          for n, r in c["results"].items()],
@@ -46,7 +59,7 @@ def _table(head: list[str], rows: list[list[str]], numeric_from: int = 1) -> str
     th = "".join(f"<th>{escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f'<td class="n">{c}</td>' if i >= numeric_from else f"<td>{c}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _summary(report: dict) -> str:
@@ -55,11 +68,13 @@ def _summary(report: dict) -> str:
     for r in summary_rows(report):
         ratio = lambda g: f"{r[g + '_ratio']:.2f}×" if r[g + "_ratio"] else "–"  # noqa: E731
         rows.append([f'<span class="swatch" style="background:{colours[r["name"]]}"></span>{escape(r["name"])}',
-                     escape(r["kind"]), escape(r["ran_as"]), mb(r["size"]), num(r["load_s"], ".2f") + " s",
+                     escape(r["kind"]), escape(r["ran_as"]), mb(r["size"]), mb_num(r["image_bytes"]),
+                     mb_num(r["text_bytes"]), bits(r), num(r["load_s"], ".2f") + " s",
                      f"{mb(r['peak_rss'])} (+{mb(r['added_rss'])})" if r["peak_rss"] else "–",
                      num(r["image_p50"]), ratio("image"), num(r["text_p50"]), ratio("text"),
                      _cos(r["image_cos"]), _cos(r["text_cos"]), _pct(r["agree"]), _pct(r["acc"])])
-    return _table(["variant", "kind", "ran as", "size", "load", "peak RSS (added)", "image p50 ms", "image vs base",
+    return _table(["variant", "kind", "ran as", "size", "image MB", "text MB", BITS, "load", "peak RSS (added)",
+                   "image p50 ms", "image vs base",
                    "text p50 ms", "text vs base", "image cosine", "text cosine", "top-1 agreement",
                    "zero-shot top-1"], rows, numeric_from=3)
 
@@ -100,7 +115,8 @@ def html(report: dict) -> str:
     parts += ["<h2>Latency percentiles</h2>", '<div class="plots">' + "".join(bars) + "</div>",
               "<h2>Latency (all configurations)</h2>", _latency(report), "<h2>Variants</h2><ul>"]
     parts += [f"<li><code>{escape(v['name'])}</code> ({escape(v['kind'])}, {escape(v['target'])} "
-              f"{escape(v['precision'])}): {escape(v['description'])}</li>" for v in report["variants"]]
+              f"{escape(v['precision'])}): {escape(v['description'])}{escape(size_note(v))}</li>"
+              for v in report["variants"]]
     parts += ["</ul><h2>Method</h2><ul>"]
     parts += [f"<li><b>{escape(k)}</b>: {escape(t)}</li>" for k, t in report["method"].items()]
     parts.append("</ul>")

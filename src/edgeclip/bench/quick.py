@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from ..runtime import Pipeline
+from .sizes import artifact_sizes
 
 PROMPT = "a photo of a dog"
 
@@ -49,7 +50,8 @@ def quick_bench(artifact, batch: int = 1, threads: int | None = None, seconds: f
         row["inference_precision"] = info.get(row["graph"], {}).get("inference_precision")
     return {"artifact": str(artifact), "batch": batch, "threads": threads, "load_s": load_s,
             "backend": p.backend_name, "backend_info": info,
-            "size_bytes": sum(v["size"] for v in p.manifest["files"].values()), "graphs": rows,
+            "size_bytes": sum(v["size"] for v in p.manifest["files"].values()),
+            "sizes": artifact_sizes(p.manifest), "graphs": rows,
             "target": p.manifest["target"], "precision": p.manifest["precision"]}
 
 

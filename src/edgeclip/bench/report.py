@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 FORMATS = ("json", "md", "html")
+BITS = "bits/weight (image / text)"
 
 
 def report_paths(path) -> dict[str, Path]:
@@ -38,6 +39,21 @@ def mb(n) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def mb_num(n) -> str:
+    """Bytes as a bare number of MB (the unit is in the column's name)."""
+    if n is None:
+        return "–"
+    x = n / 1e6
+    return f"{x:.0f}" if x >= 1000 else f"{x:.3g}"
+
+
+def bits(row: dict) -> str:
+    """Bits per weight, image / text ("–" where the weights are not known)."""
+    if row["image_bits"] is None and row["text_bits"] is None:
+        return "–"
+    return f"{num(row['image_bits'], '.1f')} / {num(row['text_bits'], '.1f')}"
+
+
 def num(v, fmt: str = ".3g", none: str = "–") -> str:
     return none if v is None else format(v, fmt)
 
@@ -65,7 +81,7 @@ def summary_rows(report: dict) -> list[dict]:
     image, text = (config(report, g, h["batch"], h["threads"]) for g in ("image", "text"))
     rows = []
     for v in report["variants"]:
-        f, m = v["fidelity"], v["memory"]
+        f, m, sizes = v["fidelity"], v["memory"], v.get("sizes") or {}  # (reports saved before sizes: none)
         peak, base = m.get("peak_rss_bytes"), m.get("base_rss_bytes")
         row = {"name": v["name"], "kind": v["kind"], "ran_as": ran_as(v), "precision": v["precision"],
                "size": v["size_bytes"], "load_s": v["load_s"], "peak_rss": peak,
@@ -74,12 +90,29 @@ def summary_rows(report: dict) -> list[dict]:
                "image_cos_min": (f.get("image_cosine") or {}).get("min"),
                "text_cos": (f.get("text_cosine") or {}).get("mean"), "agree": f.get("top1_agreement"),
                "acc": f.get("zero_shot_top1")}
+        for g in ("image", "text"):
+            row[f"{g}_bytes"] = (sizes.get(g) or {}).get("bytes")
+            row[f"{g}_bits"] = (sizes.get(g) or {}).get("bits_per_weight")
+        row["graph_bytes"] = (row["image_bytes"] + row["text_bytes"]
+                              if row["image_bytes"] is not None and row["text_bytes"] is not None else None)
         for g, c in (("image", image), ("text", text)):
             r = (c or {}).get("results", {}).get(v["name"])
             row[f"{g}_p50"] = r["p50_ms"] if r else None
             row[f"{g}_ratio"] = c["ratio_vs_base"].get(v["name"]) if r else None
         rows.append(row)
     return rows
+
+
+def size_note(v: dict) -> str:
+    """'; image 0.764 MB, 0.17 M weights, 36.41 bits/weight; text ...' for the variants list."""
+    out = ""
+    for g, s in (v.get("sizes") or {}).items():
+        out += f"; {g} {mb_num(s['bytes'])} MB"
+        if s.get("weights"):
+            out += f", {s['weights'] / 1e6:.2f} M weights"
+        if s.get("bits_per_weight"):
+            out += f", {s['bits_per_weight']:.2f} bits/weight"
+    return out
 
 
 def threads_name(t) -> str:
@@ -120,12 +153,14 @@ def markdown(report: dict) -> str:
     ]
     rows = []
     for r in summary_rows(report):
-        rows.append([f"`{r['name']}`", r["kind"], r["ran_as"], mb(r["size"]), num(r["load_s"], ".2f") + " s",
+        rows.append([f"`{r['name']}`", r["kind"], r["ran_as"], mb(r["size"]), mb_num(r["image_bytes"]),
+                     mb_num(r["text_bytes"]), bits(r), num(r["load_s"], ".2f") + " s",
                      f"{mb(r['peak_rss'])} (+{mb(r['added_rss'])})" if r["peak_rss"] else "–",
                      num(r["image_p50"]), num(r["image_ratio"], ".2f") + "×" if r["image_ratio"] else "–",
                      num(r["text_p50"]), num(r["text_ratio"], ".2f") + "×" if r["text_ratio"] else "–",
                      _cos(r["image_cos"]), _cos(r["text_cos"]), _pct(r["agree"]), _pct(r["acc"])])
-    lines += [_table(["variant", "kind", "ran as", "size", "load", "peak RSS (added)", "image p50 ms",
+    lines += [_table(["variant", "kind", "ran as", "size", "image MB", "text MB", BITS, "load",
+                      "peak RSS (added)", "image p50 ms",
                       "image vs base", "text p50 ms", "text vs base", "image cosine", "text cosine",
                       "top-1 agreement", "zero-shot top-1"], rows), ""]
     if ref.get("kind"):
@@ -142,7 +177,7 @@ def markdown(report: dict) -> str:
                       "time vs base", "rounds", "calls"], rows), ""]
     lines += ["## Variants", ""]
     lines += [f"- `{v['name']}` ({v['kind']}, {v['target']} {v['precision']}): {v['description']}; "
-              f"{v['path']}" for v in report["variants"]]
+              f"{v['path']}{size_note(v)}" for v in report["variants"]]
     lines += ["", "## Method", ""] + [f"- **{k}**: {t}" for k, t in report["method"].items()]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]

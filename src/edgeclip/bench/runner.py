@@ -20,10 +20,12 @@ from .. import __version__
 from ..errors import CalibrationError, UnknownModelError
 from ..heads.zero_shot import resolve_templates
 from ..runtime.labels import spec_templates
+from ..runtime.manifest import read_manifest
 from . import fidelity as fid
 from .machine import machine
 from .memory import measure as measure_memory
 from .progress import Progress
+from .sizes import artifact_sizes, known_weights, overall_bits, tower_weights
 from .timing import Interleaved
 from .variants import Variant, _tools, artifact_variant
 
@@ -45,6 +47,11 @@ METHOD = {
               "loads the variant (both graphs) and runs each graph once at batch {batch}; 'added' = peak minus "
               "the resident set after the imports. The same child times the cold load (artifacts include "
               "checksum verification).",
+    "size": "per graph, the bytes of its files (graph, OpenVINO weights file, package folder); bits/weight = "
+            "those bits over the weights the graph holds: its tower's parameters in the model as loaded (before "
+            "any folding, so every variant of one model shares the denominator), plus a baked zero-shot head. "
+            "Artifacts report it in their manifest; for older artifacts and baselines it is counted from the "
+            "files and the rebuilt model (empty where the model is not known).",
     "fidelity": "cosine of L2-normalized features to the FP32 reference on the same inputs (mean and min); "
                 "top-1 agreement = share of images whose zero-shot top-1 matches the reference's; "
                 "zero-shot top-1 = accuracy against the --eval folder labels (prompt ensemble per class).",
@@ -126,6 +133,21 @@ class Bench:
         if self.eval_set is not None:  # the model's own prompts (spec data), unless --templates says otherwise
             templates = resolve_templates(self.cfg.templates, spec_templates(m["model"].get("spec") or {}))
         return fid.make_probe(prep, tok, self.eval_set, templates, prep.output_size or spec_size), prep, tok
+
+    def _sizes(self, model) -> None:
+        """Artifacts exported before manifests had `sizes`: weights from the rebuilt model, when it is theirs."""
+        unknown = []
+        for v in self.variants:
+            if known_weights(v.sizes):
+                continue
+            if model is not None and v.model == model.spec.name:
+                v.sizes = artifact_sizes(read_manifest(Path(v.path), verify=False), tower_weights(model))
+            if not known_weights(v.sizes):
+                unknown.append(v.name)
+        if unknown:
+            self.notes.append(f"{', '.join(unknown)}: no sizes in the manifest (an older export) and no rebuilt "
+                              "model of theirs to count weights with (nor, for adapter heads, their sizes); "
+                              "bits/weight left empty")
 
     # ------------------------------------------------------------------------------------ baselines
 
@@ -216,6 +238,7 @@ class Bench:
     def run(self) -> dict:
         cfg = self.cfg
         model, why, uri = self._model()
+        self._sizes(model)
         companion = next((v for v in self.variants if model is not None and v.model == model.spec.name), self.first)
         spec_size = (model.spec.vision.image_size,) * 2 if model is not None else (224, 224)
         probe, prep, tok = self._probe(companion, spec_size)
@@ -278,7 +301,9 @@ class Bench:
         for v in variants:
             mem = memory.get(v.name, {})
             rows_v.append({**{k: getattr(v, k) for k in ("name", "kind", "path", "target", "precision", "backend",
-                                                          "model", "source", "description", "size_bytes")},
+                                                          "model", "source", "description", "size_bytes",
+                                                          "sizes")},
+                           "bits_per_weight": overall_bits(v.sizes),
                            "inference_precision": {g: i.get("inference_precision") for g, i in info[v.name].items()},
                            "backend_info": info[v.name], "load_s": mem.get("load_s", load_s[v.name]),
                            "load_s_in_process": load_s[v.name], "memory": mem,
@@ -314,7 +339,8 @@ def quick_rows(report: dict) -> list[dict]:
                                        "inference_precision": v["inference_precision"].get(cfg["graph"])})
                 rows.append({"artifact": v["path"], "name": name, "kind": v["kind"], "batch": batch,
                              "threads": threads, "load_s": v["load_s"], "backend": v["backend"],
-                             "backend_info": v["backend_info"], "size_bytes": v["size_bytes"], "graphs": graphs,
+                             "backend_info": v["backend_info"], "size_bytes": v["size_bytes"],
+                             "sizes": v.get("sizes") or {}, "graphs": graphs,
                              "target": v["target"], "precision": v["precision"]})
     return rows
 

@@ -53,8 +53,8 @@ def _place_label(cx: float, cy: float, name: str, placed: list, left_edge: float
 
 
 def scatter(points: list[dict], x_label: str, y_label: str, title: str, width: int = 540, height: int = 360,
-            log_x: bool | None = None) -> str:
-    """points: {"name", "x", "y", "colour"}; x is latency (log scale when it spans > 10x)."""
+            log_x: bool | None = None, x_unit: str = "ms") -> str:
+    """points: {"name", "x", "y", "colour"}; x is latency or size, in `x_unit` (log scale when it spans > 10x)."""
     points = [p for p in points if p["x"] is not None and p["y"] is not None and p["x"] > 0]
     left, right, top, bottom = 70, 20, 34, 46
     pw, ph = width - left - right, height - top - bottom
@@ -90,7 +90,8 @@ def scatter(points: list[dict], x_label: str, y_label: str, title: str, width: i
         cx, cy = sx(p["x"]), sy(p["y"])
         tx, ty, anchor = _place_label(cx, cy, p["name"], placed, left, left + pw)
         parts.append(f'<circle class="point" data-variant="{escape(p["name"])}" cx="{cx:.1f}" cy="{cy:.1f}" r="8" '
-                     f'fill="{p["colour"]}"><title>{escape(p["name"])}: {p["x"]:.3g} ms, {p["y"]:.5f}</title></circle>'
+                     f'fill="{p["colour"]}"><title>{escape(p["name"])}: {p["x"]:.3g} {escape(x_unit)}, '
+                     f'{p["y"]:.5f}</title></circle>'
                      f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" {FONT}>{escape(p["name"])}</text>')
     parts.append("</svg>")
     return "".join(parts)

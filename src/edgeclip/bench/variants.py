@@ -18,6 +18,7 @@ from ..runtime.manifest import read_manifest, safe_path
 from ..runtime.preprocess import Preprocessor
 from ..runtime.tokenizer import load_tokenizer
 from ..runtime.vectors import l2_normalize
+from .sizes import artifact_sizes
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Variant:
     companion: str | None = None  # baselines: an artifact of the same model (tokenizer, preprocessing)
     inference_precision: str | None = None       # asked of OpenVINO (None: the device's default)
     size_bytes: int = 0
+    sizes: dict = field(default_factory=dict)    # per graph: bytes, weights, bits per weight (sizes.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +65,7 @@ def artifact_variant(path, name: str | None = None, inference_precision: str | N
     return Variant(name=name or root.name, kind="artifact", path=str(root), target=m["target"],
                    precision=m["precision"], backend=backend, model=m["model"]["name"],
                    source=m["model"].get("source"), description=how, inference_precision=ip,
-                   size_bytes=sum(int(v["size"]) for v in m["files"].values()))
+                   size_bytes=sum(int(v["size"]) for v in m["files"].values()), sizes=artifact_sizes(m))
 
 
 def _tools(root: Path):
