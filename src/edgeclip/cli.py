@@ -371,12 +371,14 @@ def cmd_bench(args) -> int:
         _print_json(rows)
         return 0
     print(f"{'artifact':<28} {'graph':<6} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'items/s':>9} "
-          f"{'size':>9}  ran as")
+          f"{'size':>9} {'graph':>9} {'bits/w':>6}  ran as")
     for r in rows:
         for g in r["graphs"]:
+            s = r["sizes"].get(g["graph"]) or {}  # this graph's bytes and bits per weight (bench/sizes.py)
+            bits = f"{s['bits_per_weight']:.1f}" if s.get("bits_per_weight") else "–"
             print(f"{Path(r['artifact']).name[:28]:<28} {g['graph']:<6} {r['batch']:>5} {g['p50_ms']:>8.2f} "
-                  f"{g['p90_ms']:>8.2f} {g['p99_ms']:>8.2f} {g['items_per_s']:>9.1f} {_mb(r['size_bytes']):>9}  "
-                  f"{r['backend']} {g['inference_precision']}")
+                  f"{g['p90_ms']:>8.2f} {g['p99_ms']:>8.2f} {g['items_per_s']:>9.1f} {_mb(r['size_bytes']):>9} "
+                  f"{_mb(s['bytes']) if s else '–':>9} {bits:>6}  {r['backend']} {g['inference_precision']}")
     return 0
 
 
