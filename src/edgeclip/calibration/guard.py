@@ -74,14 +74,19 @@ def guarded_quantize(model, targets, ranges, held_out: dict, output: str, max_dr
 
 
 def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: float = 0.005, reference=None,
-          drop_fn=None, allow_all: bool = False):
+          drop_fn=None, allow_all: bool = False, cost: dict | None = None, search: str = "linear"):
     """Run `quantize_fn(exclude=set of layers kept float)` under the accuracy bound.
 
     `drop_fn(quantized) -> cosine drop` measures a candidate (default: ONNX Runtime on `held_out`
     against `reference`, the float model's output). Returns (quantized model, GuardReport); raises
     ValidationError when the bound holds only with every layer back in float (nothing INT8 would be
     left), with the per-layer sensitivities. `allow_all`: excluding every layer is a result, not a
-    failure (the excluded layers fall back to another quantized form, not to float: `guard_chain`)."""
+    failure (the excluded layers fall back to another quantized form, not to float: `guard_chain`).
+
+    Layers go back in order of sensitivity, or of sensitivity per weight when `cost` ({layer: weights})
+    is given (the most accuracy for the fewest bytes). `search`: "linear" adds them one at a time
+    until the bound holds; "bisect" finds the same shortest prefix of that order with a doubling then
+    halving search (O(log n) candidates; exact when the drop falls as layers go back)."""
     if drop_fn is None:
         if reference is None:  # the float model's `output` on `held_out`
             reference = float_reference(model, held_out, output)
@@ -97,13 +102,18 @@ def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: flo
     # Sensitivity of a layer: the drop when it alone is quantized (cheap, one session per layer).
     for layer in layers:
         report.sensitivity[layer] = drop_fn(quantize_fn(set(layers) - {layer}))
-    excluded: list[str] = []
-    for layer in sorted(layers, key=lambda name: -report.sensitivity[name]):
-        excluded.append(layer)
-        quant = quantize_fn(set(excluded))
-        report.drop = drop_fn(quant)
-        if report.ok:
-            break
+    weight = (lambda name: max(cost.get(name, 1), 1)) if cost else (lambda name: 1)
+    order = sorted(layers, key=lambda name: -report.sensitivity[name] / weight(name))
+    if search == "bisect":
+        quant, excluded = _bisect(quantize_fn, drop_fn, order, report)
+    else:
+        excluded = []
+        for layer in order:
+            excluded.append(layer)
+            quant = quantize_fn(set(excluded))
+            report.drop = drop_fn(quant)
+            if report.ok:
+                break
     report.float_layers = excluded
     if not report.ok or (len(excluded) == len(layers) and not allow_all):  # an "INT8" model with no INT8 layer left is a failure
         worst = sorted(report.sensitivity.items(), key=lambda kv: -kv[1])[:5]
@@ -118,6 +128,28 @@ def guard(model, quantize_fn, layers, held_out: dict, output: str, max_drop: flo
     return quant, report
 
 
+def _bisect(quantize_fn, drop_fn, order: list, report: GuardReport):
+    """(model, excluded): the shortest prefix of `order` whose exclusion meets the bound, searched by
+    doubling then halving; `report.drop` gets its drop (the whole order when none does)."""
+    drops: dict = {0: report.drop_all_int8}
+
+    def drop_at(k: int) -> float:
+        if k not in drops:
+            drops[k] = drop_fn(quantize_fn(set(order[:k])))
+        return drops[k]
+
+    hi = 1
+    while hi < len(order) and drop_at(hi) > report.bound:
+        hi = min(hi * 2, len(order))
+    lo = hi // 2 if drop_at(hi) <= report.bound else hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if drop_at(mid) <= report.bound:
+            hi = mid
+        else:
+            lo = mid
+    report.drop = drop_at(hi)
+    return quantize_fn(set(order[:hi])), list(order[:hi])
 
 @dataclass
 class ChainReport:
@@ -147,14 +179,16 @@ class ChainReport:
 
 
 def guard_chain(model, quantize_fn, layers, held_out: dict, output: str, chain=(4, 8), max_drop: float = 0.005,
-                drop_fn=None):
+                drop_fn=None, cost: dict | None = None):
     """The accuracy guard over a chain of weight widths: every layer starts at `chain[0]` bits and the
     most sensitive ones fall back to the next width (`guard`, its excluded layers one width wider);
     where even every layer at the next width misses the bound, the next width is tried the same way,
     and after the last one layers go back to float.
 
     `quantize_fn(bits: {layer: bits}) -> model` (32 = float). Returns (model, ChainReport); raises
-    ValidationError as `guard` does when the last width holds only with every layer in float."""
+    ValidationError as `guard` does when the last width holds only with every layer in float. Layers
+    fall back in order of sensitivity per weight (`cost`: {layer: weights}; the smallest model that
+    holds the bound), found by bisection (`guard`'s search="bisect")."""
     layers = list(dict.fromkeys(layers))
     report = ChainReport({})
     for i, bits in enumerate(chain):
@@ -165,7 +199,8 @@ def guard_chain(model, quantize_fn, layers, held_out: dict, output: str, chain=(
 
         last = fallback == 32
         try:
-            quant, g = guard(model, at, layers, held_out, output, max_drop, drop_fn=drop_fn, allow_all=not last)
+            quant, g = guard(model, at, layers, held_out, output, max_drop, drop_fn=drop_fn, allow_all=not last,
+                             cost=cost, search="bisect")
         except ValidationError:
             if last:
                 raise

@@ -389,17 +389,30 @@ def _pow2_block(width: int, at_most: int) -> int:
     return b if b >= 16 else 0
 
 
-def block_quantize(w: np.ndarray, bits: int, block: int):
+def block_quantize(w: np.ndarray, bits: int, block: int, search: bool = True):
     """Symmetric block-wise quantization along the last axis of `w` (R, K): (codes uint8 (R, K) offset by
-    2**(bits-1), the zero point that ONNX Runtime's MatMulNBits/GatherBlockQuantized assume when none is
-    given; scales float32 (R, K // block)). K must be a multiple of `block`."""
+    2**(bits-1), the zero point ONNX Runtime's MatMulNBits/GatherBlockQuantized assume when none is
+    given; scales float32 (R, K // block)). K must be a multiple of `block`.
+
+    Each block's scale maps its largest-magnitude weight to the code -2**(bits-1) (the scale takes that
+    weight's sign), so every code is used; `search` then tries that scale shrunk by up to 30 %
+    (clipping the largest weights) and keeps, per block, the one with the least squared error."""
     rows, k = w.shape
-    qmax = 2 ** (bits - 1) - 1
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     blocks = w.astype(np.float32).reshape(rows, k // block, block)
-    amax = np.abs(blocks).max(-1, keepdims=True)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale), -qmax - 1, qmax) + 2 ** (bits - 1)
-    return q.astype(np.uint8).reshape(rows, k), scale.reshape(rows, k // block)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    base = np.where(peak != 0, peak / lo, 1.0).astype(np.float32)
+    best_q, best_s, best_e = None, None, None
+    for ratio in (np.linspace(1.0, 0.7, 7) if search and bits < 8 else (1.0,)):
+        scale = (base * ratio).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale), lo, hi)
+        err = np.square(q * scale - blocks).sum(-1, keepdims=True)
+        if best_e is None:
+            best_q, best_s, best_e = q, scale, err
+        else:
+            better = err < best_e
+            best_q, best_s, best_e = np.where(better, q, best_q), np.where(better, scale, best_s), np.minimum(err, best_e)
+    return (best_q - lo).astype(np.uint8).reshape(rows, k), best_s.reshape(rows, k // block)
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -513,6 +526,11 @@ def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, 
     quantize_tables(m, [t for t in targets if t.is_table], {t.layer: width[t.layer] for t in targets}, block)
     ensure_opset(m, MS)
     return m
+
+
+def weight_count(model, name: str) -> int:
+    """How many weights the initializer `name` holds."""
+    return int(np.prod(_init_dims(model, name)))
 
 
 def _init_dims(model, name: str) -> list:

@@ -159,6 +159,7 @@ class Recipe:
     onnx: OnnxStatic | OnnxDynamic | OnnxWeightsOnly
     openvino: NncfStatic | NncfWeightsOnly | NoOpenVinoForm
     smoothquant: bool = False  # ONNX: SmoothQuant rewrites the float graph first; OpenVINO: NNCF's own
+    weight_bits: int = 8       # the narrowest weights it stores (4: the guard widens layers to 8, then float)
 
     @property
     def needs_calibration(self) -> bool:
@@ -183,11 +184,12 @@ RECIPES = {r.name: r for r in (
     Recipe("w4a16", "4-bit weights per block (--block-size, default 32), float activations: the smallest "
                     "artifact; the guard moves sensitive layers to int8, then float. Smaller, not faster, "
                     "on x86 CPUs", "float",
-           onnx=OnnxNBits(), openvino=NncfWeightsOnly(mode="int4")),
+           onnx=OnnxNBits(), openvino=NncfWeightsOnly(mode="int4"), weight_bits=4),
     Recipe("w4a8", "4-bit weights per block with activations quantized to int8 at run time (ONNX Runtime's "
                    "int8 kernel, accuracy_level 4): w4a16's size with an int8 GEMM", "dynamic",
            onnx=OnnxNBits(a8=True),
-           openvino=NoOpenVinoForm("its CPU plugin picks dynamic activation quantization itself; use w4a16")),
+           openvino=NoOpenVinoForm("its CPU plugin picks dynamic activation quantization itself; use w4a16"),
+           weight_bits=4),
 )}
 NBIT_BLOCK = 32  # default block of 4-bit recipes: input rows per scale
 DEFAULT_RECIPE = "int8"
@@ -286,8 +288,9 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
 
     layers = [t.layer for t in targets]
     if recipe.onnx.chain:
+        cost = {t.layer: qdq.weight_count(model, t.weight) for t in targets}
         quant, g = guard_chain(model, quantize_fn, layers, data.held_out, data.output, recipe.onnx.chain,
-                               max_drop, drop_fn=drop_fn)
+                               max_drop, drop_fn=drop_fn, cost=cost)
         quant, drop = _choose_level(recipe.onnx, quantize_fn, g, quant, drop_fn, data, max_drop, report)
     else:
         quant, g = guard(model, quantize_fn, layers, data.held_out, data.output, max_drop, drop_fn=drop_fn)

@@ -16,6 +16,10 @@ from ..tolerance import Tolerance
 log = logging.getLogger(__name__)
 
 
+# 4-bit weights on the fixed synthetic inputs (random token ids, noise images): a sanity bound only
+FOUR_BIT = Tolerance(max_abs=0.5, min_cosine=0.95)
+
+
 class OnnxFamilyTarget(Target):
     """Graphs traced with torch's ONNX exporter, fused and quantized for ONNX Runtime (subclasses:
     other file formats of the same graphs, other runtimes that read ONNX)."""
@@ -52,8 +56,18 @@ class OnnxFamilyTarget(Target):
         self.write_graph(job, TextGraph(m, dtype), "text", decl["text"], w, job.trim)
         graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
         self.graph_config(job, graphs)
-        fidelity = validate(w.staging, graphs, job, self.tolerances[opts.precision], self.open_graph)
+        fidelity = validate(w.staging, graphs, job, self.tolerance(opts), self.open_graph)
         return graphs, fidelity
+
+    def tolerance(self, opts) -> Tolerance:
+        """The fixed-input sanity bound: the precision's, or the 4-bit recipes' looser one (their real
+        bound is the accuracy guard's, on held-out calibration data)."""
+        if opts.precision == "int8":
+            from ...calibration.recipes import get_recipe
+
+            if get_recipe(opts.recipe).weight_bits < 8:
+                return self.tolerances.get("int4", FOUR_BIT)
+        return self.tolerances[opts.precision]
 
     def calibrate(self, job: ExportJob, m) -> None:
         """Calibration and held-out data for both graphs; the layers INT8 may quantize, as the towers say."""

@@ -85,7 +85,8 @@ class OpenVinoTarget(OnnxFamilyTarget):
     def build_graph(self, job: ExportJob, module, name, decl, w, dynamic_length: bool, path: Path) -> None:
         ov, _ = _core()
         opts = job.opts
-        converted, layers = to_openvino(module.eval(), name, decl, job.spec, dynamic_length, job.quantizable)
+        converted, layers, tables = to_openvino(module.eval(), name, decl, job.spec, dynamic_length,
+                                                job.quantizable)
         job.fusions[name] = {"attention": sum(op.get_type_name() == "ScaledDotProductAttention"
                                               for op in converted.get_ordered_ops())}
         if opts.precision == "int8":
@@ -93,8 +94,9 @@ class OpenVinoTarget(OnnxFamilyTarget):
             from ...calibration.recipes import get_recipe
 
             converted, job.quantization[name] = quantize_ir(
-                converted, get_recipe(opts.recipe), job.calibration[name], layers, observer=opts.observer,
-                alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop)
+                converted, get_recipe(opts.recipe), job.calibration[name], layers, tables=tables,
+                observer=opts.observer, alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop,
+                block_size=opts.block_size)
         ov.save_model(converted, str(path), compress_to_fp16=opts.precision == "fp16")
 
 
@@ -107,7 +109,8 @@ def _core():
 
 def to_openvino(module, name, decl, spec, dynamic_length: bool, quantizable=None):
     """(ov.Model with our input/output names and shapes, {MatMul friendly name: module path} for the
-    linear layers INT8 may quantize: `quantizable(path)`, default the transformer blocks')."""
+    linear layers INT8 may quantize: `quantizable(path)`, default the transformer blocks'; the same map
+    for the tables and end layers every INT8 recipe stores as int8 weights: `table_ops`)."""
     import torch
 
     from ...models.inputs import reference_inputs
@@ -134,7 +137,8 @@ def to_openvino(module, name, decl, spec, dynamic_length: bool, quantizable=None
         model.reshape({input_name: ov.PartialShape([-1, 3, s, s])})
     else:
         model.reshape({input_name: ov.PartialShape([-1, -1 if dynamic_length else spec.text.context_length])})
-    return model, quantizable_ops(model, program, quantizable)
+    layers = quantizable_ops(model, program, quantizable)
+    return model, layers, table_ops(model, program, layers)
 
 
 def quantizable_ops(model, program, quantizable=None) -> dict:
@@ -158,3 +162,40 @@ def quantizable_ops(model, program, quantizable=None) -> dict:
         if not path.startswith("heads.") and (quantizable(path) if quantizable else ".blocks." in f".{path}"):
             out[op.get_friendly_name()] = path
     return out
+
+
+def table_ops(model, program, layers: dict) -> dict:
+    """The towers' tables and end layers, mapped to their module paths: the token embedding (a Gather
+    of a 2-D constant table) and the MatMuls with constant weights inside a tower that are not among
+    `layers` (the quantizable ones): final projections, a patch projection traced as a MatMul, an
+    attention pool's. Not the baked zero-shot head (outside the towers), not adapter heads. Every INT8
+    recipe stores them as int8 weights (NNCF weight compression) under the accuracy guard, as the ONNX
+    target does (`calibration.qdq.table_targets`; positional tables, which NNCF does not compress,
+    stay float here); smaller tables than `qdq.TABLE_MIN_ELEMENTS` entries stay float."""
+    import numpy as np
+
+    from ...calibration.openvino import module_paths, weight_source
+    from ...calibration.qdq import TABLE_MIN_ELEMENTS, in_tower
+
+    paths = module_paths(program)
+    out = {}
+    for op in model.get_ordered_ops():
+        kind, name = op.get_type_name(), op.get_friendly_name()
+        if kind not in ("MatMul", "Gather") or name in layers:
+            continue
+        w = weight_source(op)
+        if w is None or len(w.get_output_shape(0)) != 2 or int(np.prod(list(w.get_output_shape(0)))) < TABLE_MIN_ELEMENTS:
+            continue
+        if kind == "Gather" and not _gathers_rows(op):
+            continue
+        path = paths.get(name.split("/")[0], "")
+        if in_tower(path):
+            out[name] = path
+    return out
+
+
+def _gathers_rows(op) -> bool:
+    """A Gather of whole rows of its table (axis 0, batch dims 0): an embedding lookup."""
+    axis = op.input_value(2).get_node()
+    return axis.get_type_name() == "Constant" and int(axis.get_data().reshape(-1)[0]) == 0 and \
+        int(op.get_attributes().get("batch_dims", 0)) == 0
