@@ -380,6 +380,24 @@ def test_int8_heads_keep_top1_agreement(tmp_path, all_heads, onnx_fp32):
         assert m["heads"][name]["int8_top1_agreement"] == q["head_agreement"][f"logits_{name}"]
 
 
+@pytest.mark.parametrize("recipe", ["w4a16", "w4a8"])
+def test_4bit_heads_keep_top1_agreement(tmp_path, all_heads, onnx_fp32, recipe):
+    """The 4-bit recipes guard the heads too: on every held-out digit each head's top-1 agrees with FP32."""
+    heads = {k: all_heads[k] for k in ("tipf", "adapter", "probe")}
+    art = edgeclip.export("builtin:tiny", target="onnx", precision="int8", recipe=recipe, out=tmp_path / recipe,
+                          heads=_head_files(tmp_path, heads)).path
+    m = json.loads((art / "manifest.json").read_text())
+    q = m["quantization"]["graphs"]["image"]
+    assert min(q["head_agreement"].values()) >= 0.99
+    assert any(k.startswith("heads.") and b < 32 for k, b in q["bits"].items())  # heads are quantized layers
+    fp32, low = Pipeline.load(onnx_fp32), Pipeline.load(art)
+    files = sorted(heldout_dir().glob("*/*.png"))
+    for name in heads:
+        a = [x.index for x in fp32.classify(files, head=name)]
+        b = [x.index for x in low.classify(files, head=name)]
+        assert float(np.mean(np.equal(a, b))) >= 0.99, name
+
+
 NO_TORCH = r"""
 import json, sys
 for name in ("torch", "transformers"):
