@@ -473,14 +473,17 @@ def quantize_tables(model, targets, bits=8, block: int = 32) -> int:
 NBITS_LEVELS = {0: "unset", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
 
 
-def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, cache: dict | None = None):
+def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, cache: dict | None = None,
+                   hessians: dict | None = None):
     """Block-wise weights ("w4a16"/"w4a8"): a copy of `model` where each target gets `bits[layer]`
     (default 4; 32 keeps it float). MatMuls at 4 bits become ONNX Runtime's MatMulNBits (symmetric,
     one float32 scale per `block` input rows, computed at `accuracy_level` `level`: 1 fp32 ... 4
     int8 activations); at 8 bits, MatMulNBits too when `level` is 4 (its int8 kernel), else int8
     weights behind DequantizeLinear (`quantize_weights`' form, folded at load). Convs store int8
     weights (DequantizeLinear); the token embedding 4 or 8 bits (GatherBlockQuantized), positional
-    tables int8. `cache` ({}) keeps packed weights between the guard's candidates."""
+    tables int8. `cache` ({}) keeps packed weights between the guard's candidates. `hessians`
+    ({activation tensor: X^T X}, `calibration.gptq.input_hessians`): 4-bit MatMul weights are rounded
+    with GPTQ's error compensation instead of to the nearest code."""
     require("onnx", "4-bit weight quantization")
     from onnx import helper, numpy_helper
 
@@ -494,7 +497,13 @@ def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, 
         if key not in cache:
             k, n = w.shape
             size = block if k % block == 0 else _pow2_block(k, block)
-            q, scale = block_quantize(w.T, b, size)
+            h = (hessians or {}).get(t.activation) if b == 4 else None
+            if h is not None:
+                from .gptq import gptq_quantize
+
+                q, scale = gptq_quantize(w, h, b, size)
+            else:
+                q, scale = block_quantize(w.T, b, size)
             packed = pack_codes(q, b).reshape(n, k // size, size * b // 8)
             cache[key] = (packed, scale.reshape(-1), size)
         packed, scale, size = cache[key]

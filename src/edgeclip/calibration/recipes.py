@@ -80,6 +80,7 @@ class OnnxNBits:
     kernel); else they stay float and the accuracy level is measured on the export CPU (`LEVELS`)."""
 
     a8: bool = False
+    rounding: str = "gptq"  # "gptq": error-compensated from the calibration activations; "nearest"
     lowers = False
     kinds = qdq.WEIGHT_KINDS + qdq.TABLE_KINDS
     chain = (4, 8)
@@ -92,11 +93,18 @@ class OnnxNBits:
     def prepare(self, model, targets, data: CalibrationSet, observer: str, report: dict, form: str = "ort",
                 block: int = 32):
         """`quantize(bits: {layer: bits}, level=None) -> model` for the guard (level: the first candidate)."""
+        from .gptq import input_hessians
+
         cache: dict = {}
-        report["block_size"] = block
+        # GPTQ needs activations like the deployed ones: without calibration data (synthetic inputs)
+        # weights round to the nearest code
+        real = data.info.get("source") != "synthetic"
+        hessians = input_hessians(model, targets, data.batches) if self.rounding == "gptq" and real else {}
+        report.update(block_size=block, rounding=self.rounding if hessians else "nearest")
 
         def quantize(bits, level=None):
-            return qdq.quantize_nbits(model, targets, bits, block, self.levels[0] if level is None else level, cache)
+            return qdq.quantize_nbits(model, targets, bits, block, self.levels[0] if level is None else level, cache,
+                                      hessians)
 
         return quantize
 
