@@ -147,7 +147,8 @@ def test_compressed_weights_types_and_size(tiny, case, op, stored, max_ratio):
         facts = c["graphs"][name]
         assert facts["compressed_weights"].get(f"{op}:{stored}", 0) > 0, facts["compressed_weights"]
         ops, _ = _program(art.path / f"{name}.mlpackage")
-        assert ops[op] == facts["compressed_weights"][f"{op}:{stored}"]
+        # one op type may store two widths (int4-blockwise keeps positional tables and the patch projection int8)
+        assert ops[op] == sum(n for k, n in facts["compressed_weights"].items() if k.startswith(f"{op}:"))
         assert facts["size"]["bytes"] == sum(p.stat().st_size for p in (art.path / f"{name}.mlpackage").rglob("*")
                                              if p.is_file())
     # fidelity measured with the decompressed weights, inside the recipe's bound

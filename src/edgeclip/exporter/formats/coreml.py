@@ -125,8 +125,9 @@ class CoreMLTarget(Target):
                          + ", ".join(f"{g} {_mb(f['size']['fp16_bytes'])} -> {_mb(f['size']['bytes'])}"
                                      for g, f in c["graphs"].items()) + ")")
         for g, w in (c["compression"].get("bits") or {}).items():  # the weights by width, per tower
-            lines.append(f"bits       {g}: " + ", ".join(f"{n} weight{'s' * (n != 1)} {'FP16' if b >= 16 else f'{b}-bit'}"
-                                                   for b, n in sorted(Counter(w.values()).items())))
+            widths = sorted(Counter(w.values()).items())
+            lines.append(f"bits       {g}: " + ", ".join(
+                f"{n} weight{'s' * (n != 1)} {'FP16' if b >= 16 else f'{b}-bit'}" for b, n in widths))
         for g, r in (c["compression"].get("guard") or {}).items():
             lines.append(f"guard      {g}: cosine drop {r['cosine_drop']:.4f} <= {r['max_cosine_drop']:.4f} "
                          f"(all 4-bit: {r['cosine_drop_all_4bit']:.4f}; moved: {len(r['moved'])})")
