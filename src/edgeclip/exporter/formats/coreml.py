@@ -381,9 +381,9 @@ def guarded_int4(job: _Job, name: str, module, ml):
     (`TABLE_USERS`) and weights whose input channels the block does not divide (the patch projection,
     3 colour channels): int8 per channel. The tower is simulated in torch with the weights Core ML
     rebuilds (`_Simulator`) and measured against the float32 reference; if it misses the bound, the
-    most sensitive weights move to int8, then to FP16 (`calibration.guard.guard_chain`; widths are
-    chosen on the simulation, then written once with a config per weight). The report's `planned`
-    is {weight: 4 | 8 | 16} (16: FP16)."""
+    weights with the most drop per element move to int8, then to FP16 (`calibration.guard.guard_chain`;
+    widths are chosen on the simulation, then written once with a config per weight). The report's
+    `planned` is {weight: 4 | 8 | 16} (16: FP16)."""
     from ...calibration.guard import guard_chain, min_cosine_drop
     from ...errors import ValidationError
 
@@ -414,7 +414,9 @@ def guarded_int4(job: _Job, name: str, module, ml):
 
     all4 = drop(plan(dict.fromkeys(layers, 4)))
     try:
-        _, g = guard_chain(ml, plan, layers, job.inputs, name, chain=(4, 8), max_drop=bound, drop_fn=drop)
+        # cost: a weight's elements, so the fallbacks buy the most accuracy for the fewest bytes
+        _, g = guard_chain(ml, plan, layers, job.inputs, name, chain=(4, 8), max_drop=bound, drop_fn=drop,
+                           cost={k: int(dense[8].get(k, dense[4].get(k)).size) for k in layers})
     except ValidationError as e:
         raise ValidationError(
             f"Core ML int4-blockwise: the {name} tower misses the bound (cosine drop <= {bound:.4g}) even with "
