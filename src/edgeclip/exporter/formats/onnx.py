@@ -109,16 +109,15 @@ class OnnxFamilyTarget(Target):
 
         from ...calibration.recipes import get_recipe, quantize_graph
         from ...kernels.onnx_fusions import fuse
+        from ...onnxgraph import strip_metadata
 
         opts = job.opts
         raw = w.staging / f".{name}.export.onnx"
         to_onnx(module.eval(), name, decl, job.spec, raw, opts.opset or self.default_opset, dynamic_length)
         fusing = opts.fuse and opts.precision in ("fp32", "int8")  # ORT's CPU MultiHeadAttention is float32
-        if not fusing and opts.precision != "int8":
-            raw.replace(path)
-            return
         graph = onnx.load(str(raw))
         raw.unlink()
+        strip_metadata(graph)
         if fusing:
             job.fusions[name] = fuse(graph)
         if opts.precision == "int8":

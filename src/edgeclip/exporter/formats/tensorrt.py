@@ -71,6 +71,7 @@ class TensorRtTarget(OnnxFamilyTarget):
     def build_graph(self, job: ExportJob, module, name, decl, w, dynamic_length: bool, path: Path) -> None:
         import onnx
 
+        from ...onnxgraph import strip_metadata
         from ..trt_check import check_graph, load_allowlist, profile_for
 
         opts = job.opts
@@ -80,6 +81,7 @@ class TensorRtTarget(OnnxFamilyTarget):
         to_onnx(module.eval(), name, decl, job.spec, raw, opset, dynamic_length)
         graph = onnx.load(str(raw))
         raw.unlink()
+        strip_metadata(graph)
         if opts.precision == "fp16":
             graph = to_fp16(graph)
         elif opts.precision == "int8":
