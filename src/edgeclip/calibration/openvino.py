@@ -263,10 +263,11 @@ class _Quantizer:
         return quant, g, g.drop, list(g.float_layers)
 
     def weights_int4(self, report: dict):
-        """4-bit weights per block (NNCF INT4_SYM, one scale per `block` input rows; `at_bits`), the layers the guard
-        moves int8 (w8a16's form), then float (`guard_chain`). Probes graft the all-4-bit and all-int8
-        models' weights into the float model (`_graft`); the model written is NNCF's own for the chosen
-        widths, measured again. (model, chain report, drop, float layers)"""
+        """4-bit weights per block (NNCF INT4_SYM, one scale per `block` input rows: `at_bits`), the
+        layers the guard moves int8 (w8a16's form), then float (`guard_chain`, most drop per weight
+        first). Probes graft the all-4-bit and all-int8 models' weights into the float model (`_graft`);
+        the model written is NNCF's own for the chosen widths, measured again. (model, chain report,
+        drop, float layers)"""
         d = self.data
         report["block_size"] = self.block
         every, nodes = list(self.by_layer), set(self.nodes(self.by_layer))
@@ -274,7 +275,7 @@ class _Quantizer:
         sources = {b: {op.get_friendly_name(): op.input_value(weight_port(op)) for op in m.get_ordered_ops()
                        if op.get_friendly_name() in nodes} for b, m in full.items()}
         _, g = guard_chain(self.model, lambda bits: self._graft(sources, bits), every, d.held_out, d.output,
-                           (4, 8), self.max_drop, drop_fn=self.drop)
+                           (4, 8), self.max_drop, drop_fn=self.drop, cost=self.weight_counts())
         quant = self.at_bits(g.bits)
         drop = self.drop(quant)
         if drop > self.max_drop:  # the probes are NNCF's weights constant for constant: not expected
@@ -283,6 +284,11 @@ class _Quantizer:
                 f"{drop:.4f} > {self.max_drop} for the widths its probes chose; try --recipe w8a16",
                 failures=[{"output": d.output, "cosine_drop": drop, "bound": self.max_drop, "bits": g.bits}])
         return quant, g, drop, list(g.float_layers)
+
+    def weight_counts(self) -> dict:
+        """{layer: weights it stores}: the guard chain widens the layers with the most drop per weight."""
+        return {layer: sum(int(np.prod(list(weight_source(self.ops[n]).get_output_shape(0)))) for n in nodes)
+                for layer, nodes in self.by_layer.items()}
 
     def four_bit(self, layer: str) -> bool:
         """Whether NNCF's INT4 modes take `layer` at this block: MatMuls and Gathers whose input width

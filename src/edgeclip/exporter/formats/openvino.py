@@ -4,9 +4,11 @@ Converted from our torch model through `torch.export` (not from ONNX): attention
 torch's scaled-dot-product attention, which OpenVINO keeps as one `ScaledDotProductAttention` op
 and its CPU plugin compiles into a fused Snippets subgraph. FP16 stores compressed (fp16) weights;
 INT8 goes through NNCF with edgeclip's calibration data, recipes and accuracy guard
-(`calibration.openvino`). Validation runs OpenVINO with the inference precision forced to f32;
-the manifest also records which precision OpenVINO picks on the export machine by default. INT8 IRs
-also run in f32 by default (`graphs.<name>.ov_config`), the precision they were validated at.
+(`calibration.openvino`); every INT8 recipe also stores the token embedding and the end projections
+as int8 weights (`table_ops`), and w4a16 stores 4-bit weights per `--block-size` block. Validation
+runs OpenVINO with the inference precision forced to f32; the manifest also records which precision
+OpenVINO picks on the export machine by default. INT8 IRs also run in f32 by default
+(`graphs.<name>.ov_config`), the precision they were validated at.
 """
 from __future__ import annotations
 
@@ -184,7 +186,8 @@ def table_ops(model, program, layers: dict) -> dict:
         if kind not in ("MatMul", "Gather") or name in layers:
             continue
         w = weight_source(op)
-        if w is None or len(w.get_output_shape(0)) != 2 or int(np.prod(list(w.get_output_shape(0)))) < TABLE_MIN_ELEMENTS:
+        shape = list(w.get_output_shape(0)) if w is not None else []
+        if len(shape) != 2 or int(np.prod(shape)) < TABLE_MIN_ELEMENTS:
             continue
         if kind == "Gather" and not _gathers_rows(op):
             continue
