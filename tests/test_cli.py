@@ -127,7 +127,7 @@ EXPORT_DEFAULTS = {"command": "export", "model": "builtin:tiny", "target": "onnx
                    "spec": None, "seed": 0, "no_trim": False, "no_pooled_last": False, "no_validate": False,
                    "overwrite": False, "no_fuse": False, "min_ios": None, "compress": None, "recipe": None,
                    "calib": None, "calib_captions": None, "calib_size": 256, "observer": "minmax",
-                   "smoothquant_alpha": 0.5, "max_cosine_drop": 0.005, "trt_version": None, "profile": None,
+                   "smoothquant_alpha": 0.5, "max_cosine_drop": None, "trt_version": None, "profile": None,
                    "block_size": None, "json": False}
 RUN_DEFAULTS = {"command": "run", "artifact": "art", "image": ["x.png"], "text": None, "labels": None,
                 "labels_file": None, "digest": None, "head": None, "top_k": 5, "truncate": False, "backend": "auto",

@@ -4,8 +4,8 @@ sessions.
 
 The packing is checked against ONNX Runtime's own kernels on small random graphs; the recipes on the
 built-in model's artifacts (shared with tests/test_int8.py: same export keys, exported once per
-session) and on random ViT-B/32 (its FP32 and INT8 exports are shared with tests/test_export_onnx.py
-and tests/test_int8.py; the w4a16 one is this module's).
+session) and the int8 size on random ViT-B/32 (its FP32 and INT8 exports are shared with
+tests/test_export_onnx.py and tests/test_int8.py). The 4-bit ViT-B/32 goals are the benchmark's.
 """
 from __future__ import annotations
 
@@ -25,21 +25,14 @@ from edgeclip import builtin  # noqa: E402
 from edgeclip.calibration import qdq  # noqa: E402
 from edgeclip.errors import EdgeClipError, InputError  # noqa: E402
 from edgeclip.runtime.pipeline import Pipeline  # noqa: E402
-from edgeclip.runtime.preprocess import Preprocessor  # noqa: E402
-from synthetic import captions  # noqa: E402
 from test_int8 import TINY, _b32_export, _cos  # noqa: E402
 
 B32_FP32 = {"model": "random:ViT-B-32", "target": "onnx", "precision": "fp32"}
 
 
-def _b32_w4(shared):
-    spec, _ = _b32_export(shared)
-    return {**spec, "recipe": "w4a16"}
-
-
 TINY_MOBILE = {**TINY["w4a16"], "target": "ort-mobile"}
 SHARED_EXPORTS = {"tiny": [TINY["fp32"], TINY["int8"], TINY["w4a16"], TINY["w4a8"], TINY_MOBILE],
-                  "b32_sizes": lambda shared: [B32_FP32, _b32_export(shared)[0], _b32_w4(shared)]}
+                  "b32_sizes": lambda shared: [B32_FP32, _b32_export(shared)[0]]}
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +141,26 @@ def test_gptq_rounding_beats_nearest_on_correlated_inputs():
     assert err["gptq"] < 0.8 * err["nearest"], err
 
 
+def test_guard_chain_keeps_the_others_narrow_when_one_layer_needs_float():
+    """The chain's algorithm on a drop that adds up per layer: one layer is wrong at any width, the
+    others cost 0.001 at 4 bits; the chain ends with that layer float and every other at 4 bits, and
+    each width's bound check is the guard's own (candidates are the bit assignments themselves)."""
+    from edgeclip.calibration.guard import guard_chain
+
+    cost4, cost8 = {"bad": 1.0}, {"bad": 1.0}
+    others = [f"l{i}" for i in range(5)]
+    cost4.update({k: 0.001 for k in others})
+    cost8.update({k: 0.0001 for k in others})
+
+    def drop(bits: dict) -> float:
+        return sum(cost4[k] if b == 4 else cost8[k] if b == 8 else 0.0 for k, b in bits.items())
+
+    quant, report = guard_chain(None, lambda bits: dict(bits), ["bad", *others], {}, "y", chain=(4, 8), max_drop=0.01,
+                                drop_fn=drop)
+    assert report.bits == {"bad": 32, **{k: 4 for k in others}} and quant == report.bits
+    assert report.float_layers == ["bad"] and drop(quant) <= 0.01
+
+
 # ------------------------------------------------------------------------- the built-in model
 
 def test_int8_stores_the_token_embedding_and_projections_in_int8(tiny):
@@ -241,9 +254,8 @@ def test_ort_format_4bit_artifact_loads_and_says_what_it_needs(tiny):
 
 @pytest.fixture(scope="module")
 def b32_sizes(shared_exports):
-    spec, held = _b32_export(shared_exports)
-    return {"fp32": shared_exports.get(B32_FP32), "int8": shared_exports.get(spec),
-            "w4a16": shared_exports.get(_b32_w4(shared_exports)), "held": held}
+    spec, _ = _b32_export(shared_exports)
+    return {"fp32": shared_exports.get(B32_FP32), "int8": shared_exports.get(spec)}
 
 
 def _total(art) -> int:
@@ -251,18 +263,13 @@ def _total(art) -> int:
 
 
 @pytest.mark.slow
-def test_vit_b32_int8_and_w4a16_sizes_and_cosines(b32_sizes):
-    fp32 = _total(b32_sizes["fp32"])
-    assert _total(b32_sizes["int8"]) <= 0.27 * fp32, _total(b32_sizes["int8"]) / fp32
-    w4 = b32_sizes["w4a16"]
-    assert _total(w4) <= 0.16 * fp32, _total(w4) / fp32
-    # the w4a16 artifact on held-out images and captions, against the torch reference
-    model = edgeclip.load_model("random:ViT-B-32", seed=0)
-    pipe = Pipeline.load(w4.path)
-    pre = Preprocessor.from_config(model.spec.preprocess_config())
-    held, caps = b32_sizes["held"], captions(16, 1)
-    with torch.no_grad():
-        img_ref = model.encode_image(torch.from_numpy(pre(held))).numpy()
-        txt_ref = model.encode_text(torch.from_numpy(pipe.tokenizer(caps, truncate=True))).numpy()
-    img_cos, txt_cos = _cos(pipe.encode_image(held), img_ref).min(), _cos(pipe.encode_text(caps), txt_ref).min()
-    assert img_cos >= 0.99 and txt_cos >= 0.99, (img_cos, txt_cos)
+def test_vit_b32_int8_is_a_quarter_of_fp32(b32_sizes):
+    """Both towers' int8 graphs against the FP32 ones (exports shared with test_export_onnx/test_int8,
+    whose cosines they also check). The 4-bit ViT-B/32 figures are the benchmark's
+    (benchmarks/test_lowbit_size_speed.py: a guarded 4-bit B/32 export takes ~5 minutes here)."""
+    fp32, int8 = b32_sizes["fp32"], b32_sizes["int8"]
+    assert _total(int8) <= 0.27 * _total(fp32), _total(int8) / _total(fp32)
+    for g in ("image", "text"):
+        assert int8.manifest["sizes"][g]["bits_per_weight"] <= 8.2  # int8 codes and little else
+    (gbq,) = _nodes(int8.path / "text.onnx", "GatherBlockQuantized")
+    assert _attr(gbq, "bits") == 8

@@ -200,8 +200,9 @@ def _int8_options(args) -> dict:
     kw = {"recipe": args.recipe, "calib": args.calib, "calib_captions": args.calib_captions}
     kw = {k: v for k, v in kw.items() if v is not None}
     if args.precision == "int8":
-        kw.update(calib_size=args.calib_size, observer=args.observer, smoothquant_alpha=args.smoothquant_alpha,
-                  max_cosine_drop=args.max_cosine_drop)
+        kw.update(calib_size=args.calib_size, observer=args.observer, smoothquant_alpha=args.smoothquant_alpha)
+        if args.max_cosine_drop is not None:
+            kw["max_cosine_drop"] = args.max_cosine_drop
         if args.block_size is not None:
             kw["block_size"] = args.block_size
     return kw
@@ -226,8 +227,15 @@ def _print_quantization(m: dict) -> None:
         skipped = f", {data['skipped']} file(s) skipped (links, non-regular or unreadable)" if data.get("skipped") else ""
         floats = r["float_layers"]
         kept = f"; kept in float: {', '.join(floats)}" if floats else ""
-        print(f"  {name:<5} {r['int8_layers']}/{r['quantizable_layers']} layers int8, min cosine "
-              f"{r['min_cosine']:.5f} ({held}{skipped}); all-int8 drop {r['cosine_drop_all_int8']:.5f}{kept}")
+        widths = sorted(b for b in (r.get("bits") or {}).values() if b < 32)
+        if widths and widths[0] < 8:  # a 4-bit recipe: its layers by width
+            n4 = widths.count(4)
+            done = f"{len(widths)}/{r['quantizable_layers']} layers quantized ({n4} 4-bit, {len(widths) - n4} 8-bit)"
+            narrowest = "all-4-bit"
+        else:
+            done, narrowest = f"{r['int8_layers']}/{r['quantizable_layers']} layers int8", "all-int8"
+        print(f"  {name:<5} {done}, min cosine {r['min_cosine']:.5f} ({held}{skipped}); {narrowest} drop "
+              f"{r['cosine_drop_all_int8']:.5f}{kept}")
 
 
 def _print_fidelity(m: dict) -> None:
@@ -602,9 +610,10 @@ def _add_int8_group(p) -> None:
                    help="activation range estimation for static recipes")
     g.add_argument("--smoothquant-alpha", type=_bounded_float(0.0, 1.0, "--smoothquant-alpha"), default=0.5,
                    help="migration strength for int8-smoothquant")
-    g.add_argument("--max-cosine-drop", type=_bounded_float(0.0, 1.0, "--max-cosine-drop"), default=0.005,
+    g.add_argument("--max-cosine-drop", type=_bounded_float(0.0, 1.0, "--max-cosine-drop"),
                    help="accuracy guard: most allowed 1 - cosine to FP32 on held-out calibration samples; "
-                        "layers go back to float until it holds")
+                        "layers go back to float (4-bit recipes: to int8, then float) until it holds "
+                        "(default 0.005; 0.01 for w4a16 and w4a8)")
 
 
 def _add_run(sub) -> None:

@@ -183,19 +183,44 @@ def guard_chain(model, quantize_fn, layers, held_out: dict, output: str, chain=(
     """The accuracy guard over a chain of weight widths: every layer starts at `chain[0]` bits and the
     most sensitive ones fall back to the next width (`guard`, its excluded layers one width wider);
     where even every layer at the next width misses the bound, the next width is tried the same way,
-    and after the last one layers go back to float.
+    and after the last one layers go back to float. When that last step sent some layers to float,
+    the chain runs once more with those layers kept float, so that one layer needing float does not
+    keep every other one from the narrow widths.
 
     `quantize_fn(bits: {layer: bits}) -> model` (32 = float). Returns (model, ChainReport); raises
     ValidationError as `guard` does when the last width holds only with every layer in float. Layers
     fall back in order of sensitivity per weight (`cost`: {layer: weights}; the smallest model that
     holds the bound), found by bisection (`guard`'s search="bisect")."""
     layers = list(dict.fromkeys(layers))
+    quant, report, skipped = _chain_pass(model, quantize_fn, layers, {}, held_out, output, chain, max_drop,
+                                         drop_fn, cost)
+    pinned = {layer: 32 for layer in report.float_layers}
+    if skipped and pinned and len(pinned) < len(layers):
+        try:
+            again = _chain_pass(model, quantize_fn, [x for x in layers if x not in pinned], pinned, held_out, output,
+                                chain, max_drop, drop_fn, cost)
+        except ValidationError:
+            again = None
+        if again is not None and _narrower(again[1].bits, report.bits):
+            quant, report = again[0], again[1]
+            report.bits.update(pinned)
+    return quant, report
+
+
+def _narrower(a: dict, b: dict) -> bool:
+    return sum(min(v, 16) for v in a.values()) < sum(min(v, 16) for k, v in b.items() if k in a)
+
+
+def _chain_pass(model, quantize_fn, layers, pinned: dict, held_out, output, chain, max_drop, drop_fn, cost):
+    """One pass of `guard_chain` over `layers` (the `pinned` ones kept at their widths): (model,
+    ChainReport, whether a width was skipped because it missed the bound with every layer moved on)."""
     report = ChainReport({})
+    skipped = False
     for i, bits in enumerate(chain):
         fallback = chain[i + 1] if i + 1 < len(chain) else 32
 
         def at(exclude, bits=bits, fallback=fallback):
-            return quantize_fn({layer: fallback if layer in exclude else bits for layer in layers})
+            return quantize_fn({**pinned, **{layer: fallback if layer in exclude else bits for layer in layers}})
 
         last = fallback == 32
         try:
@@ -205,11 +230,12 @@ def guard_chain(model, quantize_fn, layers, held_out: dict, output: str, chain=(
             if last:
                 raise
             report.levels.append((bits, None))
+            skipped = True
             continue
         report.levels.append((bits, g))
         if last or len(g.float_layers) < len(layers):
             moved = set(g.float_layers)
             report.bits = {layer: fallback if layer in moved else bits for layer in layers}
             report.drop = g.drop
-            return quant, report
+            return quant, report, skipped
     raise AssertionError("unreachable: the last width returns or raises")

@@ -168,6 +168,7 @@ class Recipe:
     openvino: NncfStatic | NncfWeightsOnly | NoOpenVinoForm
     smoothquant: bool = False  # ONNX: SmoothQuant rewrites the float graph first; OpenVINO: NNCF's own
     weight_bits: int = 8       # the narrowest weights it stores (4: the guard widens layers to 8, then float)
+    max_drop: float = 0.005    # the guard's default bound (1 - min cosine on held-out data)
 
     @property
     def needs_calibration(self) -> bool:
@@ -189,15 +190,15 @@ RECIPES = {r.name: r for r in (
     Recipe("w8a16", "int8 weights only, float activations and arithmetic: ~4x smaller linear "
                     "weights at FP32 speed and accuracy", "float",
            onnx=OnnxWeightsOnly(), openvino=NncfWeightsOnly()),
-    Recipe("w4a16", "4-bit weights per block (--block-size, default 32), float activations: the smallest "
-                    "artifact; the guard moves sensitive layers to int8, then float. Smaller, not faster, "
-                    "on x86 CPUs", "float",
-           onnx=OnnxNBits(), openvino=NncfWeightsOnly(mode="int4"), weight_bits=4),
+    Recipe("w4a16", "4-bit weights per block (--block-size, default 32; GPTQ rounding from the calibration "
+                    "data), float activations: the smallest artifact; the guard (default bound: cosine "
+                    ">= 0.99) moves sensitive layers to int8, then float", "float",
+           onnx=OnnxNBits(), openvino=NncfWeightsOnly(mode="int4"), weight_bits=4, max_drop=0.01),
     Recipe("w4a8", "4-bit weights per block with activations quantized to int8 at run time (ONNX Runtime's "
                    "int8 kernel, accuracy_level 4): w4a16's size with an int8 GEMM", "dynamic",
            onnx=OnnxNBits(a8=True),
            openvino=NoOpenVinoForm("its CPU plugin picks dynamic activation quantization itself; use w4a16"),
-           weight_bits=4),
+           weight_bits=4, max_drop=0.01),
 )}
 NBIT_BLOCK = 32  # default block of 4-bit recipes: input rows per scale
 DEFAULT_RECIPE = "int8"

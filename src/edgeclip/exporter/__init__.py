@@ -84,7 +84,8 @@ class ExportOptions:
     observer: str = "minmax"      # activation range: minmax | percentile | entropy | mse
     smoothquant_alpha: float = 0.5
     block_size: int = 32          # 4-bit recipes (w4a16, w4a8): input rows per weight scale, a power of two
-    max_cosine_drop: float = 0.005  # guard: 1 - min cosine to FP32 on held-out calibration samples
+    max_cosine_drop: float | None = None  # guard: 1 - min cosine to FP32 on held-out calibration samples
+    #                                       (None: the recipe's default, `guard_bound`)
     # Core ML
     min_ios: int = 18             # deployment target: 18 (fused SDPA), 17 or 16 (ANE-layout attention)
     compress: str | None = None   # weight compression: w8 | palettize6 | palettize4 | int4-blockwise
@@ -102,7 +103,7 @@ class ExportOptions:
 
         for name, (lo, hi) in self.RANGES.items():
             v = getattr(self, name)
-            if v is None and name == "opset":
+            if v is None and name in ("opset", "max_cosine_drop"):
                 continue
             integral = isinstance(lo, int)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integral or isinstance(v, int))
@@ -111,6 +112,15 @@ class ExportOptions:
                                  f"from {lo} to {hi}")
         if self.block_size & (self.block_size - 1):
             raise InputError(f"export option block_size={self.block_size} must be a power of two (16, 32, 64, ...)")
+
+    def guard_bound(self) -> float:
+        """The accuracy guard's bound: `max_cosine_drop` when given, else the recipe's default (0.005;
+        0.01 for the 4-bit recipes)."""
+        if self.max_cosine_drop is not None:
+            return self.max_cosine_drop
+        from ..calibration.recipes import get_recipe
+
+        return get_recipe(self.recipe).max_drop
 
     @classmethod
     def from_kwargs(cls, **kw) -> "ExportOptions":

@@ -123,7 +123,7 @@ class OnnxFamilyTarget(Target):
         if opts.precision == "int8":
             graph, job.quantization[name] = quantize_graph(
                 graph, get_recipe(opts.recipe), job.calibration[name], observer=opts.observer,
-                alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop, lower=self.lower_int8,
+                alpha=opts.smoothquant_alpha, max_drop=opts.guard_bound(), lower=self.lower_int8,
                 quantizable=job.quantizable, block_size=opts.block_size)
         onnx.save(graph, str(path))
 
@@ -231,4 +231,4 @@ def quantization_manifest(opts, reports: dict) -> dict | None:
     if not reports:
         return None
     first = next(iter(reports.values()))
-    return {"recipe": first["recipe"], "max_cosine_drop": opts.max_cosine_drop, "graphs": reports}
+    return {"recipe": first["recipe"], "max_cosine_drop": opts.guard_bound(), "graphs": reports}

@@ -97,7 +97,7 @@ class OpenVinoTarget(OnnxFamilyTarget):
 
             converted, job.quantization[name] = quantize_ir(
                 converted, get_recipe(opts.recipe), job.calibration[name], layers, tables=tables,
-                observer=opts.observer, alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop,
+                observer=opts.observer, alpha=opts.smoothquant_alpha, max_drop=opts.guard_bound(),
                 block_size=opts.block_size)
         ov.save_model(converted, str(path), compress_to_fp16=opts.precision == "fp16")
 

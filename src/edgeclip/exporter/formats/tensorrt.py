@@ -89,7 +89,7 @@ class TensorRtTarget(OnnxFamilyTarget):
 
             graph, job.quantization[name] = quantize_graph(
                 graph, get_recipe(opts.recipe), job.calibration[name], observer=opts.observer,
-                alpha=opts.smoothquant_alpha, max_drop=opts.max_cosine_drop, lower=False,
+                alpha=opts.smoothquant_alpha, max_drop=opts.guard_bound(), lower=False,
                 quantizable=job.quantizable, form="tensorrt")
         ranges = profiles(opts, job.spec.text.context_length)
         prof = profile_for(graph, batch=ranges["batch"], length=job.spec.text.context_length,
