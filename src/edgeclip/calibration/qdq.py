@@ -356,22 +356,8 @@ def quantize_weights(model, targets, exclude=()):
     `session.disable_quant_qdq=1` (the manifest asks for it), and then runs at FP32 speed. Conv
     weights of any groups become `DequantizeLinear(int8, axis 0) -> Conv` the same way."""
     require("onnx", "weight quantization")
-    from onnx import helper
-
     m = copy_model(model)
-
-    def make(t, w, bias, x, out):
-        base = f"{t.weight}_w8"
-        inits = _int8_weight(w, base)
-        mm_out = f"{out}_w8mm" if bias else out
-        nodes = [helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [f"{base}_f"],
-                                  name=f"{t.node}_w8_DQ", axis=1),
-                 helper.make_node("MatMul", [x, f"{base}_f"], [mm_out], name=f"{t.node}_w8")]
-        if bias:
-            nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{t.node}_w8_bias"))
-        return nodes, inits
-
-    _replace_linear(m, [t for t in targets if t.kind == "matmul"], exclude, make)
+    _replace_linear(m, [t for t in targets if t.kind == "matmul"], exclude, _w8_linear)
     _conv_weights_only(m, _kept(targets, exclude, CONV_KINDS))
     quantize_tables(m, _kept(targets, exclude, TABLE_KINDS))
     return m
@@ -381,6 +367,21 @@ def onnx_float() -> int:
     from onnx import TensorProto
 
     return TensorProto.FLOAT
+
+
+def _w8_linear(t, w, bias, x, out):
+    """`_replace_linear`'s maker for weights-only int8: DequantizeLinear(int8 per output channel) ->
+    MatMul [-> Add bias]."""
+    from onnx import helper
+
+    base = f"{t.weight}_w8"
+    mm_out = f"{out}_w8mm" if bias else out
+    nodes = [helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [f"{base}_f"],
+                              name=f"{t.node}_w8_DQ", axis=1),
+             helper.make_node("MatMul", [x, f"{base}_f"], [mm_out], name=f"{t.node}_w8")]
+    if bias:
+        nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{t.node}_w8_bias"))
+    return nodes, _int8_weight(w, base)
 
 
 def _kept(targets, exclude, kinds) -> list:
@@ -528,16 +529,6 @@ def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, 
         return [helper.make_node("MatMulNBits", ins, [out], name=f"{t.node}_nb{b}", domain=MS, K=w.shape[0],
                                  N=w.shape[1], bits=b, block_size=size, accuracy_level=level)], inits
 
-    def w8(t, w, bias, x, out):
-        base = f"{t.weight}_w8"
-        mm_out = f"{out}_w8mm" if bias else out
-        nodes = [helper.make_node("DequantizeLinear", [f"{base}_int", f"{base}_scale", f"{base}_zp"], [f"{base}_f"],
-                                  name=f"{t.node}_w8_DQ", axis=1),
-                 helper.make_node("MatMul", [x, f"{base}_f"], [mm_out], name=f"{t.node}_w8")]
-        if bias:
-            nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{t.node}_w8_bias"))
-        return nodes, _int8_weight(w, base)
-
     def blockable(t):
         k = _init_dims(m, t.weight)[0]
         return k % block == 0 or _pow2_block(k, block)
@@ -545,7 +536,7 @@ def quantize_nbits(model, targets, bits: dict, block: int = 32, level: int = 1, 
     mm = [t for t in targets if t.kind == "matmul" and width[t.layer] < 16]
     four = [t for t in mm if (width[t.layer] == 4 or level == 4) and blockable(t)]
     _replace_linear(m, four, (), nbits)
-    _replace_linear(m, [t for t in mm if t not in four], (), w8)
+    _replace_linear(m, [t for t in mm if t not in four], (), _w8_linear)
     _conv_weights_only(m, [t for t in targets if t.is_conv and width[t.layer] < 16])
     quantize_tables(m, [t for t in targets if t.is_table], {t.layer: width[t.layer] for t in targets}, block)
     ensure_opset(m, MS)

@@ -305,21 +305,25 @@ def quantize_graph(model, recipe: Recipe, data: CalibrationSet, *, observer: str
         quant, g = guard(model, quantize_fn, layers, data.held_out, data.output, max_drop, drop_fn=drop_fn)
         drop = g.drop
     if lower and recipe.onnx.lowers:
-        # ONNX Runtime's fused integer kernels round slightly differently from QDQ: measure again,
-        # and keep the portable QDQ form if the lowered graph were to miss the bound.
-        lowered = copy_model(quant)
-        report["fused_int8_kernels"] = lower_for_ort(lowered)
-        lowered_drop = drop_fn(lowered)
-        if lowered_drop <= max_drop:
-            quant, drop = lowered, lowered_drop
-        else:
-            report["fused_int8_kernels"] = 0
+        quant, drop = _lowered(quant, drop, drop_fn, max_drop, report)
     float_layers = list(g.float_layers)
     report.update(guard_report(g, max_drop, drop, float_layers, len({t.layer for t in targets} - set(float_layers))))
     report.update(layer_counts(found, targets, float_layers))
     report["bits"] = layer_bits(targets, g)
     report.update(final_figures(run_outputs(quant, data.held_out, data.outputs), reference, data))
     return quant, report
+
+
+def _lowered(quant, drop: float, drop_fn, max_drop: float, report: dict):
+    """(model, drop): the QDQ graph on ONNX Runtime's fused integer kernels, which round slightly
+    differently, measured again; the portable QDQ form when the lowered graph would miss the bound."""
+    lowered = copy_model(quant)
+    report["fused_int8_kernels"] = lower_for_ort(lowered)
+    lowered_drop = drop_fn(lowered)
+    if lowered_drop <= max_drop:
+        return lowered, lowered_drop
+    report["fused_int8_kernels"] = 0
+    return quant, drop
 
 
 def layer_bits(targets, g) -> dict:
