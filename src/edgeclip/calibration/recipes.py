@@ -191,8 +191,9 @@ RECIPES = {r.name: r for r in (
                     "weights at FP32 speed and accuracy", "float",
            onnx=OnnxWeightsOnly(), openvino=NncfWeightsOnly()),
     Recipe("w4a16", "4-bit weights per block (--block-size, default 32; GPTQ rounding from the calibration "
-                    "data), float activations: the smallest artifact; the guard (default bound: cosine "
-                    ">= 0.99) moves sensitive layers to int8, then float", "float",
+                    "data), float activations: the smallest artifact, but slower than int8 on x86 CPUs "
+                    "(~FP32 speed); the guard (default bound: cosine >= 0.99) moves sensitive layers to int8, "
+                    "then float", "float",
            onnx=OnnxNBits(), openvino=NncfWeightsOnly(mode="int4"), weight_bits=4, max_drop=0.01),
     Recipe("w4a8", "4-bit weights per block with activations quantized to int8 at run time (ONNX Runtime's "
                    "int8 kernel, accuracy_level 4): w4a16's size with an int8 GEMM", "dynamic",
