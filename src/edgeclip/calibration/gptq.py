@@ -11,7 +11,7 @@ inputs, so that X @ W changes least. Scales are chosen per block when the block'
 reached, from the weights as updated so far (the same symmetric, full-range, searched scale as
 `qdq.block_quantize`), so the result is the same format: MatMulNBits codes and scales.
 
-numpy only (float64 where it matters); the activations come from an ONNX Runtime session over the
+numpy only (H accumulated in float32, the compensation in float64); the activations come from an ONNX Runtime session over the
 float graph (`qdq.probe_session`).
 """
 from __future__ import annotations
@@ -24,22 +24,31 @@ DAMP = 0.01      # added to H's diagonal, times its mean: keeps the inverse well
 LAZY = 128       # rows updated together (the error of a block of rows goes to the rest in one GEMM)
 
 
+MAX_HESSIAN_BYTES = 2 << 30  # all of a graph's H together (float32); beyond it, nearest rounding
+
+
 def input_hessians(model, targets, batches) -> dict:
-    """{activation tensor: X^T X / rows (float64, K x K)} of every MatMul target's input over the
-    calibration `batches`, from one ONNX Runtime probe session over the float `model`."""
-    names = sorted({t.activation for t in targets if t.kind == "matmul"})
-    if not names or not batches:
+    """{activation tensor: X^T X / rows (float32, K x K)} of every MatMul target's input over the
+    calibration `batches`, from one ONNX Runtime probe session over the float `model`; {} when they
+    would take more than MAX_HESSIAN_BYTES (ViT-B/32: ~0.2 GB a graph; ViT-L/14 image: ~1.9 GB)."""
+    names, widths = [], {}
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    for t in targets:
+        if t.kind == "matmul" and t.activation not in widths:
+            names.append(t.activation)
+            widths[t.activation] = inits[t.weight][0]
+    if not names or not batches or sum(4 * k * k for k in widths.values()) > MAX_HESSIAN_BYTES:
         return {}
+    names.sort()
     sess = probe_session(model, names)
     sums: dict = {}
     rows = dict.fromkeys(names, 0)
     for feeds in batches:
         for name, x in zip(names, sess.run(names, feeds)):
             x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-            h = x.T @ x
-            sums[name] = h.astype(np.float64) + sums[name] if name in sums else h.astype(np.float64)
+            sums[name] = x.T @ x + sums[name] if name in sums else x.T @ x
             rows[name] += x.shape[0]
-    return {n: sums[n] / max(rows[n], 1) for n in names}
+    return {n: sums[n] / np.float32(max(rows[n], 1)) for n in names}
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, block: int):
