@@ -30,7 +30,7 @@ MAX_HESSIAN_BYTES = 2 << 30  # all of a graph's H together (float32); beyond it,
 def input_hessians(model, targets, batches) -> dict:
     """{activation tensor: X^T X / rows (float32, K x K)} of every MatMul target's input over the
     calibration `batches`, from one ONNX Runtime probe session over the float `model`; {} when they
-    would take more than MAX_HESSIAN_BYTES (ViT-B/32: ~0.2 GB a graph; ViT-L/14 image: ~1.9 GB)."""
+    would take more than MAX_HESSIAN_BYTES (ViT-B/32 image: ~0.5 GB; ViT-L/14 image: ~1.9 GB)."""
     names, widths = [], {}
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     for t in targets:
