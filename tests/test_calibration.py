@@ -222,11 +222,15 @@ def test_quantize_graph_quantizes_only_the_layers_its_rule_accepts(tiny_digits):
 
     data = image_calibration(cal.pixels[:16], {"source": "builtin"})
     quant, report = quantize_graph(model, get_recipe("int8-dynamic"), data, max_drop=0.5, quantizable=block0)
-    assert report["quantizable_layers"] == 4 and report["int8_layers"] == 4
+    # the rule's 4 layers, plus what every recipe stores int8: the end projections and the positional table
+    ends = ["visual.patch_linear", "visual.proj"]  # the projection is a Gemm in the graph: quantize_graph reads it as MatMul
+    assert [p for p in every if qdq.is_end_layer(p)] == ends[:1] and all(qdq.is_end_layer(p) for p in ends)
+    assert report["quantizable_layers"] == 4 + 2 + 1 and report["int8_layers"] == 7 and report["int8_tables"] == 1
     dyn = [n for n in quant.graph.node if n.op_type == "DynamicQuantizeMatMul"]
-    assert sorted(qdq._layer_name(n) for n in dyn) == sorted(p for p in every if block0(p))
-    with pytest.raises(CalibrationError, match="no linear layers"):
-        quantize_graph(model, get_recipe("int8-dynamic"), data, quantizable=lambda path: False)
+    assert sorted(qdq._layer_name(n) for n in dyn) == sorted([p for p in every if block0(p)] + ends)
+    # a rule that accepts nothing still leaves the tables and end projections to quantize
+    _, none = quantize_graph(model, get_recipe("int8-dynamic"), data, max_drop=0.5, quantizable=lambda path: False)
+    assert sorted(none["bits"]) == sorted(ends + ["visual.pos_embed"])
 
 
 def test_a_recipe_is_one_entry_carrying_its_quantizers(tiny_digits):
@@ -244,8 +248,9 @@ def test_a_recipe_is_one_entry_carrying_its_quantizers(tiny_digits):
                     openvino=NoOpenVinoForm("a test recipe"))
     quant, report = quantize_graph(model, custom, image_calibration(cal.pixels[:16], {"source": "builtin"}))
     ops = [n.op_type for n in quant.graph.node]
-    assert report["recipe"] == "w8-custom" and report["int8_layers"] == 13 and "fused_int8_kernels" not in report
-    assert ops.count("DequantizeLinear") == 13 and "QuantizeLinear" not in ops
+    # 13 block linears, the patch and final projections and the positional table
+    assert report["recipe"] == "w8-custom" and report["int8_layers"] == 16 and "fused_int8_kernels" not in report
+    assert ops.count("DequantizeLinear") == 16 and "QuantizeLinear" not in ops
     with pytest.raises(CalibrationError, match="recipe 'w8-custom' has no OpenVINO form \\(a test recipe\\)"):
         custom.openvino.check(custom)
 

@@ -255,4 +255,5 @@ def test_vit_b32_int8_image_and_text_cosine(b32):
     assert q["image"]["int8_layers"] >= 44 and q["text"]["int8_layers"] >= 44  # nearly every linear is INT8
     ops = _ops(art.path / "image.onnx")
     assert ops["QAttention"] == 11 and ops["MultiHeadAttention"] == 1 and ops["Softmax"] == 0
-    assert ops["MatMulIntegerToFloat"] + ops["QAttention"] == q["image"]["int8_layers"]
+    assert ops["MatMulIntegerToFloat"] + ops["QAttention"] == q["image"]["int8_matmul_layers"]
+    assert q["image"]["int8_layers"] == q["image"]["int8_matmul_layers"] + q["image"]["int8_tables"]

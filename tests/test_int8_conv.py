@@ -136,7 +136,8 @@ def test_onnx_static_int8_convs_run_as_qlinearconv_within_the_guard(setup, onnx_
     int8 = sorted(k for k, v in forms.items() if v == "int8")
     assert len(int8) == rep["int8_conv_layers"] > KINDS["conv"]  # depthwise convs too, where the guard keeps them
     assert rep["int8_matmul_layers"] + rep["int8_conv_layers"] == rep["int8_layers"]
-    assert rep["quantizable_layers"] == KINDS["conv"] + KINDS["depthwise"] + 2
+    # + the 2 quantizable linears, + head.fc (the CLIP projection, stored int8 by every recipe)
+    assert rep["quantizable_layers"] == KINDS["conv"] + KINDS["depthwise"] + 2 + 1 and rep["bits"]["visual.head.fc"] == 8
     # grouped convs with a channel multiplier stay float (QLinearConv runs them far slower than float)
     assert rep["convs_left_float"]["count"] == KINDS["grouped"] and rep["convs_left_float"]["kinds"] == ["grouped"]
     assert all(forms[p] == "float" for p in rep["convs_left_float"]["layers"])

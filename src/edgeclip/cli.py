@@ -613,7 +613,7 @@ def _add_int8_group(p) -> None:
     g.add_argument("--max-cosine-drop", type=_bounded_float(0.0, 1.0, "--max-cosine-drop"),
                    help="accuracy guard: most allowed 1 - cosine to FP32 on held-out calibration samples; "
                         "layers go back to float (4-bit recipes: to int8, then float) until it holds "
-                        "(default 0.005; 0.01 for w4a16 and w4a8)")
+                        "(default 0.005; 0.01 for w4a16)")
 
 
 def _add_run(sub) -> None:

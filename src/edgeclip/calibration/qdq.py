@@ -91,8 +91,8 @@ def find_targets(model, quantizable=None, tables: bool = False) -> list[QuantTar
     initializer weight and no bias or an initializer bias) whose module path `quantizable(path)`
     accepts (default: `default_quantizable`), in graph order.
 
-    `tables`: also the weights that dominate an artifact's size outside those layers (`in_tower`): the
-    towers' other MatMuls (patch projection, final projections), the token embedding ("gather") and
+    `tables`: also the weights that dominate an artifact's size outside those layers: the towers' end
+    MatMuls (`is_end_layer`: patch projection, final projections), the token embedding ("gather") and
     positional tables ("table"). Every recipe stores them in int8 (4-bit recipes: narrower), under the
     same guard."""
     keep = default_quantizable if quantizable is None else quantizable
@@ -101,7 +101,7 @@ def find_targets(model, quantizable=None, tables: bool = False) -> list[QuantTar
     for n in model.graph.node:
         if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             layer = _layer_name(n)
-            if keep(layer) or (tables and in_tower(layer)):
+            if keep(layer) or (tables and is_end_layer(layer)):
                 out.append(QuantTarget(n.name, n.input[0], n.input[1], layer))
         elif n.op_type == "Conv":
             t = _conv_target(n, inits)
@@ -113,6 +113,15 @@ def find_targets(model, quantizable=None, tables: bool = False) -> list[QuantTar
 
 
 TABLE_MIN_ELEMENTS = 1024  # smaller constants (class embeddings, biases, scales) stay float
+
+
+REPEATED = (".blocks.", ".stages.", ".transformer.", ".layers.")  # the towers' repeated blocks
+
+
+def is_end_layer(layer: str) -> bool:
+    """A tower layer outside its repeated blocks (patch projection, final projection, MCi's head.fc):
+    stored int8 by every recipe whatever the quantizable rule says of the blocks."""
+    return in_tower(layer) and not any(r in f".{layer}." for r in REPEATED)
 
 
 def in_tower(layer: str) -> bool:

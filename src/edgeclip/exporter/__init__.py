@@ -115,7 +115,7 @@ class ExportOptions:
 
     def guard_bound(self) -> float:
         """The accuracy guard's bound: `max_cosine_drop` when given, else the recipe's default (0.005;
-        0.01 for the 4-bit recipes)."""
+        0.01 for w4a16)."""
         if self.max_cosine_drop is not None:
             return self.max_cosine_drop
         from ..calibration.recipes import get_recipe
