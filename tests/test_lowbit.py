@@ -250,6 +250,37 @@ def test_ort_format_4bit_artifact_loads_and_says_what_it_needs(tiny):
     assert "onnxruntime-android" in art.manifest["ort-mobile"]["packages"]
 
 
+def _ort_ops(path) -> set:
+    """(domain, op) of every node of an ORT-format file, read from its flatbuffer directly."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    graph = InferenceSession.InferenceSession.GetRootAsInferenceSession(path.read_bytes(), 0).Model().Graph()
+    return {((graph.Nodes(i).Domain() or b"").decode() or "ai.onnx", graph.Nodes(i).OpType().decode())
+            for i in range(graph.NodesLength())}
+
+
+def test_ort_format_artifact_carries_its_reduced_build_config(tiny):
+    """The artifact's required_operators.config lists exactly the operators its .ort graphs use (each
+    with the types it is used with), names no path of the exporting machine, and is in the manifest."""
+    from edgeclip.exporter.formats.onnx import _config_ops
+
+    art = tiny["mobile"]
+    cfg = art.path / "required_operators.config"
+    text = cfg.read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    listed = {(line.split(";")[0], op.split("{")[0]) for line in lines for op in _config_ops(line)}
+    used = _ort_ops(art.path / "image.ort") | _ort_ops(art.path / "text.ort")
+    assert listed == used, (listed ^ used)
+    assert any("{" in line for line in lines)  # per-operator types, for --enable_reduced_operator_type_support
+    assert str(art.path.parent) not in text and "/tmp" not in text and "image.ort, text.ort" in text
+    entry = art.manifest["ort-mobile"]["reduced_build_config"]
+    assert entry["file"] == "required_operators.config" and entry["operators"] == len(listed)
+    assert "required_operators.config" in art.manifest["files"]
+    out = subprocess.run([sys.executable, "-m", "edgeclip", "inspect", str(art.path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "reduced build: required_operators.config" in out
+
+
 # ------------------------------------------------------------------------ random ViT-B/32
 
 @pytest.fixture(scope="module")

@@ -151,12 +151,62 @@ class OrtMobileTarget(OnnxFamilyTarget):
         to_ort_format(onnx_path, w.path(f"{name}.ort"))
         onnx_path.unlink()
 
+    def write_graphs(self, job: ExportJob, w) -> tuple[dict, dict]:
+        graphs, fidelity = super().write_graphs(job, w)
+        section = job.extra["ort-mobile"]
+        section["reduced_build_config"] = write_reduced_build_config(
+            [w.staging / graphs[g]["file"] for g in ("image", "text")], w.path(REDUCED_CONFIG))
+        return graphs, fidelity
+
     @classmethod
     def inspect_lines(cls, manifest: dict) -> list[str]:
         o = manifest.get("ort-mobile") or {}
         lines = ["mobile     contrib ops " + "; ".join(f"{g}: {', '.join(ops) or 'none'}"
                                                       for g, ops in o.get("contrib_ops", {}).items())] if o else []
+        cfg = o.get("reduced_build_config")
+        if cfg:
+            lines.append(f"mobile     reduced build: {cfg['file']} ({cfg['operators']} operators; ONNX Runtime's "
+                         "build.py --minimal_build --include_ops_by_config)")
         return lines + super().inspect_lines(manifest)
+
+
+REDUCED_CONFIG = "required_operators.config"
+
+
+def write_reduced_build_config(ort_files: list, out: Path) -> dict:
+    """ONNX Runtime's reduced-operator build config for `ort_files` (the operators, and the types each
+    one is used with, that the graphs need: `build.py --include_ops_by_config FILE
+    --enable_reduced_operator_type_support`), written to `out` with the graphs named by file name only
+    (no path of the exporting machine). Returns its manifest entry."""
+    import tempfile
+
+    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "ops.config"
+        with contextlib.redirect_stdout(io.StringIO()):
+            create_config_from_models([Path(f) for f in ort_files], raw, enable_type_reduction=True)
+        lines = raw.read_text().splitlines()
+    body = [line for line in lines if line and not line.startswith("#")]
+    names = ", ".join(sorted(Path(f).name for f in ort_files))
+    out.write_text(f"# ONNX Runtime reduced build config for {names} (edgeclip)\n" + "\n".join(body) + "\n")
+    ops = [op.split("{")[0] for line in body for op in _config_ops(line)]
+    return {"file": out.name, "operators": len(ops), "type_reduction": True}
+
+
+def _config_ops(line: str) -> list[str]:
+    """The operator entries of one `domain;opset;Op1{types},Op2` config line (commas inside braces
+    belong to the type lists)."""
+    entries, depth, cur = [], 0, ""
+    for ch in line.split(";", 2)[2]:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            entries.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return entries + ([cur] if cur else [])
 
 
 # What the ORT-format files need from the app's ONNX Runtime (the contrib ops recorded per graph).
