@@ -11,27 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..exporter.target import TOWERS, path_bytes, size_entry as entry, tower_weights  # noqa: F401  (the exporter's rule)
 from ..runtime.manifest import graph_files
-
-TOWERS = {"image": "visual", "text": "text"}  # graph -> ClipModel attribute
-
-
-def entry(size: int, weights: int | None) -> dict:
-    return {"bytes": int(size), "weights": weights,
-            "bits_per_weight": round(size * 8 / weights, 3) if weights else None}
-
-
-def tower_weights(model) -> dict:
-    """{graph: parameter count of its tower}; reads the model object only (no torch import here)."""
-    return {g: int(sum(p.numel() for p in getattr(model, attr).parameters())) for g, attr in TOWERS.items()}
 
 
 def graph_bytes(path: Path) -> int:
-    """A graph's size on disk: .xml with its .bin, .onnx with any external data beside it, a package
-    folder's regular files."""
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-    size = path.stat().st_size
+    """A graph's size on disk: .xml with its .bin, a package folder's regular files, else the file."""
+    size = path_bytes(path)
     if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
         size += path.with_suffix(".bin").stat().st_size
     return size

@@ -345,15 +345,13 @@ def _choose_level(quantizer, quantize_fn, g, quant, drop_fn, data: CalibrationSe
     outputs equal the first one's bit for bit is not implemented by this CPU's kernels (it falls back)
     and is not chosen; of the rest, the fastest within the bound. (model, drop); `report` gets
     `accuracy_level` with every figure."""
-    from .guard import run_outputs as run
-
     levels = quantizer.levels
-    first = run(quant, data.held_out, data.outputs)[data.output]
+    first = run_outputs(quant, data.held_out, data.outputs)[data.output]
     figures, best = {}, (levels[0], quant, g.drop, _latency_ms(quant, data.held_out))
     figures[str(levels[0])] = {"ms": best[3], "cosine_drop": g.drop}
     for level in levels[1:]:
         candidate = quantize_fn(g.bits, level)
-        out = run(candidate, data.held_out, data.outputs)[data.output]
+        out = run_outputs(candidate, data.held_out, data.outputs)[data.output]
         if np.array_equal(out, first):
             figures[str(level)] = {"same_as": levels[0]}
             continue

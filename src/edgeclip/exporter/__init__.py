@@ -165,7 +165,10 @@ def export(model, target: str = "onnx", precision: str | None = None, out=None, 
         given = [k for k in ("recipe", "calib", "calib_captions") if getattr(opts, k) is not None]
         if given:
             raise EdgeClipError(f"{', '.join(given)} only apply to precision='int8' (got '{precision}')")
-    if opts.block_size != ExportOptions.block_size and not (opts.recipe or "").startswith("w4"):
-        raise EdgeClipError(f"block_size applies to the 4-bit recipes (w4a16, w4a8) only, not "
-                            f"'{opts.recipe or 'int8'}'")
+    if opts.block_size != ExportOptions.block_size:
+        from ..calibration.recipes import get_recipe
+
+        if get_recipe(opts.recipe).weight_bits >= 8:
+            raise EdgeClipError(f"block_size applies to the 4-bit recipes (w4a16, w4a8) only, not "
+                                f"'{opts.recipe or 'int8'}'")
     return tgt.export(model, model.spec, opts, out)

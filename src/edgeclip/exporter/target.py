@@ -164,30 +164,40 @@ class Target:
 
 # ----------------------------------------------------------------------------- shared steps
 
+TOWERS = {"image": "visual", "text": "text"}  # graph -> the ClipModel tower it holds
+
+
+def tower_weights(model) -> dict:
+    """{graph: parameter count of its tower, as loaded (before any folding)}."""
+    return {g: int(sum(p.numel() for p in getattr(model, attr).parameters())) for g, attr in TOWERS.items()}
+
+
+def size_entry(size: int, weights: int | None) -> dict:
+    """One graph's `sizes` entry: bytes, weights, bits per weight (None when the weights are unknown)."""
+    return {"bytes": int(size), "weights": weights,
+            "bits_per_weight": round(size * 8 / weights, 3) if weights else None}
+
+
+def path_bytes(path: Path) -> int:
+    """A file's size, or a package folder's regular files' (links not followed); 0 when missing."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return path.stat().st_size if path.is_file() else 0
+
+
 def graph_sizes(root: Path, graphs: dict, job: ExportJob) -> dict:
     """Per graph: the bytes of its files (graph, weights file, or package folder), the weights it holds
     (the tower's parameters, plus the baked zero-shot head and the adapter heads' arrays for the
     image graph), and bits per weight (file bits over weights: 32 for a float32 graph, plus the
     graph's own structure)."""
-    model = job.model
-    weights = {"image": sum(p.numel() for p in model.visual.parameters()),
-               "text": sum(p.numel() for p in model.text.parameters())}
+    weights = tower_weights(job.model)
     if job.head is not None:
         weights["image"] += int(job.head.size)
     weights["image"] += sum(int(a.size) for h in job.heads for a in h.arrays.values())
-    out = {}
-    for name, entry in graphs.items():
-        paths = [root / entry[k] for k in ("file", "weights") if entry.get(k)]
-        size = sum(_bytes(p) for p in paths)
-        w = int(weights.get(name, 0))
-        out[name] = {"bytes": size, "weights": w, "bits_per_weight": round(size * 8 / w, 3) if w else None}
-    return out
+    return {name: size_entry(sum(path_bytes(root / entry[k]) for k in ("file", "weights") if entry.get(k)),
+                             int(weights.get(name, 0)))
+            for name, entry in graphs.items()}
 
-
-def _bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-    return path.stat().st_size if path.is_file() else 0
 
 def zero_shot_head(model, spec, labels, templates):
     """(C, E) class embeddings computed once with the float32 torch reference."""
