@@ -92,6 +92,9 @@ class ExportOptions:
     # TensorRT
     trt_version: str = "10.3"     # the TensorRT the graphs are made for (10.3: JetPack 6 on Jetson Orin)
     profiles: dict | None = None  # {"batch": (min, opt, max), "length": (min, opt, max)}
+    # ORT format for phones
+    mobile_shapes: str | None = None  # "BATCH[xLENGTH]": the graphs' fixed shapes (default 1 x context length)
+    mobile_eps: str | None = None     # "nnapi,coreml,xnnpack": the EPs the graphs are made and checked for
 
     # numeric options: (low, high); out of range is an InputError before any work
     RANGES = {"calib_size": (1, 1_000_000), "calib_seed": (0, 2**32 - 1), "smoothquant_alpha": (0.0, 1.0),

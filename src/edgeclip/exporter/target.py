@@ -20,7 +20,8 @@ from .artifact import Artifact, ArtifactWriter, tool_versions
 
 VOCAB = Path(__file__).resolve().parents[1] / "runtime" / "bpe_simple_vocab_16e6.txt.gz"
 # options only some targets read: every other target requires them at their defaults
-TARGET_OPTIONS = {"min_ios": 18, "compress": None, "trt_version": "10.3", "profiles": None}
+TARGET_OPTIONS = {"min_ios": 18, "compress": None, "trt_version": "10.3", "profiles": None,
+                  "mobile_shapes": None, "mobile_eps": None}
 
 
 @dataclass

@@ -113,10 +113,52 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def end_token_table(spec: TextSpec, like) -> torch.Tensor | None:
+    """(V,) 1.0 at the id the text tower pools at (the end token; with `eot_token_id: null`, Apple's
+    argmax of ids, the vocabulary's last id, which is the end token of CLIP's vocabulary), else 0.
+    None for last-position pooling (a constant slice)."""
+    if spec.pool == "last":
+        return None
+    table = torch.zeros(spec.vocab_size, dtype=like.dtype, device=like.device)
+    table[spec.vocab_size - 1 if spec.eot_token_id is None else spec.eot_token_id] = 1.0
+    return table
+
+
+def pool_weights(ids, table) -> torch.Tensor:
+    """(B, L) one-hot of the first position whose id `table` marks, by plain ops: a lookup of the
+    marked ids, then a running count of them (a MatMul with a triangular constant) that keeps the
+    first. The same position as `pool_index` for every row that holds a marked id (the runtime's
+    tokenizer always ends a row with one)."""
+    hit = F.embedding(ids, table.unsqueeze(1)).squeeze(-1)                       # (B, L) 0/1
+    n = ids.shape[1]
+    upto = torch.ones(n, n, dtype=hit.dtype, device=hit.device).triu()        # upto[i, j] = i <= j
+    return hit * torch.relu(2.0 - hit @ upto)
+
+
+def _pooled_causal_mask(index, n: int, x):
+    """(B, 1, 1, L) additive mask: the pooled query at position p may see keys 0..p only."""
+    if isinstance(index, int):
+        return None if index == n - 1 else _pooled_causal_mask(torch.full((x.shape[0],), index), n, x)
+    if index.is_floating_point():  # one-hot weights: keys at or before p are the reverse running sum
+        seen = index @ torch.ones(n, n, dtype=index.dtype, device=index.device).tril()
+        return ((seen - 1.0) * MASKED).to(x.dtype)[:, None, None, :]
+    keys = torch.arange(n, device=index.device).unsqueeze(0)
+    blocked = keys > index.unsqueeze(1)
+    mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device)
+    return mask.masked_fill(blocked, float("-inf"))[:, None, None, :]
+
+
+# an additive attention mask entry that removes a key in float16 as in float32 (exp(-30000) == 0)
+MASKED = 30000.0
+
+
 def _take(x, index):
-    """x (B, L, W), index (B,) or one int for every row -> (B, 1, W)."""
+    """x (B, L, W), index (B,) or one int for every row, or a (B, L) float one-hot of the position
+    (`pool_weights`: plain ops, for mobile graphs) -> (B, 1, W)."""
     if isinstance(index, int):
         return x[:, index:index + 1]
+    if index.is_floating_point():
+        return index.unsqueeze(1).to(x.dtype) @ x
     # repeat, not expand: Core ML's converter turns an expanded int index into float
     idx = index.reshape(-1, 1, 1).repeat(1, 1, x.shape[-1])
     return torch.gather(x, 1, idx)
@@ -277,6 +319,14 @@ class TextTower(Tower):
         self.proj = nn.Linear(w, embed_dim, bias=spec.proj_bias) if spec.proj else None
         self.pooled_only_last = False
         self.ane_blocks = None
+        self.mask_pooling, self.pool_table = False, None  # prefer_mask_pooling
+
+    def pool_at(self, ids):
+        """What `_take` pools with: `pool_index`, or with mask pooling the one-hot weights (or the
+        last position, a constant slice)."""
+        if not self.mask_pooling:
+            return self.pool_index(ids)
+        return ids.shape[1] - 1 if self.pool_table is None else pool_weights(ids, self.pool_table)
 
     def pool_index(self, ids):
         """Position of the pooled token per row, (B,) int64."""
@@ -296,18 +346,13 @@ class TextTower(Tower):
             )
         n = ids.shape[1]
         x = self.token_embed(ids) + self.pos_embed[:n].to(self.token_embed.weight.dtype)
-        index = self.pool_index(ids)
+        index = self.pool_at(ids)
         if self.ane_blocks is not None:
             return self._pool(self.ane_blocks(x), index)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if self.pooled_only_last and i == last:
-                mask = None
-                if s.causal:  # the pooled query at position p may see keys 0..p only
-                    keys = torch.arange(n, device=ids.device).unsqueeze(0)
-                    blocked = keys > index.unsqueeze(1)
-                    mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device)
-                    mask = mask.masked_fill(blocked, float("-inf"))[:, None, None, :]
+                mask = _pooled_causal_mask(index, n, x) if s.causal else None
                 x = blk(x, pool_index=index, attn_mask=mask)[:, 0]
                 x = self.ln_final(x)
                 break
@@ -321,6 +366,9 @@ class TextTower(Tower):
         self.pooled_only_last = pooled_only_last
         if pooled_only_last:
             _split_last_qkv(self.blocks)
+
+    def prefer_mask_pooling(self) -> None:
+        self.mask_pooling, self.pool_table = True, end_token_table(self.spec, self.token_embed.weight)
 
     def rewrite_for_ane(self) -> None:
         from ..kernels.ane import AneBlocks

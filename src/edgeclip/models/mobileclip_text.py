@@ -361,6 +361,7 @@ class RepMixerTextTower(Tower):
         self._init_bare(embed_dim)
         self.pooled_only_last = False  # nothing to gain: the last layer may be a convolution over all tokens
         self.reparameterized = None  # what prepare_export folded, for the export manifest
+        self.mask_pooling, self.pool_table = False, None  # prefer_mask_pooling
 
     def _layer(self, kind: str) -> nn.Module:
         s, cfg = self.spec, self.cfg
@@ -394,7 +395,7 @@ class RepMixerTextTower(Tower):
             x = x + self.positional_embedding(ids.shape[1]).to(x.dtype)
         for layer in self.transformer:
             x = layer(x, causal=s.causal)
-        x = _take(self.final_layer_norm(x), self.pool_index(ids))[:, 0]
+        x = _take(self.final_layer_norm(x), TextTower.pool_at(self, ids))[:, 0]
         return x @ self.projection_layer.to(x.dtype) if self.projection_layer is not None else x
 
     # --- reparameterization
@@ -411,6 +412,12 @@ class RepMixerTextTower(Tower):
         return [layer for layer in self.transformer if isinstance(layer, RepMixerBlock)]
 
     # --- the tower seam (models.towers)
+    def prefer_mask_pooling(self) -> None:
+        from .clip import end_token_table
+
+        self.mask_pooling = True
+        self.pool_table = end_token_table(self.spec, self.embedding_layer.weight)
+
     def prepare_export(self, pooled_only_last: bool) -> None:
         counts = {"repmixer": self.reparameterize(), "batchnorm": self.fold_batchnorm()}
         if any(counts.values()):

@@ -42,6 +42,11 @@ class Tower(nn.Module):
         """Run grouped convolutions with several outputs per input channel as depthwise ones (same
         sums), where the tower has any and its export is folded."""
 
+    def prefer_mask_pooling(self) -> None:
+        """Pool by plain ops: a (B, L) one-hot of the pooled position multiplied in, instead of
+        ArgMax/Gather over computed indices (mobile accelerators take neither). Text towers that pool
+        one token override it; the default does nothing."""
+
     def rewrite_for_ane(self) -> None:
         raise EdgeClipError(f"the {self.kind} {self.role} tower has no Neural Engine layout; export Core ML "
                             "with --min-ios 18 (fused attention) instead")

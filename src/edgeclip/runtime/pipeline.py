@@ -139,7 +139,10 @@ class Pipeline:
         kw = _backend_kwargs(info, self.inference_precision)
         if self.providers is not None:
             kw["providers"] = self.providers
-        return self._backend_cls.open_verified(self.root, info, self.manifest, threads=self.threads, **kw)
+        from .shapes import fit_shapes
+
+        return fit_shapes(self._backend_cls.open_verified(self.root, info, self.manifest, threads=self.threads,
+                                                          **kw), info)
 
     def info(self) -> dict:
         """What runs each loaded graph: backend, version, threads, the inference precision read back."""

@@ -51,7 +51,7 @@ class OnnxFamilyTarget(Target):
         m = self.prepare(job, self.attention, dtype)
         if opts.precision == "int8":
             self.calibrate(job, m)
-        decl = io_spec(m, len(job.labels), trim=job.trim, heads=job.heads)
+        decl = self.declare(job, io_spec(m, len(job.labels), trim=job.trim, heads=job.heads))
         self.write_graph(job, ImageGraph(m, job.head, dtype, job.heads), "image", decl["image"], w, False)
         self.write_graph(job, TextGraph(m, dtype), "text", decl["text"], w, job.trim)
         graphs = {name: {"file": f"{name}{self.graph_ext}", **decl[name]} for name in ("image", "text")}
@@ -86,6 +86,10 @@ class OnnxFamilyTarget(Target):
                 **job.extra}
 
     # Per-target hooks
+    def declare(self, job: ExportJob, decl: dict) -> dict:
+        """The graphs' declared inputs and outputs (`graphs.io_spec`), as this target writes them."""
+        return decl
+
     def rewrite(self, m) -> None:
         for tower in m.towers().values():
             tower.prefer_gemm()
@@ -133,92 +137,6 @@ class OnnxTarget(OnnxFamilyTarget):
     """ONNX graphs for ONNX Runtime (CPU, servers, any execution provider)."""
 
 
-@register_target("ort-mobile")
-class OrtMobileTarget(OnnxFamilyTarget):
-    """The same graphs saved in ONNX Runtime's ORT format, for its mobile (Android/iOS) packages."""
-
-    graph_ext = ".ort"
-    lower_int8 = False
-
-    def write_graph(self, job: ExportJob, module, name: str, decl: dict, w, dynamic_length: bool) -> None:
-        import onnx
-
-        onnx_path = w.staging / f".{name}.tmp.onnx"
-        self.build_graph(job, module, name, decl, w, dynamic_length, onnx_path)
-        ops = sorted({n.op_type for n in onnx.load(str(onnx_path)).graph.node if n.domain == "com.microsoft"})
-        section = job.extra.setdefault("ort-mobile", {"contrib_ops": {}, "packages": MOBILE_PACKAGES})
-        section["contrib_ops"][name] = ops
-        to_ort_format(onnx_path, w.path(f"{name}.ort"))
-        onnx_path.unlink()
-
-    def write_graphs(self, job: ExportJob, w) -> tuple[dict, dict]:
-        graphs, fidelity = super().write_graphs(job, w)
-        section = job.extra["ort-mobile"]
-        section["reduced_build_config"] = write_reduced_build_config(
-            [w.staging / graphs[g]["file"] for g in ("image", "text")], w.path(REDUCED_CONFIG))
-        return graphs, fidelity
-
-    @classmethod
-    def inspect_lines(cls, manifest: dict) -> list[str]:
-        o = manifest.get("ort-mobile") or {}
-        lines = ["mobile     contrib ops " + "; ".join(f"{g}: {', '.join(ops) or 'none'}"
-                                                      for g, ops in o.get("contrib_ops", {}).items())] if o else []
-        cfg = o.get("reduced_build_config")
-        if cfg:
-            lines.append(f"mobile     reduced build: {cfg['file']} ({cfg['operators']} operators; ONNX Runtime's "
-                         "build.py --minimal_build --include_ops_by_config)")
-        return lines + super().inspect_lines(manifest)
-
-
-REDUCED_CONFIG = "required_operators.config"
-
-
-def write_reduced_build_config(ort_files: list, out: Path) -> dict:
-    """ONNX Runtime's reduced-operator build config for `ort_files` (the operators, and the types each
-    one is used with, that the graphs need: `build.py --include_ops_by_config FILE
-    --enable_reduced_operator_type_support`), written to `out` with the graphs named by file name only
-    (no path of the exporting machine). Returns its manifest entry."""
-    import tempfile
-
-    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
-
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "ops.config"
-        with contextlib.redirect_stdout(io.StringIO()):
-            create_config_from_models([Path(f) for f in ort_files], raw, enable_type_reduction=True)
-        lines = raw.read_text().splitlines()
-    body = [line for line in lines if line and not line.startswith("#")]
-    names = ", ".join(sorted(Path(f).name for f in ort_files))
-    out.write_text(f"# ONNX Runtime reduced build config for {names} (edgeclip)\n" + "\n".join(body) + "\n")
-    ops = [op.split("{")[0] for line in body for op in _config_ops(line)]
-    return {"file": out.name, "operators": len(ops), "type_reduction": True}
-
-
-def _config_ops(line: str) -> list[str]:
-    """The operator entries of one `domain;opset;Op1{types},Op2` config line (commas inside braces
-    belong to the type lists)."""
-    entries, depth, cur = [], 0, ""
-    for ch in line.split(";", 2)[2]:
-        depth += ch == "{"
-        depth -= ch == "}"
-        if ch == "," and depth == 0:
-            entries.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return entries + ([cur] if cur else [])
-
-
-# What the ORT-format files need from the app's ONNX Runtime (the contrib ops recorded per graph).
-MOBILE_PACKAGES = ("onnxruntime-android (Maven), onnxruntime-c / onnxruntime-objc (CocoaPods) are full builds: "
-                   "every ONNX and com.microsoft contrib operator and type, so they run these files. The files "
-                   "were checked with the onnxruntime recorded under tools; GatherBlockQuantized over uint8 codes "
-                   "(quantized token embeddings) and MatMulNBits (4-bit recipes) are recent: use that release or "
-                   "later in the app. "
-                   "The discontinued onnxruntime-mobile packages (<= 1.18) had a reduced operator set without "
-                   "them; a custom reduced build must list the contrib ops above in its operator config")
-
-
 def to_onnx(module, name, decl, spec, path, opset: int, dynamic_length: bool) -> None:
     import torch
 
@@ -230,7 +148,12 @@ def to_onnx(module, name, decl, spec, path, opset: int, dynamic_length: bool) ->
         args = (torch.from_numpy(example["pixel_values"]),)
         dynamic = {"pixel_values": {0: batch}}
     else:
-        args = (torch.from_numpy(example["input_ids"]),)
+        # a fixed length or integer type the target declares (ort-mobile: int32, one length)
+        ids_decl = decl["inputs"]["input_ids"]
+        ids = example["input_ids"].astype(ids_decl["dtype"])
+        if isinstance(ids_decl["shape"][1], int):
+            ids = ids[:, :ids_decl["shape"][1]]
+        args = (torch.from_numpy(ids),)
         axes = {0: batch}
         if dynamic_length:
             axes[1] = torch.export.Dim("length", min=2, max=spec.text.context_length)

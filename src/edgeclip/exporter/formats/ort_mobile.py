@@ -1,0 +1,228 @@
+"""ORT-format target for phones: graphs that Android's NNAPI and iOS's Core ML execution providers
+of ONNX Runtime take whole, saved in ONNX Runtime's ORT format for its mobile packages.
+
+What differs from the server `onnx` target's graphs:
+- fixed shapes (`--mobile-shapes BATCH[xLENGTH]`, default 1 and the context length), int32 token ids;
+- plain ops only: attention unfused, LayerNormalization, Erf, ReduceL2/ReduceSum, Neg and Gather of
+  constant positions rewritten (`kernels.onnx_mobile`); text pooling by a one-hot product
+  (`Tower.prefer_mask_pooling`) instead of ArgMax and a gather;
+- INT8 as int8 weights and tables dequantized by Cast and Mul (the accelerators compute in float16
+  or float32; Core ML's EP takes no DequantizeLinear); the default recipe is `w8a16`;
+- ONNX Runtime's usability analysis of each graph recorded per EP (`--mobile-ep`), beside the
+  contrib ops, the reduced-operator build config, and the conformance vectors.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from pathlib import Path
+
+from .. import register_target
+from ..target import ExportJob
+from ..tolerance import Tolerance
+from .onnx import OnnxFamilyTarget, to_onnx
+
+REDUCED_CONFIG = "required_operators.config"
+
+
+@register_target("ort-mobile")
+class OrtMobileTarget(OnnxFamilyTarget):
+    """Fixed-shape plain-op graphs in ORT format, checked with ONNX Runtime's mobile usability analysis."""
+
+    precisions = ("fp32", "int8")
+    # the Erf polynomial (3.7e-5) is the only inexact rewrite; INT8 is guarded on held-out data
+    tolerances = {"fp32": Tolerance(max_abs=1e-3, min_cosine=0.99999),
+                  "int8": Tolerance(max_abs=0.25, min_cosine=0.98)}
+    graph_ext = ".ort"
+    lower_int8 = False
+    options = ("mobile_shapes", "mobile_eps")
+    default_recipe = "w8a16"
+
+    def begin(self, model, spec, opts) -> ExportJob:
+        from ..mobile import parse_eps, parse_shapes
+
+        shapes, eps = parse_shapes(opts.mobile_shapes, spec), parse_eps(opts.mobile_eps)
+        if opts.precision == "int8" and opts.recipe is None:
+            opts = dataclasses.replace(opts, recipe=self.default_recipe)
+        # attention stays plain ops: the mobile EPs take no MultiHeadAttention
+        job = super().begin(model, spec, dataclasses.replace(opts, fuse=False))
+        job.extra["ort-mobile"] = {"shapes": shapes, "eps": list(eps), "usability": {}, "rewrites": {},
+                                   "contrib_ops": {}, "packages": MOBILE_PACKAGES}
+        return job
+
+    def trims(self, opts, spec) -> bool:
+        return False  # one fixed length; the runtime cuts or pads the ids to it
+
+    def rewrite(self, m) -> None:
+        # no prefer_gemm: a patch embedding as a GEMM needs a rank-6 transpose, past Core ML's rank 5
+        for tower in m.towers().values():
+            tower.prefer_mask_pooling()
+
+    def declare(self, job: ExportJob, decl: dict) -> dict:
+        shapes = job.extra["ort-mobile"]["shapes"]
+        for graph in decl.values():
+            for entry in list(graph["inputs"].values()) + list(graph["outputs"].values()):
+                entry["shape"] = [shapes["batch"] if d == "batch" else d for d in entry["shape"]]
+        ids = decl["text"]["inputs"]["input_ids"]
+        ids["dtype"], ids["shape"] = "int32", [shapes["batch"], shapes["length"]]
+        return decl
+
+    def open_graph(self, path: Path, info: dict):
+        from ...runtime.shapes import fit_shapes
+
+        return fit_shapes(super().open_graph(path, info), info)
+
+    def write_graph(self, job: ExportJob, module, name: str, decl: dict, w, dynamic_length: bool) -> None:
+        import onnx
+
+        from ...kernels.onnx_mobile import lower_for_mobile
+        from ...onnxgraph import strip_metadata
+
+        opts, section = job.opts, job.extra["ort-mobile"]
+        raw = w.staging / f".{name}.export.onnx"
+        to_onnx(module.eval(), name, decl, job.spec, raw, opts.opset or self.default_opset, False)
+        graph = onnx.load(str(raw))
+        raw.unlink()
+        strip_metadata(graph)
+        section["rewrites"][name] = lower_for_mobile(graph)
+        if opts.precision == "int8":
+            graph = self.quantize(job, graph, name)
+        onnx_path = w.staging / f".{name}.mobile.onnx"
+        casts = finish_graph(graph, section["shapes"]["batch"], onnx_path)
+        from ..mobile import usability
+
+        section["usability"][name] = usability(onnx_path, tuple(section["eps"]))
+        section["contrib_ops"][name] = sorted({n.op_type for n in onnx.load(str(onnx_path)).graph.node
+                                               if n.domain == "com.microsoft"})
+        to_ort_format(onnx_path, w.path(f"{name}.ort"), keep_casts=casts)
+        onnx_path.unlink()
+
+    def quantize(self, job: ExportJob, graph, name: str):
+        from ...calibration.recipes import get_recipe, quantize_graph
+
+        opts = job.opts
+        graph, job.quantization[name] = quantize_graph(
+            graph, get_recipe(opts.recipe), job.calibration[name], observer=opts.observer,
+            alpha=opts.smoothquant_alpha, max_drop=opts.guard_bound(), lower=False,
+            quantizable=job.quantizable, block_size=opts.block_size)
+        return graph
+
+    def write_graphs(self, job: ExportJob, w) -> tuple[dict, dict]:
+        graphs, fidelity = super().write_graphs(job, w)
+        section = job.extra["ort-mobile"]
+        section["reduced_build_config"] = write_reduced_build_config(
+            [w.staging / graphs[g]["file"] for g in ("image", "text")], w.path(REDUCED_CONFIG))
+        return graphs, fidelity
+
+    @classmethod
+    def inspect_lines(cls, manifest: dict) -> list[str]:
+        from ..mobile import EP_NAMES, summary
+
+        o = manifest.get("ort-mobile") or {}
+        lines = []
+        if o.get("shapes"):
+            s = o["shapes"]
+            lines.append(f"mobile     fixed shapes: batch {s['batch']}, text length {s['length']} (int32 ids); "
+                         f"made for {', '.join(EP_NAMES.get(e, e) for e in o.get('eps', []))}")
+        for g, report in (o.get("usability") or {}).items():
+            lines.append(f"mobile     {g}: {summary(report)} (ONNX Runtime's usability analysis)")
+        if o.get("contrib_ops"):
+            lines.append("mobile     contrib ops " + "; ".join(f"{g}: {', '.join(ops) or 'none'}"
+                                                          for g, ops in o["contrib_ops"].items()))
+        cfg = o.get("reduced_build_config")
+        if cfg:
+            lines.append(f"mobile     reduced build: {cfg['file']} ({cfg['operators']} operators; ONNX Runtime's "
+                         "build.py --minimal_build --include_ops_by_config)")
+        return lines + super().inspect_lines(manifest)
+
+
+# ONNX Runtime's basic-level fusions that would put back ops the mobile EPs lack (LayerNormalization, Gelu)
+KEEP_PLAIN = ["LayerNormFusionL1", "GeluFusionL1"]
+
+
+def finish_graph(graph, batch: int, out: Path) -> int:
+    """Fix the batch, fold what became constant (ONNX Runtime's basic level, which keeps
+    DequantizeLinear), then turn the integer weights' dequantization into Cast and Mul. Saves `out`;
+    returns how many weights stay integer (the ORT-format conversion must not fold those back)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    from ...kernels.onnx_mobile import gathers_to_plain, to_weight_casts
+
+    make_dim_param_fixed(graph.graph, "batch", batch)
+    fix_output_shapes(graph)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(graph, str(src))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=KEEP_PLAIN)
+        folded = onnx.load(str(dst))
+    casts = gathers_to_plain(folded) + to_weight_casts(folded)
+    onnx.save(folded, str(out))
+    return casts
+
+
+def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Basic (hardware-independent) optimizations only: the file must run on any phone's CPU.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(ort_path)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    so.log_severity_level = 3
+    # integer weights behind Cast stay integer in the file (folding would store them as float32)
+    disabled = KEEP_PLAIN + (["ConstantFolding"] if keep_casts else [])
+    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def write_reduced_build_config(ort_files: list, out: Path) -> dict:
+    """ONNX Runtime's reduced-operator build config for `ort_files` (the operators, and the types each
+    one is used with, that the graphs need: `build.py --include_ops_by_config FILE
+    --enable_reduced_operator_type_support`), written to `out` with the graphs named by file name only
+    (no path of the exporting machine). Returns its manifest entry."""
+    import tempfile
+
+    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "ops.config"
+        with contextlib.redirect_stdout(io.StringIO()):
+            create_config_from_models([Path(f) for f in ort_files], raw, enable_type_reduction=True)
+        lines = raw.read_text().splitlines()
+    body = [line for line in lines if line and not line.startswith("#")]
+    names = ", ".join(sorted(Path(f).name for f in ort_files))
+    out.write_text(f"# ONNX Runtime reduced build config for {names} (edgeclip)\n" + "\n".join(body) + "\n")
+    ops = [op.split("{")[0] for line in body for op in _config_ops(line)]
+    return {"file": out.name, "operators": len(ops), "type_reduction": True}
+
+
+def _config_ops(line: str) -> list[str]:
+    """The operator entries of one `domain;opset;Op1{types},Op2` config line (commas inside braces
+    belong to the type lists)."""
+    entries, depth, cur = [], 0, ""
+    for ch in line.split(";", 2)[2]:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            entries.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return entries + ([cur] if cur else [])
+
+
+# What the ORT-format files need from the app's ONNX Runtime (the contrib ops recorded per graph).
+MOBILE_PACKAGES = ("onnxruntime-android (Maven), onnxruntime-c / onnxruntime-objc (CocoaPods) are full builds: "
+                   "every ONNX and com.microsoft contrib operator and type, so they run these files. The files "
+                   "were checked with the onnxruntime recorded under tools; GatherBlockQuantized over uint8 codes "
+                   "and MatMulNBits (4-bit recipes) are recent: use that release or later in the app. "
+                   "The discontinued onnxruntime-mobile packages (<= 1.18) had a reduced operator set without "
+                   "them; a custom reduced build must list the contrib ops above in its operator config")
