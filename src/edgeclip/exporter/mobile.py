@@ -94,6 +94,16 @@ def usability(onnx_path: Path, eps: tuple) -> dict:
     return out
 
 
+def supported_ops(eps: tuple) -> set:
+    """The "domain:Op" names every accelerator EP in `eps` takes, from the lists ONNX Runtime's usability
+    checker reads (XNNPACK runs beside the CPU EP, so it constrains nothing)."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+    lists = {"nnapi": "nnapi_supported_ops.md", "coreml": "coreml_supported_mlprogram_ops.md"}
+    sets = [set(uc._SupportedOpsChecker(Path(uc.__file__).parent / lists[ep])._ops) for ep in eps if ep in lists]
+    return set.intersection(*sets) if sets else set()
+
+
 def fits(entry: dict) -> bool:
     """One partition covering at least FIT_SHARE of the nodes."""
     return entry["partitions"] == 1 and entry["share"] >= FIT_SHARE

@@ -92,7 +92,7 @@ def _layer_norm(b: _Builder, g, node, shapes):
     axes = b.const([-1], np.int64)
     mean = b.op("ReduceMean", [x, axes], keepdims=1)
     d = b.op("Sub", [x, mean])
-    var = b.op("ReduceMean", [b.op("Pow", [d, b.const(2.0)]), axes], keepdims=1)
+    var = b.op("ReduceMean", [b.op("Mul", [d, d]), axes], keepdims=1)
     std = b.op("Sqrt", [b.op("Add", [var, b.const(_attr(node, "epsilon", 1e-5))])])
     y = b.op("Mul", [b.op("Div", [d, std]), scale], out=None if bias else node.output[0])
     if bias:
@@ -107,6 +107,64 @@ def _erf(b: _Builder, g, node, shapes):
     p = b.op("Add", [b.op("Mul", [p, u2]), b.const(ERF_POLY[0])])
     b.op("Tanh", [b.op("Mul", [p, u])], out=node.output[0])
     return True
+
+
+# GELU: x * sigmoid(x (C0 + C1 x^2 + C2 x^4)), x clipped to [-GELU_CLIP, GELU_CLIP] inside the polynomial;
+# max |error| 2.5e-5 against x * Phi(x) (the tanh form's is 4.7e-4)
+GELU_CLIP = 8.0
+GELU_POLY = (1.5950157685702555, 0.07401129204501143, -0.0007030335771250796)
+GELU_POLY_SHORT = (1.6003141570983934, 0.06940178686427867)  # no clip, no x^4: max |error| 2.7e-4
+# the short form: six elementwise passes instead of nine (ONNX Runtime's CPU EP runs each as one pass over
+# the activations, and GELU towers spend most of their elementwise time there); its error is half a
+# float16 step at 1, and the accelerators compute in float16
+GELU_SHORT = True
+
+
+def _single(g: Graph, tensor: str, op_type: str):
+    n = g.only_consumer(tensor, op_type)
+    return n
+
+
+def _other(node, tensor):
+    return node.input[1] if node.input[0] == tensor else node.input[0]
+
+
+def _is(g: Graph, tensor: str, value: float, tol: float = 1e-5) -> bool:
+    c = g.const(tensor)
+    return c is not None and c.size == 1 and abs(float(np.ravel(c)[0]) - value) <= tol * max(1.0, abs(value))
+
+
+def _gelu_pattern(g: Graph, erf):
+    """The nodes of x * 0.5 * (1 + erf(x / sqrt 2)) around `erf` (as torch exports exact GELU), or None."""
+    div = g.producer.get(erf.input[0])
+    if div is None or not ((div.op_type == "Div" and _is(g, div.input[1], 2 ** 0.5))
+                           or (div.op_type == "Mul" and _is(g, _other(div, div.input[0]), 2 ** -0.5))):
+        return None
+    x = div.input[0] if div.op_type == "Div" else (div.input[0] if g.const(div.input[0]) is None else div.input[1])
+    add = _single(g, erf.output[0], "Add")
+    if add is None or not _is(g, _other(add, erf.output[0]), 1.0):
+        return None
+    m1 = _single(g, add.output[0], "Mul")
+    if m1 is None:
+        return None
+    m2 = _single(g, m1.output[0], "Mul")
+    if m2 is None:
+        return None
+    halves = (_is(g, _other(m1, add.output[0]), 0.5) and _other(m2, m1.output[0]) == x) or \
+             (_other(m1, add.output[0]) == x and _is(g, _other(m2, m1.output[0]), 0.5))
+    if not halves or len(g.consumers.get(div.output[0], [])) != 1:
+        return None
+    return x, [div, erf, add, m1, m2]
+
+
+def _gelu(b: _Builder, x: str, out: str, short: bool = False) -> None:
+    u = x if short else b.op("Clip", [x, b.const(-GELU_CLIP), b.const(GELU_CLIP)])
+    u2 = b.op("Mul", [u, u])
+    c = GELU_POLY_SHORT if short else GELU_POLY
+    p = b.op("Add", [b.op("Mul", [u2, b.const(c[-1])]), b.const(c[-2])])
+    if not short:
+        p = b.op("Add", [b.op("Mul", [p, u2]), b.const(c[0])])
+    b.op("Mul", [x, b.op("Sigmoid", [b.op("Mul", [p, u])])], out=out)
 
 
 def _reduce_count(g, node, shapes):
@@ -195,16 +253,33 @@ REWRITES = {
 }
 
 
-def lower_for_mobile(model) -> dict[str, int]:
+def lower_for_mobile(model, supported: set | None = None) -> dict[str, int]:
     """Rewrite, in place, every node of `model` that one of the mobile EPs lacks into ops they all
-    take (REWRITES; float32 graphs). Returns {op: rewritten}; a node whose shapes are not static
-    enough stays as it is (the usability analysis then counts it)."""
+    take (REWRITES; float32 graphs). `supported`: the "domain:Op" names every EP the graph is for
+    takes (those stay as they are); None rewrites everything REWRITES knows. Returns {op: rewritten};
+    a node whose shapes are not static enough stays as it is (the usability analysis counts it)."""
+    def wanted(op: str) -> bool:
+        return supported is None or f"ai.onnx:{op}" not in supported
+
     shapes = _shapes(model)
     g = Graph(model.graph)
     counts: dict[str, int] = {}
-    out_nodes = []
+    out_nodes, gone = [], set()
     for node in list(model.graph.node):
-        fn = REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if node.op_type == "Erf" and node.domain in ("", "ai.onnx") and wanted("Erf"):
+            match = _gelu_pattern(g, node)
+            if match is not None:  # the whole GELU at once: fewer, cheaper nodes than erf alone
+                x, nodes = match
+                b = _Builder(model, node.name or node.output[0])
+                _gelu(b, x, nodes[-1].output[0], short=GELU_SHORT)
+                gone.update(id(n) for n in nodes)
+                out_nodes = [n for n in out_nodes if id(n) not in gone]
+                out_nodes.extend(b.nodes)
+                counts["Gelu"] = counts.get("Gelu", 0) + 1
+                continue
+        if id(node) in gone:
+            continue
+        fn = REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") and wanted(node.op_type) else None
         b = _Builder(model, node.name or node.output[0])
         if fn is not None and fn(b, g, node, shapes):
             out_nodes.extend(b.nodes)

@@ -23,6 +23,23 @@ def fit_shapes(backend, info: dict):
     return FixedShapes(backend, info) if fixed(info) else backend
 
 
+def fit_feed(t: dict | None, x: np.ndarray) -> np.ndarray:
+    """Token ids `x` in the integer type and length the declared input `t` takes (anything else as is)."""
+    if t is None or t["dtype"] not in _INTS or x.dtype.kind not in "iu":
+        return x
+    length = t["shape"][1] if len(t["shape"]) > 1 else None
+    if isinstance(length, int) and x.ndim == 2 and x.shape[1] != length:
+        if x.shape[1] > length:
+            if np.any(x[:, length:]):
+                longest = int(np.max(np.nonzero(np.any(x != 0, axis=0))[0])) + 1
+                raise InputError(f"these token ids run to position {longest}; this artifact's text graph takes "
+                                 f"{length} tokens (export with --mobile-shapes BATCHx{longest} or longer)")
+            x = x[:, :length]
+        else:
+            x = np.pad(x, ((0, 0), (0, length - x.shape[1])))
+    return np.ascontiguousarray(x, dtype=_INTS[t["dtype"]])
+
+
 class FixedShapes:
     """A backend wrapper that feeds a fixed-shape graph whatever batch and length the caller has."""
 
@@ -33,27 +50,8 @@ class FixedShapes:
             if hasattr(backend, attr):
                 setattr(self, attr, getattr(backend, attr))
 
-    def _fit(self, name: str, x: np.ndarray) -> np.ndarray:
-        t = self.decl.get(name)
-        if t is None:
-            return x
-        if t["dtype"] in _INTS and x.dtype.kind in "iu":
-            length = t["shape"][1] if len(t["shape"]) > 1 else None
-            if isinstance(length, int) and x.ndim == 2 and x.shape[1] != length:
-                if x.shape[1] > length:
-                    if np.any(x[:, length:]):
-                        longest = int(np.max(np.nonzero(np.any(x != 0, axis=0))[0])) + 1
-                        raise InputError(f"these token ids run to position {longest}; this artifact's text graph "
-                                         f"takes {length} tokens (export with --mobile-shapes BATCHx{longest} "
-                                         "or longer)")
-                    x = x[:, :length]
-                else:
-                    x = np.pad(x, ((0, 0), (0, length - x.shape[1])))
-            x = np.ascontiguousarray(x, dtype=_INTS[t["dtype"]])
-        return x
-
     def run(self, feeds: dict) -> dict:
-        feeds = {k: self._fit(k, np.asarray(v)) for k, v in feeds.items()}
+        feeds = {k: fit_feed(self.decl.get(k), np.asarray(v)) for k, v in feeds.items()}
         n = len(next(iter(feeds.values())))
         if self.batch is None or n == self.batch:
             return self.backend.run(feeds)

@@ -85,7 +85,9 @@ class OrtMobileTarget(OnnxFamilyTarget):
         graph = onnx.load(str(raw))
         raw.unlink()
         strip_metadata(graph)
-        section["rewrites"][name] = lower_for_mobile(graph)
+        from ..mobile import supported_ops
+
+        section["rewrites"][name] = lower_for_mobile(graph, supported_ops(tuple(section["eps"])))
         if opts.precision == "int8":
             graph = self.quantize(job, graph, name)
         onnx_path = w.staging / f".{name}.mobile.onnx"
@@ -97,6 +99,17 @@ class OrtMobileTarget(OnnxFamilyTarget):
                                                if n.domain == "com.microsoft"})
         to_ort_format(onnx_path, w.path(f"{name}.ort"), keep_casts=casts)
         onnx_path.unlink()
+
+    def calibrate(self, job: ExportJob, m) -> None:
+        """The parent's sets, with the text feeds as the fixed graph takes them (int32, its length)."""
+        from ...runtime.shapes import fit_feed
+
+        super().calibrate(job, m)
+        shapes = job.extra["ort-mobile"]["shapes"]
+        decl = {"dtype": "int32", "shape": [shapes["batch"], shapes["length"]]}
+        text = job.calibration["text"]
+        text.batches = [{"input_ids": fit_feed(decl, b["input_ids"])} for b in text.batches]
+        text.held_out = {"input_ids": fit_feed(decl, text.held_out["input_ids"])}
 
     def quantize(self, job: ExportJob, graph, name: str):
         from ...calibration.recipes import get_recipe, quantize_graph
@@ -138,7 +151,7 @@ class OrtMobileTarget(OnnxFamilyTarget):
 
 
 # ONNX Runtime's basic-level fusions that would put back ops the mobile EPs lack (LayerNormalization, Gelu)
-KEEP_PLAIN = ["LayerNormFusionL1", "GeluFusionL1"]
+KEEP_PLAIN = ["LayerNormFusionL1", "GeluFusionL1", "MatMulAddFusion"]
 
 
 def finish_graph(graph, batch: int, out: Path) -> int:
