@@ -103,7 +103,7 @@ from edgeclip import cli as cli_module  # noqa: E402
 OPTIONS = {
     "models": ["--json"],
     "export": ["--block-size", "--calib", "--calib-captions", "--calib-size", "--checkpoint", "--compress", "--head", "--json",
-               "--labels", "--labels-file", "--max-cosine-drop", "--min-ios", "--no-fuse", "--no-pooled-last",
+               "--labels", "--labels-file", "--max-cosine-drop", "--min-ios", "--mobile-ep", "--mobile-shapes", "--no-fuse", "--no-pooled-last",
                "--no-trim", "--no-validate", "--observer", "--out", "--overwrite", "--precision", "--profile",
                "--recipe", "--seed", "--smoothquant-alpha", "--spec", "--target", "--templates", "--trt-version"],
     "run": ["--backend", "--digest", "--head", "--image", "--inference-precision", "--json", "--labels",
@@ -128,7 +128,7 @@ EXPORT_DEFAULTS = {"command": "export", "model": "builtin:tiny", "target": "onnx
                    "overwrite": False, "no_fuse": False, "min_ios": None, "compress": None, "recipe": None,
                    "calib": None, "calib_captions": None, "calib_size": 256, "observer": "minmax",
                    "smoothquant_alpha": 0.5, "max_cosine_drop": None, "trt_version": None, "profile": None,
-                   "block_size": None, "json": False}
+                   "block_size": None, "mobile_shapes": None, "mobile_ep": None, "json": False}
 RUN_DEFAULTS = {"command": "run", "artifact": "art", "image": ["x.png"], "text": None, "labels": None,
                 "labels_file": None, "digest": None, "head": None, "top_k": 5, "truncate": False, "backend": "auto",
                 "threads": None, "inference_precision": None, "providers": None, "json": False}
@@ -175,6 +175,9 @@ PARSES = [  # (argv, the command function, the whole namespace but `func`)
      "cmd_heads_import", {**IMPORT_DEFAULTS, "kind": "tip_adapter", "alpha": 2.0, "normalize": "no"}),
     (["heads", "show", "h"], "cmd_heads_show", {"command": "heads", "heads_command": "show", "head": "h",
                                                 "json": False}),
+    (["export", "builtin:tiny", "--out", "a", "--target", "ort-mobile", "--mobile-shapes", "1x16", "--mobile-ep",
+      "nnapi,coreml"], "cmd_export",
+     {**EXPORT_DEFAULTS, "target": "ort-mobile", "mobile_shapes": "1x16", "mobile_ep": "nnapi,coreml"}),
     (["export", "builtin:tiny", "--out", "a", "--target", "tensorrt", "--trt-version", "11.0", "--profile",
       "batch=1,4,8", "--profile", "length=1,16,77"], "cmd_export",
      {**EXPORT_DEFAULTS, "target": "tensorrt", "trt_version": "11.0", "profile": ["batch=1,4,8", "length=1,16,77"]}),

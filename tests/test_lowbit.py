@@ -243,8 +243,10 @@ def test_ort_format_4bit_artifact_loads_and_says_what_it_needs(tiny):
     truth = [int(f.parent.name) for f in files]
     preds = pipe.classify([str(f) for f in files])
     assert np.mean([p.index == t for p, t in zip(preds, truth)]) >= 0.95
-    ref = Pipeline.load(tiny["w4a16"].path).encode_image([str(f) for f in files])
-    assert _cos(pipe.encode_image([str(f) for f in files]), ref).min() >= 0.9999  # the same graph, ORT format
+    # the phone graphs are quantized and guarded on their own (plain ops, fixed shapes): within the
+    # recipe's bound of FP32, like the server graph
+    ref = Pipeline.load(tiny["fp32"].path).encode_image([str(f) for f in files])
+    assert _cos(pipe.encode_image([str(f) for f in files]), ref).min() >= 0.99
     ops = art.manifest["ort-mobile"]["contrib_ops"]
     assert "MatMulNBits" in ops["image"] and "GatherBlockQuantized" in ops["text"]
     assert "onnxruntime-android" in art.manifest["ort-mobile"]["packages"]
@@ -262,7 +264,7 @@ def _ort_ops(path) -> set:
 def test_ort_format_artifact_carries_its_reduced_build_config(tiny):
     """The artifact's required_operators.config lists exactly the operators its .ort graphs use (each
     with the types it is used with), names no path of the exporting machine, and is in the manifest."""
-    from edgeclip.exporter.formats.onnx import _config_ops
+    from edgeclip.exporter.formats.ort_mobile import _config_ops
 
     art = tiny["mobile"]
     cfg = art.path / "required_operators.config"

@@ -1,4 +1,4 @@
-"""`edgeclip` command line: models | export | run | inspect | bench | heads."""
+"""`edgeclip` command line: models | export | run | inspect | verify | bench | heads."""
 from __future__ import annotations
 
 import argparse
@@ -141,6 +141,7 @@ def cmd_export(args) -> int:
         labels=labels, templates=args.templates, heads=args.head or [], trim_text=not args.no_trim,
         pooled_only_last=not args.no_pooled_last, validate=not args.no_validate, overwrite=args.overwrite,
         fuse=not args.no_fuse, **_int8_options(args), **_coreml_options(args), **_tensorrt_options(args),
+        **_mobile_options(args),
     )
     elapsed = time.perf_counter() - t1
     if args.json:
@@ -333,6 +334,31 @@ def cmd_inspect(args) -> int:
     _print_heads(m)
     tools = m.get("tools", {})
     print("tools      " + ", ".join(f"{k} {v}" for k, v in tools.items()))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Checksums, then the conformance vectors: tokenizer, preprocessing and every graph output against
+    the file; exit 2 with the first differing check named (a ConformanceError)."""
+    from .runtime.conformance import verify_vectors
+    from .runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.artifact, backend=args.backend, digest=args.digest)
+    report = verify_vectors(pipe, args.vectors or None)
+    if args.json:
+        _print_json({"artifact": str(args.artifact), **report})
+        return 0
+    print(f"artifact   {args.artifact}   checksums ok")
+    print(f"vectors    {args.vectors or (pipe.manifest.get('conformance') or {}).get('file')}: expected from "
+          f"{report['expected_from']}")
+    for name, r in report["checks"].items():
+        if "max_abs" in r:
+            cos = f", min cosine {r['min_cosine']:.6f}" if r.get("min_cosine_bound", -1) > -1 else ""
+            print(f"  ok  {name:<14} max abs error {r['max_abs']:.3g} (bound {r['max_abs_bound']:.3g}){cos}")
+        else:
+            print(f"  ok  {name:<14} identical")
+    for graph in report["not_run"]:
+        print(f"  --  {graph} graph not run: its backend ({pipe.manifest.get('backend')}) does not run on this machine")
     return 0
 
 
@@ -538,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="edgeclip", description="Export, run and benchmark CLIP-family models on edge runtimes.")
     ap.add_argument("--version", action="version", version=f"edgeclip {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_models, _add_export, _add_run, _add_inspect, _add_bench, _add_heads, _add_engine):
+    for add in (_add_models, _add_export, _add_run, _add_inspect, _add_verify, _add_bench, _add_heads, _add_engine):
         add(sub)
     return ap
 
@@ -572,6 +598,7 @@ def _add_export(sub) -> None:
     p.add_argument("--no-fuse", action="store_true", help="keep attention unfused (for comparisons)")
     _add_coreml_group(p)
     _add_tensorrt_group(p)
+    _add_mobile_group(p)
     _add_int8_group(p)
     p.add_argument("--json", action="store_true")  # after the groups: --help lists it last
     p.set_defaults(func=cmd_export)
@@ -590,6 +617,22 @@ def _add_tensorrt_group(p) -> None:
     t.add_argument("--trt-version", help="TensorRT version the graphs are made for (default 10.3: JetPack 6)")
     t.add_argument("--profile", action="append", metavar="NAME=MIN,OPT,MAX",
                    help="optimization profile: batch=1,8,64 (default) or length=1,77,77 (text tokens); repeatable")
+
+
+def _add_mobile_group(p) -> None:
+    m = p.add_argument_group("Phones (--target ort-mobile)")
+    m.add_argument("--mobile-shapes", metavar="BATCH[xLENGTH]",
+                   help="the graphs' fixed shapes (default 1: batch 1, the full text context; 1x16: texts up to "
+                        "16 tokens, causal end-token towers only)")
+    m.add_argument("--mobile-ep", metavar="EPS",
+                   help="execution providers the graphs are made and checked for: a comma-separated subset of "
+                        "nnapi, coreml, xnnpack (default all three)")
+
+
+def _mobile_options(args) -> dict:
+    """Phone flags, passed only when given (other targets reject them)."""
+    kw = {"mobile_shapes": args.mobile_shapes, "mobile_eps": args.mobile_ep}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _add_int8_group(p) -> None:
@@ -642,6 +685,17 @@ def _add_inspect(sub) -> None:
     p.add_argument("--digest", help="also check that the artifact's digest is this one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check an artifact's checksums and replay its conformance vectors")
+    p.add_argument("artifact")
+    p.add_argument("--vectors", nargs="?", const="", metavar="FILE",
+                   help="the conformance vectors to replay (default: the artifact's own conformance.npz)")
+    p.add_argument("--backend", default="auto", help="runtime backend to replay them through (default: the target's)")
+    p.add_argument("--digest", help="also check that the artifact's digest is this one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
 
 def _add_bench(sub) -> None:

@@ -64,6 +64,15 @@ class ValidationError(EdgeClipError):
         self.failures = failures or []
 
 
+class ConformanceError(ValidationError):
+    """An artifact (or the app-side integration it is checked with) disagrees with a conformance vectors
+    file; `output` names the first check that differs (input_ids, pixel_values or a graph output)."""
+
+    def __init__(self, message: str, output: str, report: dict | None = None):
+        super().__init__(message, failures=[{"output": output}])
+        self.output, self.report = output, report or {}
+
+
 class TextTooLongError(InputError):
     """A text has more tokens than the model's context length."""
 

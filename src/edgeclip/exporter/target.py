@@ -43,6 +43,7 @@ class ExportJob:
     extra: dict = field(default_factory=dict)          # target-specific manifest sections
     towers: dict = field(default_factory=dict)         # per graph: what the tower's export rewrites did
     sizes: dict = field(default_factory=dict)          # per graph: bytes, weights, bits per weight
+    conformance: dict | None = None                    # the conformance vectors' manifest entry
 
 
 class Target:
@@ -68,6 +69,9 @@ class Target:
 
                 raise_if_failed(fidelity, f"the {self.name} {self.describe(opts)} export of '{spec.name}'")
             tokenizer = write_tokenizer(spec, w)
+            from .conformance import write_vectors
+
+            job.conformance = write_vectors(self, job, w, graphs)
             return w.finish(self.manifest(job, graphs, tokenizer, fidelity))
 
     def begin(self, model, spec, opts) -> ExportJob:
@@ -107,6 +111,12 @@ class Target:
         from .graphs import trim_supported
 
         return bool(opts.trim_text and trim_supported(spec))
+
+    def run_outputs(self, job: ExportJob, root: Path, graphs: dict, feeds: dict) -> dict | None:
+        """Both written graphs' outputs on `feeds` ({"pixel_values", "input_ids"}) through this target's
+        runtime backend, or None where it cannot run on this machine (the conformance vectors then
+        hold the torch reference)."""
+        return None
 
     def describe(self, opts) -> str:
         return opts.precision
@@ -158,6 +168,7 @@ class Target:
                         for k, v in dataclasses.asdict(opts).items() if k not in ("labels", "heads")},
             "fidelity": fidelity,
             "sizes": job.sizes or None,
+            "conformance": job.conformance,
             **self.manifest_extra(job),
             "tools": self.tool_versions(),
         }

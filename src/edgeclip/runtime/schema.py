@@ -41,7 +41,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 TOP_KEYS = {"format", "format_version", "created", "target", "precision", "backend", "model", "preprocess",
             "tokenizer", "text", "graphs", "head", "heads", "logit_scale", "logit_bias", "activation", "options",
-            "fidelity", "fusions", "quantization", "tools", "files", "towers", "sizes"}
+            "fidelity", "fusions", "quantization", "tools", "files", "towers", "sizes", "conformance"}
 ACTIVATIONS = ("softmax", "sigmoid")  # how class scores come from logits (specs' logit_activation)
 REQUIRED = ("format", "format_version", "target", "precision", "model", "preprocess", "tokenizer", "text",
             "graphs", "logit_scale", "files")
@@ -358,7 +358,26 @@ def validate_manifest(m) -> dict:
         if m.get(k) is not None:
             _dict(m[k], k)
     _sizes(m.get("sizes"), graphs)
+    _conformance(m.get("conformance"), files)
     return m
+
+
+def _conformance(c, files: dict) -> None:
+    """`conformance`: the artifact's conformance vectors file (runtime.conformance reads it)."""
+    if c is None:
+        return
+    _dict(c, "conformance", allowed={"file", "texts", "images", "expected_from", "tolerance"}, required=("file",))
+    _str(c["file"], "conformance.file", pattern=NAME)
+    if c["file"] not in files:
+        raise _fail("conformance.file", "names a file the artifact does not list")
+    for k in ("texts", "images"):
+        if k in c:
+            _int(c[k], f"conformance.{k}", 0, 64)
+    if "tolerance" in c:
+        tol = _dict(c["tolerance"], "conformance.tolerance", allowed={"max_abs", "min_cosine"},
+                    required=("max_abs", "min_cosine"))
+        _num(tol["max_abs"], "conformance.tolerance.max_abs", 0.0, 1e6)
+        _num(tol["min_cosine"], "conformance.tolerance.min_cosine", -1.0, 1.0)
 
 
 def _sizes(sizes, graphs: dict) -> None:

@@ -100,6 +100,12 @@ class OnnxFamilyTarget(Target):
             if report["activations"] == "float" or report.get("accuracy_level"):
                 graphs[name]["session_config"] = {"session.disable_quant_qdq": "1"}
 
+    def run_outputs(self, job: ExportJob, root: Path, graphs: dict, feeds: dict) -> dict | None:
+        out = {}
+        for name, key in (("image", "pixel_values"), ("text", "input_ids")):
+            out.update(self.open_graph(root / graphs[name]["file"], graphs[name]).run({key: feeds[key]}))
+        return out
+
     def open_graph(self, path: Path, info: dict):
         """The runtime backend for one written graph, as the validation runs it."""
         return OrtBackend(path, config=info.get("session_config"))

@@ -1,0 +1,273 @@
+"""The `ort-mobile` target's phone graphs: ONNX Runtime's own mobile usability analysis (one partition
+covering >= 95 % of the nodes for NNAPI and Core ML ML Program), fixed shapes through the runtime,
+the rewrites' numerics, the reduced build config, and the conformance vectors of every target."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeclip
+from edgeclip import builtin
+from edgeclip.errors import ArtifactError, ConformanceError, EdgeClipError, InputError
+from edgeclip.runtime.pipeline import Pipeline
+
+DIGITS = builtin.digit_labels()
+TINY = {"model": "builtin:tiny", "labels": DIGITS}
+MOBILE = {(m, p): {"model": m, "target": "ort-mobile", "precision": p, **({"labels": DIGITS} if m == "builtin:tiny" else {})}
+          for m in ("builtin:tiny", "random:ViT-B-32", "random:MobileCLIP-S1") for p in ("fp32", "int8")}
+SHAPES = {**TINY, "target": "ort-mobile", "mobile_shapes": "2x16"}
+# every target's artifact of the built-in model (the same specs other modules export: shared once)
+TARGETS = {"onnx": {**TINY, "target": "onnx", "precision": "fp32"},
+           "openvino": {**TINY, "target": "openvino", "precision": "fp32"},
+           "coreml": {**TINY, "target": "coreml", "min_ios": 18},
+           "tensorrt": {**TINY, "target": "tensorrt"},
+           "ort-mobile": MOBILE["builtin:tiny", "fp32"]}
+SHARED_EXPORTS = {"mobile": list(MOBILE.values()), "shapes": [SHAPES], "targets": list(TARGETS.values())}
+
+
+@pytest.fixture(scope="module")
+def mobile(shared_exports):
+    return {k: shared_exports.get(spec) for k, spec in MOBILE.items()}
+
+
+@pytest.fixture(scope="module")
+def targets(shared_exports):
+    return {k: shared_exports.get(spec) for k, spec in TARGETS.items()}
+
+
+def _ort_ops(path: Path) -> list[str]:
+    """(domain:op) of every node an ORT-format file holds, read from its flatbuffer."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession as Fbs
+
+    g = Fbs.InferenceSession.GetRootAsInferenceSession(path.read_bytes(), 0).Model().Graph()
+    return [f"{(g.Nodes(i).Domain() or b'ai.onnx').decode() or 'ai.onnx'}:{g.Nodes(i).OpType().decode()}"
+            for i in range(g.NodesLength())]
+
+
+# ------------------------------------------------------------------------ the usability analysis
+
+@pytest.mark.parametrize("key", list(MOBILE), ids=[f"{m.split(':')[1]}-{p}" for m, p in MOBILE])
+def test_nnapi_and_coreml_take_each_graph_in_one_partition(mobile, key):
+    art = mobile[key]
+    section = art.manifest["ort-mobile"]
+    assert section["eps"] == ["nnapi", "coreml", "xnnpack"] and section["shapes"]["batch"] == 1
+    for graph in ("image", "text"):
+        report = section["usability"][graph]
+        for ep in ("nnapi", "coreml"):
+            e = report[ep]  # ONNX Runtime's PartitioningInfo, as its usability checker computed it
+            assert e["partitions"] == 1 and e["supported"] / e["nodes"] >= 0.95, (graph, ep, e)
+            assert e["dynamic_nodes"] == 0 and e["verdict"] == "YES"
+        # the analysed graph is the saved one: same node count as the ORT-format file
+        ops = _ort_ops(art.path / f"{graph}.ort")
+        assert len(ops) == report["nnapi"]["nodes"]
+        assert not [o for o in ops if o.startswith("com.microsoft")]
+        assert "ai.onnx:MultiHeadAttention" not in ops and "ai.onnx:LayerNormalization" not in ops
+    # graphs run on the CPU EP within the target's tolerance of the torch reference (checked at export)
+    assert all(r["ok"] for r in art.manifest["fidelity"].values())
+    if key[1] == "int8":
+        assert art.manifest["quantization"]["recipe"] == "w8a16"
+        # the weights stay int8 in the file: Cast nodes read int8 initializers
+        assert art.manifest["sizes"]["image"]["bits_per_weight"] < 20
+
+
+def test_every_saved_op_is_on_the_nnapi_list(mobile):
+    """Cross-check with the list the checker reads: each node type of the saved files is NNAPI's."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+    listed = uc._SupportedOpsChecker(Path(uc.__file__).parent / "nnapi_supported_ops.md")._ops
+    for key in (("builtin:tiny", "fp32"), ("random:MobileCLIP-S1", "int8")):
+        for graph in ("image", "text"):
+            assert set(_ort_ops(mobile[key].path / f"{graph}.ort")) <= set(listed), (key, graph)
+
+
+def test_inspect_shows_the_analysis(mobile, capsys):
+    from edgeclip.cli import main
+
+    assert main(["inspect", str(mobile["builtin:tiny", "fp32"].path)]) == 0
+    out = capsys.readouterr().out
+    assert "fixed shapes: batch 1, text length 77 (int32 ids)" in out
+    assert "image: nnapi 100.0% in 1 partition" in out and "coreml" in out
+
+
+def test_reduced_build_config_lists_the_graphs_ops(mobile):
+    from edgeclip.exporter.formats.ort_mobile import _config_ops
+
+    art = mobile["random:MobileCLIP-S1", "int8"]
+    used = {o.split(":")[1] for g in ("image", "text") for o in _ort_ops(art.path / f"{g}.ort")}
+    body = [line for line in (art.path / "required_operators.config").read_text().splitlines()
+            if line and not line.startswith("#")]
+    listed = {op.split("{")[0] for line in body for op in _config_ops(line)}
+    assert listed == used
+
+
+# ---------------------------------------------------------------------------------- fixed shapes
+
+def test_fixed_shapes_through_the_runtime(shared_exports, targets):
+    art = shared_exports.get(SHAPES)
+    g = art.manifest["graphs"]
+    assert g["image"]["inputs"]["pixel_values"]["shape"][0] == 2
+    assert g["text"]["inputs"]["input_ids"] == {"dtype": "int32", "shape": [2, 16]}
+    mob, ref = Pipeline.load(art.path), Pipeline.load(targets["onnx"].path)
+    images = sorted(builtin.heldout_dir().glob("*/*.png"))[:5]  # 5 on a batch of 2: the last chunk padded
+    assert np.abs(mob.encode_image(images) - ref.encode_image(images)).max() <= 1e-4
+    texts = ["a photo of the number seven.", "two", "nine nine nine"]
+    assert np.abs(mob.encode_text(texts) - ref.encode_text(texts)).max() <= 1e-4
+    with pytest.raises(InputError, match="takes 16 tokens"):
+        mob.encode_text(["one " * 30])
+
+
+def test_mobile_options_are_checked_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="mobile_eps"):
+        edgeclip.export("builtin:tiny", target="ort-mobile", mobile_eps="nnapi,qnn", out=tmp_path / "a")
+    with pytest.raises(InputError, match="BATCH"):
+        edgeclip.export("builtin:tiny", target="ort-mobile", mobile_shapes="one", out=tmp_path / "b")
+    with pytest.raises(InputError, match="not causal"):
+        edgeclip.export("random:MobileCLIP-S0", target="ort-mobile", mobile_shapes="1x16", out=tmp_path / "c")
+    with pytest.raises(EdgeClipError, match="ort-mobile"):
+        edgeclip.export("builtin:tiny", target="onnx", mobile_shapes="1x16", out=tmp_path / "d")
+    assert not any(tmp_path.iterdir())
+
+
+def test_server_onnx_graphs_keep_their_fused_dynamic_form(targets):
+    art = targets["onnx"]
+    g = art.manifest["graphs"]
+    assert g["text"]["inputs"]["input_ids"]["dtype"] == "int64" and g["image"]["inputs"]["pixel_values"]["shape"][0] == "batch"
+    ops = {n.op_type for n in onnx.load(str(art.path / "image.onnx")).graph.node}
+    assert "MultiHeadAttention" in ops and "ort-mobile" not in art.manifest
+
+
+# ------------------------------------------------------------------------------ the rewrites
+
+def _run(model, feeds):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)[0]
+
+
+def _graph(nodes, inits, x_shape, out_shape, opset=18):
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+CASES = {
+    "LayerNormalization": ([helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], epsilon=1e-5)],
+                           {"s": np.linspace(0.5, 2, 16, dtype=np.float32), "b": np.linspace(-1, 1, 16, dtype=np.float32)},
+                           [2, 5, 16], [2, 5, 16], 1e-5),
+    "Gelu": ([helper.make_node("Div", ["x", "r2"], ["u"]), helper.make_node("Erf", ["u"], ["e"]),
+              helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["half", "a"], ["m"]),
+              helper.make_node("Mul", ["x", "m"], ["y"])],
+             {"r2": np.float32(2 ** 0.5), "one": np.float32(1), "half": np.float32(0.5)}, [4, 64], [4, 64], 3e-4),
+    "Erf": ([helper.make_node("Erf", ["x"], ["y"])], {}, [4, 64], [4, 64], 4e-5),
+    "ReduceL2": ([helper.make_node("ReduceL2", ["x", "ax"], ["y"], keepdims=1)], {"ax": np.array([-1], np.int64)},
+                 [3, 32], [3, 1], 1e-5),
+    "ReduceSum": ([helper.make_node("ReduceSum", ["x", "ax"], ["y"], keepdims=0)], {"ax": np.array([1], np.int64)},
+                  [3, 32], [3], 1e-5),
+    "Where": ([helper.make_node("Where", ["c", "ninf", "x"], ["y"])],
+              {"c": np.triu(np.ones((6, 6), bool), 1), "ninf": np.float32(-np.inf)}, [6, 6], [6, 6], 0.0),
+    "Gather": ([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)], {"i": np.array(0, np.int64)},
+               [2, 7, 8], [2, 8], 0.0),
+    "Neg": ([helper.make_node("Neg", ["x"], ["y"])], {}, [5], [5], 0.0),
+}
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_each_rewrite_keeps_the_values(op):
+    from edgeclip.kernels.onnx_mobile import lower_for_mobile
+
+    nodes, inits, xs, ys, tol = CASES[op]
+    model = _graph(nodes, inits, xs, ys)
+    x = (np.random.RandomState(0).randn(*xs) * 3).astype(np.float32)
+    want = _run(model, {"x": x})
+    lowered = onnx.load_from_string(model.SerializeToString())
+    counts = lower_for_mobile(lowered)
+    assert counts == {op: 1} and op.replace("Gelu", "Erf") not in {n.op_type for n in lowered.graph.node}
+    got = _run(lowered, {"x": x})
+    if op == "Where":  # a masked entry is -inf before, a softmax-equivalent -30000 + x after
+        assert np.array_equal(np.isinf(want), got < -1e4) and np.array_equal(got[~np.isinf(want)], want[~np.isinf(want)])
+    else:
+        assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max())
+
+
+def test_rewrites_follow_the_chosen_eps():
+    from edgeclip.exporter.mobile import supported_ops
+    from edgeclip.kernels.onnx_mobile import lower_for_mobile
+
+    nodes, inits, xs, ys, _ = CASES["LayerNormalization"]
+    model = _graph(nodes, inits, xs, ys)
+    assert lower_for_mobile(model, supported_ops(("coreml",))) == {}  # Core ML takes LayerNormalization
+    assert lower_for_mobile(model, supported_ops(("coreml", "nnapi"))) == {"LayerNormalization": 1}
+
+
+def test_mask_pooling_picks_the_first_end_token():
+    import torch
+
+    from edgeclip.models.clip import end_token_table, pool_weights
+
+    spec = edgeclip.load_model("builtin:tiny").spec.text
+    eot = spec.eot_token_id
+    ids = torch.tensor([[1, 5, eot, 0, 0], [eot, 3, eot, eot, 0], [2, 3, 4, 5, eot]])
+    w = pool_weights(ids, end_token_table(spec, torch.zeros(1)))
+    assert torch.equal(w.argmax(-1), torch.tensor([2, 0, 4])) and torch.equal(w.sum(-1), torch.ones(3))
+
+
+# ---------------------------------------------------------------------------- conformance vectors
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_verify_passes_on_every_targets_artifact(targets, target, capsys):
+    from edgeclip.cli import main
+
+    art = targets[target]
+    assert art.manifest["conformance"]["file"] == "conformance.npz"
+    assert main(["verify", str(art.path), "--vectors", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checks"]["input_ids"]["ok"] and report["checks"]["pixel_values"]["ok"]
+    if target == "coreml":  # Core ML predicts on macOS only: the graphs' expected values are torch's
+        assert report["expected_from"] == "the float32 torch reference"
+    ran = [n for n in ("image_embeds", "logits", "text_embeds") if n in report["checks"]]
+    assert ran == ["image_embeds", "logits", "text_embeds"] or (target == "coreml" and report["not_run"])
+
+
+@pytest.mark.parametrize("edit,named", [("expected_logits", "logits"), ("input_ids", "input_ids"),
+                                        ("image_1", "pixel_values"), ("expected_text_embeds", "text_embeds")])
+def test_an_edited_vectors_file_fails_naming_the_first_difference(targets, tmp_path, edit, named):
+    from edgeclip.runtime.conformance import verify_vectors
+
+    art = targets["ort-mobile"]
+    z = dict(np.load(art.path / "conformance.npz"))
+    z[edit] = z[edit].copy()
+    z[edit].flat[3] += 40 if edit != "expected_text_embeds" else 0.25
+    np.savez(tmp_path / "v.npz", **z)
+    with pytest.raises(ConformanceError) as e:
+        verify_vectors(Pipeline.load(art.path), tmp_path / "v.npz")
+    assert e.value.output == named and f"'{named}'" in str(e.value)
+
+
+def test_hostile_vectors_files_are_refused(targets, tmp_path):
+    from edgeclip.runtime.conformance import verify_vectors
+
+    pipe = Pipeline.load(targets["onnx"].path)
+    np.savez(tmp_path / "obj.npz", input_ids=np.array([object()], dtype=object), pixel_values=np.zeros(1),
+             meta=np.array("{}"))
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not a zip")
+    for f in ("obj.npz", "junk.npz"):
+        with pytest.raises(ArtifactError):
+            verify_vectors(pipe, tmp_path / f)
+    with pytest.raises(InputError):
+        verify_vectors(pipe, tmp_path / "missing.npz")
+    # the artifact's own file is checked against the manifest's digest
+    copy = tmp_path / "art"
+    shutil.copytree(targets["onnx"].path, copy)
+    z = dict(np.load(copy / "conformance.npz"))
+    z["expected_image_embeds"] = z["expected_image_embeds"] * 2
+    np.savez(copy / "conformance.npz", **z)
+    with pytest.raises(ArtifactError):
+        verify_vectors(Pipeline.load(copy, verify=False))
