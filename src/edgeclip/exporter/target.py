@@ -112,6 +112,10 @@ class Target:
 
         return bool(opts.trim_text and trim_supported(spec))
 
+    def tolerance(self, opts):
+        """The fixed-input fidelity bound of this export (`exporter.tolerance.Tolerance`)."""
+        return self.tolerances[opts.precision]
+
     def run_outputs(self, job: ExportJob, root: Path, graphs: dict, feeds: dict) -> dict | None:
         """Both written graphs' outputs on `feeds` ({"pixel_values", "input_ids"}) through this target's
         runtime backend, or None where it cannot run on this machine (the conformance vectors then

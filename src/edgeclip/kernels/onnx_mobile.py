@@ -50,14 +50,23 @@ def _shapes(model) -> dict:
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
+    out = _Shapes()
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = v.type.tensor_type
+        out.types[v.name] = t.elem_type
         if t.HasField("shape"):
             out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
     for i in model.graph.initializer:
-        out[i.name] = list(i.dims)
+        out[i.name], out.types[i.name] = list(i.dims), i.data_type
     return out
+
+
+class _Shapes(dict):
+    """{value: static shape}, with `types` {value: ONNX element type}."""
+
+    def __init__(self):
+        super().__init__()
+        self.types: dict = {}
 
 
 def _attr(node, name, default=None):
@@ -241,7 +250,21 @@ def _where(b: _Builder, g, node, shapes):
     return None
 
 
+def _expand(b: _Builder, g, node, shapes):
+    """Expand of a computed float tensor to a constant shape (normalize's denominator) -> Mul by ones."""
+    shape = g.const(node.input[1])
+    if shape is None or node.input[0] in g.inits or shapes.get(node.output[0]) is None \
+            or shapes.types.get(node.input[0]) != 1:  # float32 only
+        return None
+    out = shapes[node.output[0]]
+    if any(d is None for d in out) or int(np.prod(out)) > 1 << 20:
+        return None
+    b.op("Mul", [node.input[0], b.const(np.ones(out, np.float32))], out=node.output[0])
+    return True
+
+
 REWRITES = {
+    "Expand": _expand,                   # neither
     "Where": _where,                     # Core ML only
     "LayerNormalization": _layer_norm,   # Core ML only
     "Erf": _erf,                         # Core ML only

@@ -184,8 +184,9 @@ class Pipeline:
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32 \
                 and images.shape[1] == 3:
             # already preprocessed NCHW: the right shape, and no NaN/Inf (which would flow silently into scores)
-            pixels = check_pixels(np.ascontiguousarray(images), self.manifest["graphs"]["image"]["inputs"]
-                                  ["pixel_values"]["shape"])
+            # any batch: a graph of fixed batch runs it in chunks (runtime.shapes)
+            shape = self.manifest["graphs"]["image"]["inputs"]["pixel_values"]["shape"]
+            pixels = check_pixels(np.ascontiguousarray(images), [None, *shape[1:]])
         else:
             pixels = self.preprocess(images if _is_batch(images) else [images])
         return self._graph("image").run({"pixel_values": pixels})

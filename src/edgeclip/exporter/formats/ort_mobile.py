@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 from pathlib import Path
 
 from .. import register_target
@@ -91,7 +92,9 @@ class OrtMobileTarget(OnnxFamilyTarget):
         if opts.precision == "int8":
             graph = self.quantize(job, graph, name)
         onnx_path = w.staging / f".{name}.mobile.onnx"
-        casts = finish_graph(graph, section["shapes"]["batch"], onnx_path)
+        casts, late = finish_graph(graph, section["shapes"]["batch"], onnx_path, supported_ops(tuple(section["eps"])))
+        for op, n in late.items():
+            section["rewrites"][name][op] = section["rewrites"][name].get(op, 0) + n
         from ..mobile import usability
 
         section["usability"][name] = usability(onnx_path, tuple(section["eps"]))
@@ -154,20 +157,35 @@ class OrtMobileTarget(OnnxFamilyTarget):
 KEEP_PLAIN = ["LayerNormFusionL1", "GeluFusionL1", "MatMulAddFusion"]
 
 
-def finish_graph(graph, batch: int, out: Path) -> int:
+def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dict]:
     """Fix the batch, fold what became constant (ONNX Runtime's basic level, which keeps
-    DequantizeLinear), then turn the integer weights' dequantization into Cast and Mul. Saves `out`;
-    returns how many weights stay integer (the ORT-format conversion must not fold those back)."""
+    DequantizeLinear), rewrite what only now has static shapes (the normalization of a baked head),
+    turn the integer weights' dequantization into Cast and Mul, and save `out` as the ORT-format
+    conversion will leave it (so the analysis sees the saved graph). Returns (how many weights stay
+    integer: the conversion must not fold those back, the rewrites)."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    from ...kernels.onnx_mobile import gathers_to_plain, lower_for_mobile, to_weight_casts
+
+    make_dim_param_fixed(graph.graph, "batch", batch)
+    fix_output_shapes(graph)
+    folded = _ort_pass(graph, KEEP_PLAIN)
+    rewrites = lower_for_mobile(folded, supported)
+    casts = gathers_to_plain(folded) + to_weight_casts(folded)
+    final = _ort_pass(folded, KEEP_PLAIN + (["ConstantFolding"] if casts else []))
+    import onnx
+
+    onnx.save(final, str(out))
+    return casts, rewrites
+
+
+def _ort_pass(graph, disabled: list):
+    """`graph` through ONNX Runtime's basic-level optimizations (all but `disabled`), as a model."""
     import tempfile
 
     import onnx
     import onnxruntime as ort
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
-    from ...kernels.onnx_mobile import gathers_to_plain, to_weight_casts
-
-    make_dim_param_fixed(graph.graph, "batch", batch)
-    fix_output_shapes(graph)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(graph, str(src))
@@ -175,11 +193,8 @@ def finish_graph(graph, batch: int, out: Path) -> int:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = str(dst)
         so.log_severity_level = 3
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=KEEP_PLAIN)
-        folded = onnx.load(str(dst))
-    casts = gathers_to_plain(folded) + to_weight_casts(folded)
-    onnx.save(folded, str(out))
-    return casts
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return onnx.load(str(dst))
 
 
 def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False) -> None:
@@ -205,11 +220,17 @@ def write_reduced_build_config(ort_files: list, out: Path) -> dict:
 
     from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "ops.config"
-        with contextlib.redirect_stdout(io.StringIO()):
-            create_config_from_models([Path(f) for f in ort_files], raw, enable_type_reduction=True)
-        lines = raw.read_text().splitlines()
+    quiet = logging.getLogger("ort_format_model.utils")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # it logs each config it writes, at INFO
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "ops.config"
+            with contextlib.redirect_stdout(io.StringIO()):
+                create_config_from_models([Path(f) for f in ort_files], raw, enable_type_reduction=True)
+            lines = raw.read_text().splitlines()
+    finally:
+        quiet.setLevel(level)
     body = [line for line in lines if line and not line.startswith("#")]
     names = ", ".join(sorted(Path(f).name for f in ort_files))
     out.write_text(f"# ONNX Runtime reduced build config for {names} (edgeclip)\n" + "\n".join(body) + "\n")
