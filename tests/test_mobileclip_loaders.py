@@ -222,5 +222,7 @@ def test_an_upstream_checkpoint_exports_and_runs_like_upstream(target, tmp_path)
     out = st.load_file(str(FIX / f"{name}.outputs.safetensors"))
     pipe = Pipeline.load(art.path, **({"inference_precision": "f32"} if target == "openvino" else {}))
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    assert np.abs(pipe.encode_image(out["pixel_values"].numpy()) - unit(out["image"].numpy())).max() <= 1e-5
-    assert np.abs(pipe.encode_text(out["input_ids"].numpy()) - unit(out["text"].numpy())).max() <= 1e-5
+    # the phone graphs' GELU is sigmoid-polynomial (NNAPI has no Erf): within 2.7e-4 per activation
+    tol = 2e-3 if target == "ort-mobile" else 1e-5
+    assert np.abs(pipe.encode_image(out["pixel_values"].numpy()) - unit(out["image"].numpy())).max() <= tol
+    assert np.abs(pipe.encode_text(out["input_ids"].numpy()) - unit(out["text"].numpy())).max() <= tol
