@@ -1,4 +1,5 @@
-"""ONNX target (ONNX Runtime on CPU and servers) and ORT-format target (Android/iOS mobile builds)."""
+"""ONNX target (ONNX Runtime on CPU and servers), and the family of ONNX-traced targets that the
+ORT-format phone target (`formats/ort_mobile.py`) and OpenVINO build on."""
 from __future__ import annotations
 
 import contextlib
@@ -176,17 +177,6 @@ def to_onnx(module, name, decl, spec, path, opset: int, dynamic_length: bool) ->
                               external_data=False, optimize=True, opset_version=opset, verbose=False)
     finally:
         quiet.setLevel(level)
-
-
-def to_ort_format(onnx_path: Path, ort_path: Path) -> None:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    # Basic (hardware-independent) optimizations only: the file must run on any phone's CPU.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(ort_path)
-    so.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
 
 
 def validate(root: Path, graphs: dict, job: ExportJob, tol: Tolerance, open_graph) -> dict:

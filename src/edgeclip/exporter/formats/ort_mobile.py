@@ -197,7 +197,10 @@ def _ort_pass(graph, disabled: list):
         return onnx.load(str(dst))
 
 
-def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False) -> None:
+def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False, plain: bool = True) -> None:
+    """Save `onnx_path` in ORT format. `plain`: without the basic-level fusions that would put back
+    ops the mobile EPs lack (False: ONNX Runtime's defaults, how this target saved server graphs
+    before it wrote phone graphs)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -207,7 +210,7 @@ def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False) -> 
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.log_severity_level = 3
     # integer weights behind Cast stay integer in the file (folding would store them as float32)
-    disabled = KEEP_PLAIN + (["ConstantFolding"] if keep_casts else [])
+    disabled = (KEEP_PLAIN if plain else []) + (["ConstantFolding"] if keep_casts else [])
     ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
