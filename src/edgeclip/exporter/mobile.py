@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import re
 from pathlib import Path
 
@@ -70,27 +69,22 @@ def usability(onnx_path: Path, eps: tuple) -> dict:
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
     from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
 
-    quiet = logging.getLogger("onnxruntime")
     with contextlib.redirect_stdout(io.StringIO()):
         model = ModelProtoWithShapeInfo(Path(onnx_path)).model_with_shape_info
     checks = {"nnapi": lambda: uc.check_nnapi_partitions(model, True),
               "coreml": lambda: uc.check_coreml_partitions(model, True, "coreml_supported_mlprogram_ops.md"),
               "xnnpack": lambda: uc._check_ep_partitioning(model, XNNPACK_OPS, True)}
     out = {}
-    level = quiet.level
-    try:
-        for ep in eps:
-            info = checks[ep]()
-            share = info.num_supported_nodes / max(info.num_nodes, 1)
-            out[ep] = {"nodes": info.num_nodes, "supported": info.num_supported_nodes,
-                       "share": round(share, 4), "partitions": info.num_partitions,
-                       "partition_sizes": sorted((len(p) for p in info.supported_groups), reverse=True)[:8],
-                       "unsupported_ops": sorted(info.unsupported_ops),
-                       "dynamic_nodes": info.nodes_unsupported_due_to_dynamic_input,
-                       "rank_nodes": info.num_unsupported_nodes_due_to_rank,
-                       "verdict": info.suitability().name}
-    finally:
-        quiet.setLevel(level)
+    for ep in eps:
+        info = checks[ep]()
+        share = info.num_supported_nodes / max(info.num_nodes, 1)
+        out[ep] = {"nodes": info.num_nodes, "supported": info.num_supported_nodes,
+                   "share": round(share, 4), "partitions": info.num_partitions,
+                   "partition_sizes": sorted((len(p) for p in info.supported_groups), reverse=True)[:8],
+                   "unsupported_ops": sorted(info.unsupported_ops),
+                   "dynamic_nodes": info.nodes_unsupported_due_to_dynamic_input,
+                   "rank_nodes": info.num_unsupported_nodes_due_to_rank,
+                   "verdict": info.suitability().name}
     return out
 
 

@@ -45,6 +45,13 @@ class _Builder:
         return out
 
 
+def _set_nodes(model, nodes: list) -> None:
+    """Make `nodes` the graph's node list (a rewrite's output, in order) and drop what nothing reads."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    remove_dead(model)
+
+
 def _shapes(model) -> dict:
     """Static shapes of every value shape inference reaches (None entries for unknown dims)."""
     import onnx
@@ -158,11 +165,6 @@ GELU_POLY_SHORT = (1.6003141570983934, 0.06940178686427867)  # no clip, no x^4: 
 GELU_SHORT = True
 
 
-def _single(g: Graph, tensor: str, op_type: str):
-    n = g.only_consumer(tensor, op_type)
-    return n
-
-
 def _other(node, tensor):
     return node.input[1] if node.input[0] == tensor else node.input[0]
 
@@ -179,13 +181,13 @@ def _gelu_pattern(g: Graph, erf):
                            or (div.op_type == "Mul" and _is(g, _other(div, div.input[0]), 2 ** -0.5))):
         return None
     x = div.input[0] if div.op_type == "Div" else (div.input[0] if g.const(div.input[0]) is None else div.input[1])
-    add = _single(g, erf.output[0], "Add")
+    add = g.only_consumer(erf.output[0], "Add")
     if add is None or not _is(g, _other(add, erf.output[0]), 1.0):
         return None
-    m1 = _single(g, add.output[0], "Mul")
+    m1 = g.only_consumer(add.output[0], "Mul")
     if m1 is None:
         return None
-    m2 = _single(g, m1.output[0], "Mul")
+    m2 = g.only_consumer(m1.output[0], "Mul")
     if m2 is None:
         return None
     halves = (_is(g, _other(m1, add.output[0]), 0.5) and _other(m2, m1.output[0]) == x) or \
@@ -338,9 +340,7 @@ def lower_for_mobile(model, supported: set | None = None) -> dict[str, int]:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
         else:
             out_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(out_nodes)
-    remove_dead(model)
+    _set_nodes(model, out_nodes)
     return counts
 
 
@@ -371,9 +371,7 @@ def to_weight_casts(model) -> int:
         b.op("Mul", [x, b.const(scale.astype(np.float32).reshape(shape))], out=node.output[0])
         out_nodes.extend(b.nodes)
         n += 1
-    del model.graph.node[:]
-    model.graph.node.extend(out_nodes)
-    remove_dead(model)
+    _set_nodes(model, out_nodes)
     return n
 
 
@@ -418,7 +416,5 @@ def gathers_to_plain(model) -> int:
             b.op("Reshape", [b.op("Mul", [xb, sb]), b.const(lead + [width], np.int64)], out=node.output[0])
         out_nodes.extend(b.nodes)
         n += 1
-    del model.graph.node[:]
-    model.graph.node.extend(out_nodes)
-    remove_dead(model)
+    _set_nodes(model, out_nodes)
     return n

@@ -79,27 +79,25 @@ class OrtMobileTarget(OnnxFamilyTarget):
 
         from ...kernels.onnx_mobile import lower_for_mobile
         from ...onnxgraph import strip_metadata
+        from ..mobile import supported_ops, usability
 
         opts, section = job.opts, job.extra["ort-mobile"]
+        eps = tuple(section["eps"])
+        supported = supported_ops(eps)
         raw = w.staging / f".{name}.export.onnx"
         to_onnx(module.eval(), name, decl, job.spec, raw, opts.opset or self.default_opset, False)
         graph = onnx.load(str(raw))
         raw.unlink()
         strip_metadata(graph)
-        from ..mobile import supported_ops
-
-        section["rewrites"][name] = lower_for_mobile(graph, supported_ops(tuple(section["eps"])))
+        section["rewrites"][name] = lower_for_mobile(graph, supported)
         if opts.precision == "int8":
             graph = self.quantize(job, graph, name)
         onnx_path = w.staging / f".{name}.mobile.onnx"
-        casts, late = finish_graph(graph, section["shapes"]["batch"], onnx_path, supported_ops(tuple(section["eps"])))
+        casts, late, final = finish_graph(graph, section["shapes"]["batch"], onnx_path, supported)
         for op, n in late.items():
             section["rewrites"][name][op] = section["rewrites"][name].get(op, 0) + n
-        from ..mobile import usability
-
-        section["usability"][name] = usability(onnx_path, tuple(section["eps"]))
-        section["contrib_ops"][name] = sorted({n.op_type for n in onnx.load(str(onnx_path)).graph.node
-                                               if n.domain == "com.microsoft"})
+        section["usability"][name] = usability(onnx_path, eps)
+        section["contrib_ops"][name] = sorted({n.op_type for n in final.graph.node if n.domain == "com.microsoft"})
         to_ort_format(onnx_path, w.path(f"{name}.ort"), keep_casts=casts)
         onnx_path.unlink()
 
@@ -157,12 +155,13 @@ class OrtMobileTarget(OnnxFamilyTarget):
 KEEP_PLAIN = ["LayerNormFusionL1", "GeluFusionL1", "MatMulAddFusion"]
 
 
-def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dict]:
+def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dict, object]:
     """Fix the batch, fold what became constant (ONNX Runtime's basic level, which keeps
     DequantizeLinear), rewrite what only now has static shapes (the normalization of a baked head),
     turn the integer weights' dequantization into Cast and Mul, and save `out` as the ORT-format
     conversion will leave it (so the analysis sees the saved graph). Returns (how many weights stay
-    integer: the conversion must not fold those back, the rewrites)."""
+    integer: the conversion must not fold those back, the rewrites, the saved model)."""
+    import onnx
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
     from ...kernels.onnx_mobile import gathers_to_plain, lower_for_mobile, to_weight_casts
@@ -173,10 +172,8 @@ def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dic
     rewrites = lower_for_mobile(folded, supported)
     casts = gathers_to_plain(folded) + to_weight_casts(folded)
     final = _ort_pass(folded, KEEP_PLAIN + (["ConstantFolding"] if casts else []))
-    import onnx
-
     onnx.save(final, str(out))
-    return casts, rewrites
+    return casts, rewrites, final
 
 
 def _ort_pass(graph, disabled: list):
