@@ -6,7 +6,9 @@ to ONNX FP32 with the digit words baked in is read by the runtime, INT8, OpenVIN
 tests). `shared_exports` exports each distinct (model, target, precision, options) once per session,
 in a background process, two at a time (a 2-core machine: tracing uses one core), and starts every
 export the selected tests will need up front, in test order, so they are ready or under way by the
-time a test asks. Tests read the artifacts; none may write into one (copy it first).
+time a test asks. Tests read the artifacts; none may write into one (copy it first). A planned
+export's folder is removed as soon as the last selected test that declared it has run (the suite's
+disk use stays at a few GB rather than the ~15 GB of every B-sized export at once).
 
 What a module needs is declared beside its fixtures, so the plan follows the selected tests:
 - `SHARED_EXPORTS = {fixture name: [spec, ...] or a function of the cache returning the list}`: the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -97,6 +100,10 @@ class SharedExports:
         self.seconds: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self._once: dict[str, object] = {}
+        self.folders: dict[str, Path] = {}
+        self.count = 0
+        self.users: dict[str, set[str]] = {}  # key -> the planned tests that still read it
+        self.needs: dict[str, set[str]] = {}  # test id -> the keys it reads
 
     def submit(self, spec: dict) -> Future:
         k = _key(spec)
@@ -105,8 +112,10 @@ class SharedExports:
                 a = json.loads(k)
                 stem = "cli" if "cli" in a else f"{a['model'].split(':')[-1]}-{a['precision']}"
                 # the folder is named like the export (bench reports name variants after their folder)
-                out = self.root / f"{len(self.jobs):02d}" / stem
+                out = self.root / f"{self.count:02d}" / stem
+                self.count += 1
                 out.parent.mkdir(parents=True)
+                self.folders[k] = out.parent
                 self.jobs[k] = Future()
                 self.pending.append((k, a, out, self.jobs[k]))
                 if not self.started:
@@ -115,6 +124,32 @@ class SharedExports:
                         t.start()
                 self.cond.notify_all()
             return self.jobs[k]
+
+    def plan(self, test: str, spec: dict) -> None:
+        """Export `spec` for `test`; its folder is removed once every test planned to read it ran."""
+        self.submit(spec)
+        k = _key(spec)
+        self.users.setdefault(k, set()).add(test)
+        self.needs.setdefault(test, set()).add(k)
+
+    def ran(self, test: str) -> None:
+        """`test` is over: drop the exports no later test reads (B-sized ones are 0.5-2 GB each)."""
+        for k in self.needs.pop(test, ()):
+            users = self.users.get(k, set())
+            users.discard(test)
+            if not users:
+                self._drop(k)
+
+    def _drop(self, k: str) -> None:
+        with self.cond:
+            fut = self.jobs.pop(k, None)  # a later unplanned request exports it again
+            self.users.pop(k, None)
+            self.pending = [j for j in self.pending if j[0] != k]
+            folder = self.folders.pop(k)
+        if fut is not None and fut.cancel():
+            shutil.rmtree(folder, ignore_errors=True)
+        elif fut is not None:
+            fut.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
 
     def path(self, spec: dict) -> Path:
         """The artifact folder of `spec` (waits for its export; exports it now if it was not planned)."""
@@ -222,8 +257,8 @@ class SharedExports:
                 t.join(timeout=10)
 
 
-def _plan(session, cache: SharedExports) -> list[dict]:
-    """Every spec the selected tests declare, in test order."""
+def _plan(session, cache: SharedExports) -> list[tuple[str, dict]]:
+    """Every (test id, spec) the selected tests declare, in test order."""
     plan, resolved = [], {}
     for item in session.items:
         module = getattr(item, "module", None)
@@ -233,10 +268,10 @@ def _plan(session, cache: SharedExports) -> list[dict]:
                 if (module, name) not in resolved:
                     specs = declared[name]
                     resolved[module, name] = specs(cache) if callable(specs) else specs
-                plan += resolved[module, name]
+                plan += [(item.nodeid, spec) for spec in resolved[module, name]]
         params = item.callspec.params if hasattr(item, "callspec") else {}
         for spec in getattr(getattr(item, "function", None), "exports", ()):
-            plan.append(spec(params) if callable(spec) else spec)
+            plan.append((item.nodeid, spec(params) if callable(spec) else spec))
     return plan
 
 
@@ -248,11 +283,16 @@ def shared_exports(request, tmp_path_factory):
     cache = SharedExports(tmp_path_factory.mktemp("shared-exports"))
     _CACHE.append(cache)
     try:
-        for spec in _plan(request.session, cache):
-            cache.submit(spec)
+        for test, spec in _plan(request.session, cache):
+            cache.plan(test, spec)
         yield cache
     finally:
         cache.close()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    for cache in _CACHE:
+        cache.ran(nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
