@@ -389,8 +389,8 @@ def test_export_refuses_to_overwrite_without_asking(exports, tmp_path):
                                   pytest.param("ViT-L-14-336", marks=pytest.mark.slow)])
 @needs(lambda p: key(p["name"], "fp32"))
 def test_ort_graphs_have_no_unfused_attention(exports, name):
-    """Every attention of both towers is one MultiHeadAttention, in the file and after ONNX Runtime's
-    own optimizations (which must not undo it)."""
+    """Every attention of both towers is one MultiHeadAttention, in the file and (but for ViT-L, the
+    same code at 1.7 GB) after ONNX Runtime's own optimizations, which must not undo it."""
     import onnxruntime as ort
     from collections import Counter
 
@@ -402,6 +402,8 @@ def test_ort_graphs_have_no_unfused_attention(exports, name):
     for graph, count in expected.items():
         ops = Counter(n.op_type for n in onnx.load(str(path / f"{graph}.onnx")).graph.node)
         assert ops["MultiHeadAttention"] == count and ops["Softmax"] == 0, (graph, dict(ops))
+        if name == "ViT-L-14-336":
+            continue  # the same blocks as the B-sized models, whose optimized graphs are checked below (1 min less)
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(path.parent / f"{name}-{graph}-optimized.onnx")
         ort.InferenceSession(str(path / f"{graph}.onnx"), so, providers=["CPUExecutionProvider"])

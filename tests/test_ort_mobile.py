@@ -272,3 +272,131 @@ def test_hostile_vectors_files_are_refused(targets, tmp_path):
     np.savez(copy / "conformance.npz", **z)
     with pytest.raises(ArtifactError):
         verify_vectors(Pipeline.load(copy, verify=False))
+
+
+def _stream_graph(batch: int, bias_shape: tuple):
+    """A pre-LN transformer block's stream: LayerNorm-as-ops, a linear layer with its bias, a split into
+    heads, a softmax over the last axis, a residual Add, and a positional table [1, N, C]."""
+    rng = np.random.RandomState(1)
+    n, c = 5, 16
+    inits = {"pos": rng.randn(1, n, c).astype(np.float32), "ax": np.array([-1], np.int64),
+             "eps": np.float32(1e-5), "w": rng.randn(c, 3 * c).astype(np.float32) * 0.2,
+             "bias": rng.randn(*bias_shape).astype(np.float32), "sizes": np.array([c, c, c], np.int64),
+             "heads": np.array([batch, n, 2, c // 2], np.int64), "w2": rng.randn(c, c).astype(np.float32)}
+    nodes = [helper.make_node("Add", ["x", "pos"], ["s"]),
+             helper.make_node("ReduceMean", ["s", "ax"], ["m"]), helper.make_node("Sub", ["s", "m"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["d2"]), helper.make_node("ReduceMean", ["d2", "ax"], ["v"]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["lin"]), helper.make_node("Add", ["lin", "bias"], ["qkv"]),
+             helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v2"], axis=2),
+             helper.make_node("Reshape", ["q", "heads"], ["qh"]), helper.make_node("Softmax", ["k"], ["ks"], axis=-1),
+             helper.make_node("Mul", ["ks", "v2"], ["kv"]), helper.make_node("MatMul", ["kv", "w2"], ["o"]),
+             helper.make_node("Add", ["s", "o"], ["y"]), helper.make_node("Sigmoid", ["qh"], ["z"])]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, n, c])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n, c]),
+                           helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, n, 2, c // 2])],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("batch,bias_shape", [(1, (48,)), (2, (1, 1, 48)), (1, (5, 48))])
+def test_token_streams_as_matrices_keep_the_values(batch, bias_shape):
+    """kernels.onnx_flat: the same outputs, each linear layer with a constant bias one Gemm, no bias Add,
+    and nothing done where the bias does not broadcast as a row (a per-token bias)."""
+    import onnxruntime as ort
+
+    from edgeclip.kernels.onnx_flat import flatten_tokens
+
+    model = _stream_graph(batch, bias_shape)
+    x = np.random.RandomState(0).randn(batch, 5, 16).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = run(model)
+    flat = onnx.load_from_string(model.SerializeToString())
+    counts = flatten_tokens(flat)
+    got = run(flat)
+    for a, b in zip(want, got):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+    ops = [n.op_type for n in flat.graph.node]
+    if bias_shape == (5, 48):  # a per-token bias: the linear layer keeps its Add
+        assert "Gemm" not in ops and counts.get("Gemm", 0) == 0
+    else:
+        assert ops.count("Gemm") == 1 and ops.count("Add") == 3 and counts["Gemm"] == 1  # pos, eps, residual
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(flat).graph.value_info}
+        nodes = list(flat.graph.node)
+        after = [n for n in nodes[ops.index("Gemm") + 1:] if n.op_type in ("Softmax", "Split", "Mul", "MatMul")]
+        assert after and all(ranks[n.input[0]] == 2 for n in after)  # downstream of the Gemm: matrices
+
+
+def _ln_nodes(x: str, out: str) -> list:
+    """A LayerNorm as the mobile rewrite leaves it (ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div)."""
+    p = f"{out}_"
+    return [helper.make_node("ReduceMean", [x, "ax"], [p + "m"]), helper.make_node("Sub", [x, p + "m"], [p + "d"]),
+            helper.make_node("Mul", [p + "d", p + "d"], [p + "d2"]), helper.make_node("ReduceMean", [p + "d2", "ax"], [p + "v"]),
+            helper.make_node("Add", [p + "v", "eps"], [p + "ve"]), helper.make_node("Sqrt", [p + "ve"], [p + "sd"]),
+            helper.make_node("Div", [p + "d", p + "sd"], [out])]
+
+
+@pytest.mark.parametrize("direct_read", [False, True])
+def test_a_centered_stream_drops_the_layernorm_means(direct_read):
+    """kernels.onnx_flat.centered_stream: two residual blocks and a token slice; every LayerNorm loses
+    its ReduceMean and Sub with the same outputs. A stream read by a layer directly (not through a
+    LayerNorm) is left as it was."""
+    import onnxruntime as ort
+
+    from edgeclip.kernels.onnx_flat import centered_stream
+
+    rng = np.random.RandomState(2)
+    n, c = 6, 16
+    inits = {"pos": rng.randn(n, c) * 3 + 1, "ax": np.array([-1], np.int64), "eps": np.float32(1e-5),
+             "w1": rng.randn(c, c) * 0.3, "b1": rng.randn(c) + 2, "w2": rng.randn(c, c) * 0.3, "b2": rng.randn(c) - 1,
+             "starts": np.array([0], np.int64), "ends": np.array([1], np.int64), "axes0": np.array([0], np.int64)}
+    nodes = [helper.make_node("Add", ["x", "pos"], ["s0"]), *_ln_nodes("s0", "h1"),
+             helper.make_node("Gemm", ["h1", "w1", "b1"], ["r1"]), helper.make_node("Add", ["s0", "r1"], ["s1"]),
+             *_ln_nodes("s1", "h2"), helper.make_node("Gemm", ["s1" if direct_read else "h2", "w2", "b2"], ["r2"]),
+             helper.make_node("Add", ["s1", "r2"], ["s2"]),
+             helper.make_node("Slice", ["s2", "starts", "ends", "axes0"], ["cls"]), *_ln_nodes("cls", "y")]
+    inits = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in inits.items()}
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c])],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.randn(n, c).astype(np.float32) * 2
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = run(model)
+    centered = onnx.load_from_string(model.SerializeToString())
+    count = centered_stream(centered)
+    means = [n.op_type for n in centered.graph.node].count("ReduceMean")
+    if direct_read:
+        assert count == 0 and means == 6
+    else:
+        assert count == 3 and means == 3 + 1  # one per LayerNorm (the variance) and the stream's start, once
+    assert np.abs(run(centered) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_patch_embedding_becomes_one_gemm(batch):
+    """kernels.onnx_flat.patches_as_gemm: Conv (stride = kernel) + Reshape + Transpose -> patches cut by
+    Reshape/Transpose of rank 5 at most and one Gemm, the same values."""
+    import onnxruntime as ort
+
+    from edgeclip.kernels.onnx_flat import patches_as_gemm
+
+    rng = np.random.RandomState(3)
+    inits = {"w": rng.randn(24, 3, 4, 4).astype(np.float32), "bias": rng.randn(24).astype(np.float32),
+             "to": np.array([-1, 24, 9], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w", "bias"], ["c"], strides=[4, 4], kernel_shape=[4, 4]),
+             helper.make_node("Reshape", ["c", "to"], ["r"]), helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 1])]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 9, 24])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.rand(batch, 3, 12, 12).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = run(model)
+    gemm = onnx.load_from_string(model.SerializeToString())
+    assert patches_as_gemm(gemm) == 1
+    ops = [n.op_type for n in gemm.graph.node]
+    assert "Conv" not in ops and ops.count("Gemm") == 1
+    assert max(len(n.attribute[0].ints) for n in gemm.graph.node if n.op_type == "Transpose") <= 5
+    assert np.abs(run(gemm) - want).max() <= 1e-4

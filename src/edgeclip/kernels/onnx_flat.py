@@ -1,0 +1,416 @@
+"""Token streams as matrices in fixed-shape graphs: every [B, N, C] tensor of a transformer's residual
+stream held as [B*N, C], so each linear layer with its bias is one Gemm instead of MatMul and Add.
+
+With static shapes (the phone graphs), flattening is free: the element order is the same, so a
+flattened tensor needs no copy, and the ops along the stream (elementwise ops with their constants,
+reductions and softmax over the last axis, splits of the last axis) compute the same on the matrix.
+Where the stream leaves for an op that needs its three axes (the attention heads' Reshape takes the
+matrix as it is; a Concat, a Slice or a graph output get one Reshape back). On ONNX Runtime's CPU EP
+it removes a pass over every linear layer's output (a bias Add: 4 per transformer block); NNAPI,
+Core ML and XNNPACK all take Gemm with a constant B (their fully-connected layer).
+
+    n = flatten_tokens(model)   # {"flattened": 310, "Gemm": 48, "Reshape": 2}
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..onnxgraph import Graph
+from .onnx_mobile import _attr, _axes, _Builder, _set_nodes, _shapes
+
+UNARY = {"Sigmoid", "Sqrt", "Relu", "Tanh", "Erf", "Neg", "Reciprocal", "Exp", "Abs", "Identity"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax"}
+LAST_AXIS = {"Softmax": -1, "LogSoftmax": -1, "Split": 0}
+FLOAT = 1
+
+
+class _Flat:
+    """The rewrite's state: which tensors are held flat (name -> its flat name) and their 3-D shapes."""
+
+    def __init__(self, model):
+        self.model, self.g, self.shapes = model, Graph(model.graph), _shapes(model)
+        self.flat: dict[str, str] = {}
+        self.nodes: list = []
+        self.counts = {"flattened": 0, "Gemm": 0, "Reshape": 0}
+        self.skip: set[int] = set()  # the bias Adds taken into a Gemm
+
+    def shape3(self, t: str):
+        s = self.shapes.get(t)
+        ok = s is not None and len(s) == 3 and all(d for d in s) and self.shapes.types.get(t) == FLOAT
+        return s if ok else None
+
+    def as_flat(self, t: str, b: _Builder) -> str:
+        """The flat name of `t`, a 3-D tensor (a Reshape to [B*N, C] when it is not flat yet)."""
+        if t not in self.flat:
+            a, n, c = self.shape3(t)
+            src = self.g.producer.get(t)
+            if src is not None and src.op_type == "Reshape":  # reshape its input straight to the matrix
+                t_in = src.input[0]
+            else:
+                t_in = t
+            self.flat[t] = b.op("Reshape", [t_in, b.const([a * n, c], np.int64)], out=f"{t}/flat")
+            self.counts["Reshape"] += 1
+        return self.flat[t]
+
+
+def _const_for(x: np.ndarray, lead: tuple[int, int]):
+    """A constant operand broadcast against [a, n, c], as it broadcasts against [a*n, c]; None if not."""
+    if x.ndim <= 1:
+        return x
+    if x.ndim > 3:
+        return None
+    p, q, r = (1,) * (3 - x.ndim) + x.shape
+    if p == 1 and q == 1:
+        return x.reshape(r)
+    if (p, q) == lead or (p == 1 and lead[0] == 1 and q == lead[1]):
+        return x.reshape(p * q, r)
+    return None
+
+
+def _data_inputs(st: _Flat, node):
+    """(flat-able tensor inputs, constant inputs {index: value}) of an elementwise node, or None."""
+    tensors, consts = [], {}
+    for i, t in enumerate(node.input):
+        c = st.g.const(t)
+        if c is not None:
+            consts[i] = c
+        elif st.shape3(t) is not None:
+            tensors.append(t)
+        else:
+            return None
+    return tensors, consts
+
+
+def _try(st: _Flat, node, b: _Builder) -> bool:
+    """Add the flat form of `node` to `b` when it has one (and an input already flat)."""
+    op = node.op_type if node.domain in ("", "ai.onnx") else None
+    out = node.output[0] if len(node.output) == 1 else None
+    if op == "MatMul":
+        return _matmul(st, node, b)
+    if op in UNARY | BINARY | REDUCE or op in LAST_AXIS:
+        split = op == "Split"
+        outs = list(node.output)
+        if (out is None and not split) or any(st.shape3(o) is None for o in outs):
+            return False
+        ins = _data_inputs(st, node)
+        if ins is None or not ins[0] or not any(t in st.flat for t in ins[0]):
+            return False
+        tensors, consts = ins
+        lead = tuple(st.shape3(tensors[0])[:2])
+        if any(tuple(st.shape3(t)[:2]) != lead for t in tensors + ([] if split else [out])):
+            return False
+        inputs = list(node.input)
+        for i, t in enumerate(node.input):
+            if i in consts:
+                if op in BINARY:
+                    c = _const_for(consts[i], lead)
+                    if c is None:
+                        return False
+                    inputs[i] = b.const(c, consts[i].dtype)
+            else:
+                inputs[i] = None  # filled below, once the node is known to flatten
+        attrs = {a.name: a for a in node.attribute}
+        if op in REDUCE:
+            if _attr(node, "keepdims", 1) != 1 or _axes(st.g, node, 3) != [2]:
+                return False
+            if "axes" in attrs:
+                attrs.pop("axes")
+                extra = {"axes": [-1]}
+            else:
+                inputs[1], extra = b.const([-1], np.int64), {}
+        elif op in LAST_AXIS:
+            if _attr(node, "axis", LAST_AXIS[op]) % 3 != 2:
+                return False
+            attrs.pop("axis", None)
+            extra = {"axis": -1}
+        else:
+            extra = {}
+        inputs = [st.as_flat(t, b) if v is None else v for t, v in zip(node.input, inputs)]
+        from onnx import helper
+
+        flat_outs = [f"{o}/flat" for o in outs]
+        new = helper.make_node(op, inputs, flat_outs, name=f"{node.name or node.output[0]}/flat", **extra)
+        new.attribute.extend(a for a in attrs.values())
+        b.nodes.append(new)
+        st.flat.update(zip(outs, flat_outs))
+        st.counts["flattened"] += 1
+        return True
+    return False
+
+
+def _matmul(st: _Flat, node, b: _Builder) -> bool:
+    """A linear layer on the stream: [a, n, K] @ [K, M] (+ a constant bias) -> one Gemm on the matrix
+    (a MatMul on it when B is computed, e.g. from int8 weights)."""
+    a_in, w_in = node.input
+    shape_w = st.shapes.get(w_in)
+    if st.shape3(a_in) is None or shape_w is None or len(shape_w) != 2 or st.shape3(node.output[0]) is None:
+        return False
+    out = node.output[0]
+    add = st.g.only_consumer(out, "Add")
+    bias = None
+    if add is not None and w_in in st.g.inits:
+        c = st.g.const(add.input[1] if add.input[0] == out else add.input[0])
+        if c is not None and c.size == shape_w[1] and c.shape[-1:] == (shape_w[1],) and c.dtype == np.float32:
+            bias = c.reshape(-1)
+    x = st.as_flat(a_in, b)
+    if bias is not None:
+        y = b.op("Gemm", [x, w_in, b.const(bias)], out=f"{add.output[0]}/flat")
+        st.flat[add.output[0]] = y
+        st.skip.add(id(add))
+        st.counts["Gemm"] += 1
+    else:
+        st.flat[out] = b.op("MatMul", [x, w_in], out=f"{out}/flat")
+    st.counts["flattened"] += 1
+    return True
+
+
+def _restore(st: _Flat, nodes: list) -> list:
+    """Each original name a node that was not flattened (or a graph output) reads, from its flat form."""
+    from onnx import helper
+
+    needed = set(o.name for o in st.model.graph.output)
+    for n in nodes:
+        if n.op_type == "Reshape" and n.input[0] in st.flat:
+            shape = st.g.const(n.input[1])
+            if shape is not None and not np.any(shape == 0):
+                n.input[0] = st.flat[n.input[0]]  # a Reshape takes the matrix as it is
+                continue
+        needed.update(i for i in n.input if i in st.flat)
+    original = {f: t for t, f in st.flat.items()}
+    out = []
+    for n in nodes:
+        out.append(n)
+        for o in n.output:
+            t = original.get(o)
+            if t in needed:
+                b = _Builder(st.model, o)
+                out.append(helper.make_node("Reshape", [o, b.const(st.shape3(t), np.int64)], [t], name=f"{o}/restore"))
+                st.counts["Reshape"] += 1
+    return out
+
+
+def flatten_tokens(model) -> dict[str, int]:
+    """Rewrite, in place, a fixed-shape float graph's [B, N, C] streams as [B*N, C] matrices, linear
+    layers with a constant weight and bias as Gemm. Returns counts of the flattened nodes, the Gemms
+    and the Reshapes it added (a graph with no such stream is left as it was)."""
+    st = _Flat(model)
+    nodes = []
+    for node in list(model.graph.node):
+        if id(node) in st.skip:
+            continue
+        b = _Builder(model, node.name or node.output[0])
+        if _try(st, node, b):
+            nodes.extend(b.nodes)
+        else:
+            nodes.append(node)
+    if st.counts["Gemm"] == 0:
+        _set_nodes(model, list(model.graph.node))  # (drops the constants of what did not flatten)
+        return {}
+    _set_nodes(model, _restore(st, nodes))
+    return st.counts
+
+
+def patches_as_gemm(model) -> int:
+    """Every patch embedding (a Conv whose stride is its kernel, read as [B, h*w, C] by a Reshape and a
+    Transpose) -> the image cut into patches by Reshape and Transpose (rank 5 at most: Core ML's limit)
+    and one Gemm: ONNX Runtime's CPU EP runs a strided Conv well below GEMM speed. Needs static shapes;
+    returns how many were rewritten."""
+    from onnx import helper
+
+    shapes, g = _shapes(model), Graph(model.graph)
+    out_nodes, gone, n = [], set(), 0
+    for node in list(model.graph.node):
+        if id(node) in gone:
+            continue
+        match = _patch_conv(g, shapes, node)
+        if match is None:
+            out_nodes.append(node)
+            continue
+        (bsz, cin, h, w, k, cout), tail = match
+        wm = g.const(node.input[1]).reshape(cout, cin * k * k)
+        b = _Builder(model, node.name or node.output[0])
+        x = node.input[0]
+        if bsz == 1:
+            x = b.op("Reshape", [x, b.const([cin, h, k, w, k], np.int64)])
+            x = b.op("Transpose", [x], perm=[1, 3, 0, 2, 4])
+        else:  # two rank-4 transposes
+            x = b.op("Reshape", [x, b.const([bsz * cin * h, k, w, k], np.int64)])
+            x = b.op("Transpose", [x], perm=[0, 2, 1, 3])
+            x = b.op("Reshape", [x, b.const([bsz, cin, h * w, k * k], np.int64)])
+            x = b.op("Transpose", [x], perm=[0, 2, 1, 3])
+        x = b.op("Reshape", [x, b.const([bsz * h * w, cin * k * k], np.int64)])
+        ins = [x, b.const(wm)] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+        y = b.op("Gemm", ins, transB=1)
+        out_nodes.extend(b.nodes)
+        out_nodes.append(helper.make_node("Reshape", [y, b.const([bsz, h * w, cout], np.int64)], [tail[-1].output[0]],
+                                          name=b.name()))
+        gone.update(id(t) for t in tail)
+        n += 1
+    if n:
+        _set_nodes(model, out_nodes)
+    return n
+
+
+def _patch_conv(g: Graph, shapes, node):
+    """((B, Cin, h, w, k, Cout), [Reshape, Transpose]) when `node` is a patch-embedding Conv."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        return None
+    wt = g.const(node.input[1])
+    xs = shapes.get(node.input[0])
+    if wt is None or wt.ndim != 4 or xs is None or len(xs) != 4 or not all(xs):
+        return None
+    cout, cin, k, k2 = wt.shape
+    strides, pads = _attr(node, "strides", [1, 1]), _attr(node, "pads", [0, 0, 0, 0])
+    if (k != k2 or list(strides) != [k, k] or any(pads) or _attr(node, "group", 1) != 1
+            or any(d != 1 for d in _attr(node, "dilations", [1, 1])) or xs[1] != cin
+            or xs[2] % k or xs[3] % k or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+        return None
+    bsz, h, w = xs[0], xs[2] // k, xs[3] // k
+    r = g.only_consumer(node.output[0], "Reshape")
+    t = g.only_consumer(r.output[0], "Transpose") if r is not None else None
+    target = g.const(r.input[1]) if r is not None else None
+    if t is None or target is None or list(_attr(t, "perm")) != [0, 2, 1]:
+        return None
+    target = [int(v) for v in target]
+    if target.count(-1) == 1:  # the one inferred dimension
+        target[target.index(-1)] = bsz * cout * h * w // max(1, -int(np.prod(target)))
+    if target != [bsz, cout, h * w]:
+        return None
+    return (bsz, cin, h, w, k, cout), [r, t]
+
+
+VIEWS = {"Reshape", "Slice", "Squeeze", "Unsqueeze", "Gather", "Identity"}
+
+
+def centered_stream(model) -> int:
+    """A pre-LN transformer's residual stream kept at zero mean over its channels, so its LayerNorms
+    (decomposed: ReduceMean, Sub, ...) need no mean: every stream tensor is read only by LayerNorms
+    (which ignore its mean), residual Adds of a Gemm's output (whose weight and bias are centered over
+    the output channels: its output then has zero mean) and token selections or mixes (a slice, a
+    gather, a MatMul over tokens: zero-mean rows stay zero-mean). The stream's first tensor is
+    centered once. Exact up to float rounding; applies only when every reader qualifies. Returns how
+    many LayerNorms lost their mean."""
+    g = Graph(model.graph)
+    lns = {}  # stream tensor -> (ReduceMean, Sub) of its LayerNorm
+    for node in model.graph.node:
+        if node.op_type == "ReduceMean" and _attr(node, "keepdims", 1) == 1:
+            sub = g.only_consumer(node.output[0], "Sub")
+            if sub is not None and sub.input == [node.input[0], node.output[0]] and _last_axis(g, node):
+                lns[node.input[0]] = (node, sub)
+    stream, adds, roots = _stream(g, lns, _shapes(model))
+    if stream is None or not lns:
+        return 0
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for add, gemm in adds:
+        w = numpy_helper.to_array(inits[gemm.input[1]])
+        axis = 0 if _attr(gemm, "transB", 0) else 1
+        _replace_init(model, gemm, 1, w - w.mean(axis=axis, keepdims=True))
+        _replace_init(model, gemm, 2, (lambda c: c - c.mean())(g.const(gemm.input[2])))
+    rename = {}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "ReduceMean" and node.input[0] in lns and lns[node.input[0]][0] is node:
+            continue
+        if node.op_type == "Sub" and any(v[1] is node for v in lns.values()):
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+            continue
+        for i, t in enumerate(node.input):
+            node.input[i] = rename.get(t, t)
+        nodes.append(node)
+        for o in node.output:
+            if o in roots:  # center the stream's first tensor, once, for every reader
+                b = _Builder(model, o)
+                m = b.op("ReduceMean", [o, b.const([-1], np.int64)], keepdims=1)
+                rename[o] = b.op("Sub", [o, m])
+                nodes.extend(b.nodes)
+    _set_nodes(model, nodes)
+    return len(lns)
+
+
+def _last_axis(g: Graph, node) -> bool:
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1:
+        c = g.const(node.input[1])
+        axes = None if c is None else [int(a) for a in np.ravel(c)]
+    return axes is not None and len(axes) == 1 and axes[0] == -1
+
+
+def _stream(g: Graph, lns: dict, shapes):
+    """(the stream's tensors, its residual (Add, Gemm) pairs, its roots), or (None, ...) when a reader
+    of a stream tensor does not qualify."""
+    stream, adds, pending = set(), [], []
+    todo = list(lns)
+    fail = (None, None, None)
+    while todo:
+        t = todo.pop()
+        if t in stream:
+            continue
+        stream.add(t)
+        if t in g.outputs:
+            return fail
+        for c in g.consumers.get(t, []):
+            if t in lns and c in lns[t]:
+                continue
+            if c.op_type == "Add" and c.domain in ("", "ai.onnx"):
+                other = c.input[1] if c.input[0] == t else c.input[0]
+                gemm = g.op(other, "Gemm")
+                if gemm is not None and _centerable(g, gemm):
+                    adds.append((c, gemm))
+                else:
+                    pending.append(other)  # must turn out a stream tensor too
+            elif not ((c.op_type in VIEWS and c.input[0] == t and not _touches_channels(g, c, shapes))
+                      or (c.op_type == "MatMul" and c.input[1] == t and c.input[0] != t)):
+                return fail
+            todo.append(c.output[0])
+    if any(t not in stream for t in pending):
+        return fail
+    derived = {a.output[0] for a, _ in adds} | set(pending)
+    roots = set()
+    for t in stream:
+        p = g.producer.get(t)
+        from_stream = p is not None and (
+            (p.op_type == "Add" and all(i in stream or i in {gm.output[0] for _, gm in adds} for i in p.input)
+             and any(i in stream for i in p.input))
+            or (p.op_type in VIEWS and p.input[0] in stream) or (p.op_type == "MatMul" and p.input[1] in stream))
+        if not from_stream and t not in derived:
+            roots.add(t)
+        elif not from_stream:
+            return fail
+    return stream, adds, roots
+
+
+def _centerable(g: Graph, gemm) -> bool:
+    w = g.inits.get(gemm.input[1])
+    return (w is not None and len(gemm.input) > 2 and g.const(gemm.input[2]) is not None
+            and _attr(gemm, "alpha", 1.0) == 1.0 and _attr(gemm, "beta", 1.0) == 1.0 and not _attr(gemm, "transA", 0)
+            and len(g.consumers.get(gemm.output[0], [])) == 1 and gemm.output[0] not in g.outputs)
+
+
+def _touches_channels(g: Graph, node, shapes) -> bool:
+    """Whether a view op moves or cuts the channel (last) axis: each token's channels must stay together
+    (a Reshape keeping the last dimension, a Slice, Gather or Squeeze of other axes)."""
+    xs, ys = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if not xs or not ys or xs[-1] is None or ys[-1] != xs[-1]:
+        return True
+    if node.op_type in ("Identity", "Reshape"):
+        return False
+    rank = len(xs) if node.op_type != "Unsqueeze" else len(ys)
+    if node.op_type == "Gather":
+        return _attr(node, "axis", 0) % rank == rank - 1
+    at = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1}[node.op_type]
+    axes = g.const(node.input[at]) if len(node.input) > at and node.input[at] else None
+    if axes is None:
+        return node.op_type != "Squeeze" or xs[-1] == 1
+    return any(int(a) % rank == rank - 1 for a in np.ravel(axes))
+
+
+def _replace_init(model, node, i: int, value) -> None:
+    """Give `node` its own initializer `value` as input `i` (others reading the old one keep it)."""
+    from onnx import numpy_helper
+
+    name = f"{node.input[i]}/centered"
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    node.input[i] = name
