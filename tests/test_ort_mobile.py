@@ -274,7 +274,7 @@ def test_hostile_vectors_files_are_refused(targets, tmp_path):
         verify_vectors(Pipeline.load(copy, verify=False))
 
 
-def _stream_graph(batch: int, bias_shape: tuple):
+def _stream_graph(batch: int, bias_shape: tuple, ln_op: bool = False):
     """A pre-LN transformer block's stream: LayerNorm-as-ops, a linear layer with its bias, a split into
     heads, a softmax over the last axis, a residual Add, and a positional table [1, N, C]."""
     rng = np.random.RandomState(1)
@@ -288,11 +288,16 @@ def _stream_graph(batch: int, bias_shape: tuple):
              helper.make_node("Mul", ["d", "d"], ["d2"]), helper.make_node("ReduceMean", ["d2", "ax"], ["v"]),
              helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
              helper.make_node("Div", ["d", "sd"], ["h"]),
-             helper.make_node("MatMul", ["h", "w"], ["lin"]), helper.make_node("Add", ["lin", "bias"], ["qkv"]),
-             helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v2"], axis=2),
-             helper.make_node("Reshape", ["q", "heads"], ["qh"]), helper.make_node("Softmax", ["k"], ["ks"], axis=-1),
-             helper.make_node("Mul", ["ks", "v2"], ["kv"]), helper.make_node("MatMul", ["kv", "w2"], ["o"]),
-             helper.make_node("Add", ["s", "o"], ["y"]), helper.make_node("Sigmoid", ["qh"], ["z"])]
+             helper.make_node("MatMul", ["h", "w"], ["lin"])]
+    if ln_op:  # as --mobile-ep coreml keeps it
+        nodes = [nodes[0], helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["h"], axis=-1),
+                 nodes[-1]]
+        inits.update(gamma=rng.rand(c).astype(np.float32), beta=rng.randn(c).astype(np.float32))
+    nodes += [helper.make_node("Add", ["lin", "bias"], ["qkv"]),
+              helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v2"], axis=2),
+              helper.make_node("Reshape", ["q", "heads"], ["qh"]), helper.make_node("Softmax", ["k"], ["ks"], axis=-1),
+              helper.make_node("Mul", ["ks", "v2"], ["kv"]), helper.make_node("MatMul", ["kv", "w2"], ["o"]),
+              helper.make_node("Add", ["s", "o"], ["y"]), helper.make_node("Sigmoid", ["qh"], ["z"])]
     g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, n, c])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n, c]),
                            helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, n, 2, c // 2])],
@@ -300,15 +305,16 @@ def _stream_graph(batch: int, bias_shape: tuple):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("batch,bias_shape", [(1, (48,)), (2, (1, 1, 48)), (1, (5, 48))])
-def test_token_streams_as_matrices_keep_the_values(batch, bias_shape):
+@pytest.mark.parametrize("batch,bias_shape,ln_op", [(1, (48,), False), (2, (1, 1, 48), False), (1, (5, 48), False),
+                                                   (1, (48,), True)])
+def test_token_streams_as_matrices_keep_the_values(batch, bias_shape, ln_op):
     """kernels.onnx_flat: the same outputs, each linear layer with a constant bias one Gemm, no bias Add,
     and nothing done where the bias does not broadcast as a row (a per-token bias)."""
     import onnxruntime as ort
 
     from edgeclip.kernels.onnx_flat import flatten_tokens
 
-    model = _stream_graph(batch, bias_shape)
+    model = _stream_graph(batch, bias_shape, ln_op)
     x = np.random.RandomState(0).randn(batch, 5, 16).astype(np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     want = run(model)
@@ -318,10 +324,12 @@ def test_token_streams_as_matrices_keep_the_values(batch, bias_shape):
     for a, b in zip(want, got):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
     ops = [n.op_type for n in flat.graph.node]
+    outs = [o for n in flat.graph.node for o in n.output]
+    assert len(outs) == len(set(outs))  # a tensor read both ways keeps its one definition
     if bias_shape == (5, 48):  # a per-token bias: the linear layer keeps its Add
         assert "Gemm" not in ops and counts.get("Gemm", 0) == 0
     else:
-        assert ops.count("Gemm") == 1 and ops.count("Add") == 3 and counts["Gemm"] == 1  # pos, eps, residual
+        assert ops.count("Gemm") == 1 and ops.count("Add") == 3 - ln_op and counts["Gemm"] == 1  # pos, eps, residual
         ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(flat).graph.value_info}
         nodes = list(flat.graph.node)
         after = [n for n in nodes[ops.index("Gemm") + 1:] if n.op_type in ("Softmax", "Split", "Mul", "MatMul")]

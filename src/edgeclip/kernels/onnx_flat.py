@@ -21,7 +21,7 @@ from .onnx_mobile import _attr, _axes, _Builder, _set_nodes, _shapes
 UNARY = {"Sigmoid", "Sqrt", "Relu", "Tanh", "Erf", "Neg", "Reciprocal", "Exp", "Abs", "Identity"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
 REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax"}
-LAST_AXIS = {"Softmax": -1, "LogSoftmax": -1, "Split": 0}
+LAST_AXIS = {"Softmax": -1, "LogSoftmax": -1, "Split": 0, "LayerNormalization": -1}  # op: default axis
 FLOAT = 1
 
 
@@ -34,6 +34,7 @@ class _Flat:
         self.nodes: list = []
         self.counts = {"flattened": 0, "Gemm": 0, "Reshape": 0}
         self.skip: set[int] = set()  # the bias Adds taken into a Gemm
+        self.copies: set[str] = set()  # 3-D tensors that stay, with a flat copy beside them
 
     def shape3(self, t: str):
         s = self.shapes.get(t)
@@ -50,6 +51,7 @@ class _Flat:
             else:
                 t_in = t
             self.flat[t] = b.op("Reshape", [t_in, b.const([a * n, c], np.int64)], out=f"{t}/flat")
+            self.copies.add(t)
             self.counts["Reshape"] += 1
         return self.flat[t]
 
@@ -169,14 +171,14 @@ def _restore(st: _Flat, nodes: list) -> list:
     """Each original name a node that was not flattened (or a graph output) reads, from its flat form."""
     from onnx import helper
 
-    needed = set(o.name for o in st.model.graph.output)
+    needed = set(o.name for o in st.model.graph.output) - st.copies
     for n in nodes:
         if n.op_type == "Reshape" and n.input[0] in st.flat:
             shape = st.g.const(n.input[1])
             if shape is not None and not np.any(shape == 0):
                 n.input[0] = st.flat[n.input[0]]  # a Reshape takes the matrix as it is
                 continue
-        needed.update(i for i in n.input if i in st.flat)
+        needed.update(i for i in n.input if i in st.flat and i not in st.copies)
     original = {f: t for t, f in st.flat.items()}
     out = []
     for n in nodes:
