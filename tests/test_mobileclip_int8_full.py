@@ -3,7 +3,8 @@ default recipe with calibration images, the accuracy guard and the export's own 
 artifacts are checked again here on images the calibration never saw, against our float torch model,
 and the S1 artifact runs in a process where torch cannot be imported.
 
-Each export takes ~30-60 s on 2 cores (the guard passes at once: nothing to probe)."""
+Each export takes ~30-60 s on 2 cores (the guard passes at once: nothing to probe), in the session's
+background export workers."""
 from __future__ import annotations
 
 import subprocess
@@ -26,11 +27,25 @@ MODELS = ["MobileCLIP-S1", "MobileCLIP-S2", "MobileCLIP2-S0"]
 CALIB, HELD, CAPTIONS = 32, 6, 48
 
 
+def _specs(shared) -> dict:
+    """{(model, target): export spec}: INT8 with calibration images and captions written once per session
+    (exported in the background beside the other tests, `conftest.SharedExports`)."""
+    calib, _, caps = _data(shared)
+    return {(name, target): {"model": f"random:{name}", "target": target, "precision": "int8", "calib": calib,
+                             "calib_captions": caps}
+            for name, target in [(m, "onnx") for m in MODELS] + [("MobileCLIP-S1", "openvino")]}
+
+
+def _data(shared):
+    return shared.once("mobileclip-int8", lambda root: calibration_data(root, 256, images=CALIB, held=HELD, caps=CAPTIONS))
+
+
+SHARED_EXPORTS = {"data": lambda shared: list(_specs(shared).values())}
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mobileclip-int8")
-    calib, held, caps = calibration_data(root, 256, images=CALIB, held=HELD, caps=CAPTIONS)
-    return root, calib, held, caps
+def data(shared_exports):
+    return shared_exports
 
 
 def _unit(x):
@@ -38,11 +53,10 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _export(name, data, target="onnx"):
-    root, calib, held, caps = data
+def _export(name, shared, target="onnx"):
+    held = _data(shared)[1]
+    art = shared.get(_specs(shared)[name, target])
     model = edgeclip.load_model(f"random:{name}", seed=0)
-    art = edgeclip.export(model, target=target, precision="int8", calib=calib, calib_captions=caps,
-                          out=root / f"{name}-{target}")
     pixels = Preprocessor.from_config(model.spec.preprocess_config())([str(p) for p in held])
     with torch.no_grad():
         ref = _unit(model.encode_image(torch.from_numpy(pixels)).numpy())
@@ -51,7 +65,7 @@ def _export(name, data, target="onnx"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
-def test_full_size_int8_is_within_the_int8_tolerance(name, data):
+def test_full_size_int8_is_within_the_int8_tolerance(name, data, tmp_path):
     model, art, pixels, ref = _export(name, data)
     tol = get_target("onnx").tolerances["int8"]
     assert all(r["ok"] for r in art.fidelity.values()), art.fidelity  # the export's own validation
@@ -63,24 +77,24 @@ def test_full_size_int8_is_within_the_int8_tolerance(name, data):
     assert cos.min() >= max(tol.min_cosine, 1 - q["max_cosine_drop"] - 0.005), cos
     assert np.abs(got - ref).max() <= tol.max_abs
     if name == "MobileCLIP-S1":
-        _runs_with_torch_blocked(art.path, pixels, got)
+        _runs_with_torch_blocked(art.path, pixels, got, tmp_path)
 
 
-def _runs_with_torch_blocked(path, pixels, want):
-    np.save(path.parent / "s1-pixels.npy", pixels)
+def _runs_with_torch_blocked(path, pixels, want, tmp):
+    np.save(tmp / "s1-pixels.npy", pixels)
     code = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # any "import torch" now raises ImportError
         import numpy as np
         from edgeclip.runtime import Pipeline
         p = Pipeline.load({str(path)!r})
-        np.save({str(path.parent / "s1-img.npy")!r}, p.encode_image(np.load({str(path.parent / "s1-pixels.npy")!r})))
+        np.save({str(tmp / "s1-img.npy")!r}, p.encode_image(np.load({str(tmp / "s1-pixels.npy")!r})))
         p.encode_text(["a photo of a cat"])
         assert sys.modules["torch"] is None
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert np.abs(np.load(path.parent / "s1-img.npy") - want).max() <= 1e-5
+    assert np.abs(np.load(tmp / "s1-img.npy") - want).max() <= 1e-5
 
 
 @pytest.mark.slow
