@@ -408,3 +408,49 @@ def test_a_patch_embedding_becomes_one_gemm(batch):
     assert "Conv" not in ops and ops.count("Gemm") == 1
     assert max(len(n.attribute[0].ints) for n in gemm.graph.node if n.op_type == "Transpose") <= 5
     assert np.abs(run(gemm) - want).max() <= 1e-4
+
+
+def test_attention_and_quickgelu_scales_fold_into_the_gemms():
+    """kernels.onnx_flat.fold_scales: Q's 1/sqrt(d) after Split/Reshape/Transpose of the QKV Gemm scales
+    only Q's columns; QuickGELU's 1.702 moves into the Gemms around it; the same values, two Muls fewer."""
+    import onnxruntime as ort
+
+    from edgeclip.kernels.onnx_flat import fold_scales
+
+    rng = np.random.RandomState(4)
+    n, c = 5, 8
+    f = lambda *s: rng.randn(*s).astype(np.float32)
+    inits = {"wqkv": f(c, 3 * c), "bqkv": f(3 * c), "heads": np.array([1, n, 2, c // 2], np.int64),
+             "scale": np.float32(0.5), "w1": f(c, 4 * c), "b1": f(4 * c), "k": np.float32(1.702),
+             "w2": f(4 * c, c), "b2": f(c)}
+    nodes = [helper.make_node("Gemm", ["x", "wqkv", "bqkv"], ["qkv"]),
+             helper.make_node("Split", ["qkv"], ["q", "kk", "v"], axis=1, num_outputs=3),
+             helper.make_node("Reshape", ["q", "heads"], ["qh"]), helper.make_node("Transpose", ["qh"], ["qt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Mul", ["qt", "scale"], ["qs"]),
+             helper.make_node("Gemm", ["kk", "w1", "b1"], ["h"]), helper.make_node("Mul", ["h", "k"], ["hu"]),
+             helper.make_node("Sigmoid", ["hu"], ["hs"]), helper.make_node("Mul", ["h", "hs"], ["hg"]),
+             helper.make_node("Gemm", ["hg", "w2", "b2"], ["o"]), helper.make_node("Add", ["o", "v"], ["y"])]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c])],
+                          [helper.make_tensor_value_info("qs", TensorProto.FLOAT, [1, 2, n, c // 2]),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, c])],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = f(n, c)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = run(model)
+    folded = onnx.load_from_string(model.SerializeToString())
+    # a graph output is read as it is: the Q scale stays (its Mul makes the output), QuickGELU folds
+    assert fold_scales(folded) == {"QuickGELU": 1}
+    for a, b in zip(want, run(folded)):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+    nodes.append(helper.make_node("ReduceSum", ["qs"], ["qsum"], keepdims=1))  # Q read inside the graph
+    g2 = helper.make_graph(nodes, "t", list(g.input), [helper.make_tensor_value_info("qsum", TensorProto.FLOAT, [1, 1, 1, 1]),
+                                                        helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, c])],
+                           list(g.initializer))
+    model2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 18)])
+    want2 = run(model2)
+    folded2 = onnx.load_from_string(model2.SerializeToString())
+    assert fold_scales(folded2) == {"attention scale": 1, "QuickGELU": 1}
+    assert [n.op_type for n in folded2.graph.node].count("Mul") == 1
+    for a, b in zip(want2, run(folded2)):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())

@@ -416,3 +416,117 @@ def _replace_init(model, node, i: int, value) -> None:
     name = f"{node.input[i]}/centered"
     model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
     node.input[i] = name
+
+
+def fold_scales(model) -> dict[str, int]:
+    """Constant scales folded into the Gemm weights beside them, exactly: the attention's 1/sqrt(d) on
+    Q (after a Split, Reshape and Transpose of a fused QKV Gemm: only Q's columns scaled), and QuickGELU's
+    x * sigmoid(1.702 x), whose 1.702 moves into the Gemm before it and 1/1.702 into the Gemm after.
+    Returns {"attention scale": n, "QuickGELU": n}."""
+    g = Graph(model.graph)
+    drop, rename = set(), {}
+    counts = {"attention scale": 0, "QuickGELU": 0}
+    for node in list(model.graph.node):
+        if node.op_type != "Mul" or id(node) in drop or node.output[0] in g.outputs:
+            continue
+        c = _scalar(g, node)
+        if c is None:
+            continue
+        x = node.input[0] if g.const(node.input[1]) is not None else node.input[1]
+        if _quick_gelu(model, g, node, x, c):
+            counts["QuickGELU"] += 1
+        elif _q_scale(model, g, x, c):
+            counts["attention scale"] += 1
+        else:
+            continue
+        drop.add(id(node))
+        rename[node.output[0]] = x
+    if drop:
+        for n in model.graph.node:
+            for i, t in enumerate(n.input):
+                n.input[i] = rename.get(t, t)
+        _set_nodes(model, [n for n in model.graph.node if id(n) not in drop])
+    return {k: v for k, v in counts.items() if v}
+
+
+def _scalar(g: Graph, node):
+    for t in node.input:
+        c = g.const(t)
+        if c is not None and c.size == 1 and c.dtype == np.float32:
+            return float(c.reshape(()))
+    return None
+
+
+def _plain_gemm(g: Graph, node) -> bool:
+    return (node is not None and node.op_type == "Gemm" and node.input[1] in g.inits and len(node.input) > 2
+            and g.const(node.input[2]) is not None and not _attr(node, "transA", 0)
+            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+
+
+def _scale_gemm(model, g: Graph, gemm, c: float, cols: slice | None = None, rows: bool = False) -> None:
+    """Scale a Gemm's output columns `cols` (weight and bias) by c, or (rows=True) its inputs: weight only."""
+    w = g.const(gemm.input[1]).copy()
+    t = bool(_attr(gemm, "transB", 0))
+    if rows:
+        w = w * np.float32(c)
+    else:
+        sel = cols or slice(None)
+        if t:
+            w[sel, :] *= np.float32(c)
+        else:
+            w[:, sel] *= np.float32(c)
+        b = np.broadcast_to(g.const(gemm.input[2]), (w.shape[0] if t else w.shape[1],)).copy()
+        b[sel] *= np.float32(c)
+        _replace_init(model, gemm, 2, b)
+    _replace_init(model, gemm, 1, w)
+
+
+def _quick_gelu(model, g: Graph, mul, y: str, c: float) -> bool:
+    """y = Gemm1(..); u = y * c; m = y * Sigmoid(u); Gemm2(m): c into Gemm1, 1/c into Gemm2."""
+    if abs(c - 1.702) > 1e-3:
+        return False
+    gemm1 = g.producer.get(y)
+    sig = g.only_consumer(mul.output[0], "Sigmoid")
+    readers = g.consumers.get(y, [])
+    if not _plain_gemm(g, gemm1) or sig is None or len(readers) != 2 or y in g.outputs:
+        return False
+    gate = g.only_consumer(sig.output[0], "Mul")
+    if gate is None or gate not in readers or sorted(gate.input) != sorted([y, sig.output[0]]):
+        return False
+    gemm2 = g.only_consumer(gate.output[0], "Gemm")
+    if not _plain_gemm(g, gemm2) or gemm2.input[0] != gate.output[0]:
+        return False
+    _scale_gemm(model, g, gemm1, c)
+    _scale_gemm(model, g, gemm2, 1.0 / c, rows=True)
+    return True
+
+
+def _q_scale(model, g: Graph, x: str, c: float) -> bool:
+    """x comes from a Gemm (or one part of a Split of one) through Reshape/Transpose only."""
+    t = x
+    while True:
+        p = g.producer.get(t)
+        if p is None or len(g.consumers.get(t, [])) != 1 or t in g.outputs:
+            return False
+        if p.op_type in ("Reshape", "Transpose"):
+            t = p.input[0]
+            continue
+        break
+    if p.op_type == "Gemm" and _plain_gemm(g, p):
+        _scale_gemm(model, g, p, c)
+        return True
+    if p.op_type != "Split":
+        return False
+    gemm = g.producer.get(p.input[0])
+    if not _plain_gemm(g, gemm) or len(g.consumers.get(p.input[0], [])) != 1 or _attr(p, "axis", 0) not in (-1, 1):
+        return False
+    width = g.const(gemm.input[1]).shape[0 if _attr(gemm, "transB", 0) else 1]
+    sizes = g.const(p.input[1]) if len(p.input) > 1 and p.input[1] else None
+    parts = len(p.output)
+    sizes = [width // parts] * parts if sizes is None else [int(v) for v in sizes]
+    if sum(sizes) != width:
+        return False
+    k = list(p.output).index(t)
+    start = sum(sizes[:k])
+    _scale_gemm(model, g, gemm, c, cols=slice(start, start + sizes[k]))
+    return True
