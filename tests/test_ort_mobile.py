@@ -454,3 +454,92 @@ def test_attention_and_quickgelu_scales_fold_into_the_gemms():
     assert [n.op_type for n in folded2.graph.node].count("Mul") == 1
     for a, b in zip(want2, run(folded2)):
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+def _run_plain(model, feed):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.mark.parametrize("reader", ["Conv", "Gemm", "Relu"])
+def test_the_mobile_gelu_cubic_folds_into_the_layers_around_it(reader):
+    """kernels.onnx_flat.fold_scales on the mobile GELU x * sigmoid(x (c0 + c x^2)) between two linear
+    layers (as `lower_for_mobile` writes it, GELU_SHORT): c^(1/3) into the layer before, its inverse
+    into the one after, one Mul fewer and the same values. A GELU read by anything else stays."""
+    from edgeclip.kernels.onnx_flat import fold_scales
+    from edgeclip.kernels.onnx_mobile import GELU_POLY_SHORT, _Builder, _gelu
+
+    rng = np.random.RandomState(5)
+    f = lambda *s: rng.randn(*s).astype(np.float32)
+    conv = reader != "Gemm"
+    shape_in, shape_out = ([1, 4, 6, 6], [1, 4, 6, 6]) if conv else ([5, 8], [5, 8])
+    inits = {"w1": f(12, 4, 3, 3) * 0.5 if conv else f(8, 12), "b1": f(12),
+             "w2": f(4, 12, 1, 1) * 0.5 if conv else f(12, 8), "b2": f(4 if conv else 8)}
+    first = helper.make_node("Conv", ["x", "w1", "b1"], ["y"], pads=[1, 1, 1, 1]) if conv else \
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["y"])
+    model = helper.make_model(helper.make_graph([first], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+                                                [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape_out)],
+                                                [numpy_helper.from_array(v, k) for k, v in inits.items()]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    b = _Builder(model, "gelu")
+    _gelu(b, "y", "g", short=True)
+    last = {"Conv": helper.make_node("Conv", ["g", "w2", "b2"], ["out"]), "Gemm": helper.make_node("Gemm", ["g", "w2", "b2"], ["out"]),
+            "Relu": helper.make_node("Relu", ["g"], ["r"])}[reader]
+    model.graph.node.extend(b.nodes + [last])
+    if reader == "Relu":  # a GELU read by a non-linear op as well as a conv
+        model.graph.node.extend([helper.make_node("Conv", ["g", "w2", "b2"], ["o2"]), helper.make_node("Add", ["o2", "r_s"], ["out"]),
+                                 helper.make_node("ReduceMean", ["r"], ["r_s"], keepdims=1)])
+    x = rng.randn(*shape_in).astype(np.float32) * 2
+    want = _run_plain(model, {"x": x})[0]
+    muls = [n.op_type for n in model.graph.node].count("Mul")
+    counts = fold_scales(model)
+    assert counts == ({} if reader == "Relu" else {"GELU": 1})
+    assert [n.op_type for n in model.graph.node].count("Mul") == muls - (reader != "Relu")
+    add = next(n for n in model.graph.node if n.op_type == "Add" and "gelu" in n.output[0])
+    c0 = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name in add.input)))
+    s = GELU_POLY_SHORT[-1] ** (1 / 3)
+    assert c0 == pytest.approx(GELU_POLY_SHORT[0] / (s if reader != "Relu" else 1.0), rel=1e-6)
+    got = _run_plain(model, {"x": x})[0]
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("parts", [3, 2])
+def test_attention_heads_are_cut_by_one_transpose(parts):
+    """kernels.onnx_flat.heads_at_once: the QKV (or KV) Split, each part's Reshape to [-1, N, H, D] and
+    Transpose (K's to [1, H, D, N]) -> one Reshape, one Transpose, a Split on the heads' axis and K's
+    own Transpose; the same attention output."""
+    from edgeclip.kernels.onnx_flat import heads_at_once
+
+    rng = np.random.RandomState(6)
+    n, c, h = 7, 8, 2
+    f = lambda *s: rng.randn(*s).astype(np.float32)
+    inits = {"w": f(c, parts * c), "bias": f(parts * c), "heads": np.array([-1, n, h, c // h], np.int64)}
+    names = ["q", "k", "v"][3 - parts:]
+    nodes = [helper.make_node("Gemm", ["x", "w", "bias"], ["qkv"]),
+             helper.make_node("Split", ["qkv"], [f"{p}_flat" for p in names], axis=-1, num_outputs=parts)]
+    for p in names:
+        nodes += [helper.make_node("Reshape", [f"{p}_flat", "heads"], [f"{p}_h"], allowzero=1),
+                  helper.make_node("Transpose", [f"{p}_h"], [p], perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3])]
+    if parts == 2:  # the query of one token (a pooled last layer): its own input
+        inits["q0"] = f(1, h, 1, c // h)
+        nodes.append(helper.make_node("Identity", ["q0"], ["q"]))
+    nodes += [helper.make_node("MatMul", ["q", "k"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "v"], ["y"])]
+    out_n = n if parts == 3 else 1
+    model = helper.make_model(helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, h, out_n, c // h])],
+                                                [numpy_helper.from_array(v, k) for k, v in inits.items()]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    x = f(n, c)
+    want = _run_plain(model, {"x": x})[0]
+    assert heads_at_once(model) == 1
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("Transpose") == 2 and ops.count("Reshape") == 1 and ops.count("Split") == 1
+    split = next(nd for nd in model.graph.node if nd.op_type == "Split")
+    assert split.attribute[0].name == "axis" and split.attribute[0].i == 0
+    assert np.abs(_run_plain(model, {"x": x})[0] - want).max() <= 1e-6
+    other = onnx.load_from_string(model.SerializeToString())
+    assert heads_at_once(other) == 0  # nothing left to rewrite

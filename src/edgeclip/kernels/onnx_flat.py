@@ -7,7 +7,9 @@
   last axis) compute the same on the matrix; where the stream leaves for an op that needs its three
   axes, the attention heads' Reshape takes the matrix as it is and anything else gets one Reshape back;
 - `centered_stream`: a pre-LN residual stream kept at zero mean, so its LayerNorms skip the mean;
-- `fold_scales`: the attention and QuickGELU scales folded into the Gemms beside them.
+- `fold_scales`: the attention and QuickGELU scales folded into the Gemms beside them, and the mobile
+  GELU's cubic coefficient into the layers around it;
+- `heads_at_once`: Q, K and V cut into heads by one Reshape and Transpose of the QKV tensor.
 
 NNAPI, Core ML and XNNPACK all take Gemm with a constant B (their fully-connected layer; XNNPACK only
 in 2-D).
@@ -416,12 +418,13 @@ def _replace_init(model, node, i: int, value) -> None:
 
 def fold_scales(model) -> dict[str, int]:
     """Constant scales folded into the Gemm weights beside them, exactly: the attention's 1/sqrt(d) on
-    Q (after a Split, Reshape and Transpose of a fused QKV Gemm: only Q's columns scaled), and QuickGELU's
-    x * sigmoid(1.702 x), whose 1.702 moves into the Gemm before it and 1/1.702 into the Gemm after.
-    Returns {"attention scale": n, "QuickGELU": n}."""
+    Q (after a Split, Reshape and Transpose of a fused QKV Gemm: only Q's columns scaled), QuickGELU's
+    x * sigmoid(1.702 x), whose 1.702 moves into the Gemm before it and 1/1.702 into the Gemm after,
+    and the mobile GELU x * sigmoid(x (c0 + c x^2)) between linear layers (`_gelu_cubic`).
+    Returns {"attention scale": n, "QuickGELU": n, "GELU": n}."""
     g = Graph(model.graph)
     drop, rename = set(), {}
-    counts = {"attention scale": 0, "QuickGELU": 0}
+    counts = {"attention scale": 0, "QuickGELU": 0, "GELU": 0}
     for node in list(model.graph.node):
         if node.op_type != "Mul" or id(node) in drop or node.output[0] in g.outputs:
             continue
@@ -431,6 +434,8 @@ def fold_scales(model) -> dict[str, int]:
         x = node.input[0] if g.const(node.input[1]) is not None else node.input[1]
         if _quick_gelu(model, g, node, x, c):
             counts["QuickGELU"] += 1
+        elif _gelu_cubic(model, g, node, x, c):
+            counts["GELU"] += 1
         elif _q_scale(model, g, x, c):
             counts["attention scale"] += 1
         else:
@@ -526,3 +531,129 @@ def _q_scale(model, g: Graph, x: str, c: float) -> bool:
     start = sum(sizes[:k])
     _scale_gemm(model, g, gemm, c, cols=slice(start, start + sizes[k]))
     return True
+
+
+def _gelu_cubic(model, g: Graph, mul, u2: str, c: float) -> bool:
+    """x * Sigmoid(x * (c0 + c * u2)), u2 = x * x, x written by a Conv or Gemm and read only by linear
+    layers after: with y = s x, s = c^(1/3) (the layer before scaled by s), the argument is
+    y * (c0 / s + y * y) and the output s times the GELU (the layers after scaled by 1/s), so the Mul
+    by c goes and the Add's constant becomes c0 / s."""
+    sq = g.producer.get(u2)
+    if c <= 0 or sq is None or sq.op_type != "Mul" or sq.input[0] != sq.input[1] or u2 in g.outputs:
+        return False
+    x = sq.input[0]
+    add = g.only_consumer(mul.output[0], "Add")
+    c0 = None if add is None else g.const(_other(add, mul.output[0]))
+    if c0 is None or c0.size != 1 or len(g.consumers.get(u2, [])) != 1:
+        return False
+    arg = g.only_consumer(add.output[0], "Mul")
+    sig = g.only_consumer(arg.output[0], "Sigmoid") if arg is not None and _other(arg, add.output[0]) == x else None
+    gate = g.only_consumer(sig.output[0], "Mul") if sig is not None else None
+    if gate is None or sorted(gate.input) != sorted([x, sig.output[0]]) or x in g.outputs:
+        return False
+    after = g.consumers.get(gate.output[0], [])
+    if {id(n) for n in g.consumers.get(x, [])} != {id(sq), id(arg), id(gate)} or not after \
+            or gate.output[0] in g.outputs or not _scalable(g, g.producer.get(x), None) \
+            or not all(_scalable(g, n, gate.output[0]) for n in after):
+        return False
+    s = float(c) ** (1.0 / 3.0)
+    _scale_layer(model, g, g.producer[x], s, None)
+    for n in after:
+        _scale_layer(model, g, n, 1.0 / s, gate.output[0])
+    k = 0 if add.input[0] != mul.output[0] else 1
+    _replace_init(model, add, k, np.float32(float(np.ravel(c0)[0]) / s))
+    g.refresh()  # a layer scaled again later (between two GELUs) reads its new weights
+    return True
+
+
+def _scalable(g: Graph, node, reads: str | None) -> bool:
+    """A Conv with constant weights (and bias), or a plain Gemm, that writes (reads=None) or reads
+    (as its data input) the tensor."""
+    if node is None or (reads is not None and (node.input[0] != reads or reads in node.input[1:])):
+        return False
+    if node.op_type == "Conv":
+        return g.const(node.input[1]) is not None and (len(node.input) < 3 or not node.input[2]
+                                                        or g.const(node.input[2]) is not None)
+    return _plain_gemm(g, node)
+
+
+def _scale_layer(model, g: Graph, node, s: float, reads: str | None) -> None:
+    """Scale what a linear layer writes (reads=None: weights and bias) or reads (weights only) by s."""
+    if node.op_type == "Gemm":
+        _scale_gemm(model, g, node, s, rows=reads is not None)
+        return
+    _replace_init(model, node, 1, g.const(node.input[1]) * np.float32(s))
+    if reads is None and len(node.input) > 2 and node.input[2]:
+        _replace_init(model, node, 2, g.const(node.input[2]) * np.float32(s))
+
+
+def _other(node, tensor: str) -> str:
+    return node.input[1] if node.input[0] == tensor else node.input[0]
+
+
+HEADS_LAYOUT = (0, 2, 1, 3)  # [1, N, H, D] -> [1, H, N, D], how each part leaves the shared transpose
+
+
+def heads_at_once(model) -> int:
+    """A Split of the QKV tensor (batch 1, [N, 3C]; or K and V, [N, 2C]) into P parts, each reshaped to
+    [1, N, H, D] and transposed -> one Reshape to [N, P, H, D], one Transpose to [P, H, N, D] and a
+    Split into the P [1, H, N, D] heads, plus a Transpose of a part that wanted another order (K, as
+    [1, H, D, N]): four nodes instead of seven for QKV, the same values. Returns how many were
+    rewritten."""
+    from onnx import helper
+
+    g, shapes = Graph(model.graph), _shapes(model)
+    plans = {id(n): p for n in model.graph.node if n.op_type == "Split" for p in [_heads_plan(g, shapes, n)] if p}
+    if not plans:
+        return 0
+    drop = {id(n) for _, parts in plans.values() for r, t, _ in parts for n in (r, t)}
+    out_nodes = []
+    for node in model.graph.node:
+        if id(node) in drop:
+            continue
+        if id(node) not in plans:
+            out_nodes.append(node)
+            continue
+        (n, h, d), parts = plans[id(node)]
+        b = _Builder(model, node.name or node.output[0])
+        to = b.const([n, len(parts), h, d], np.int64)
+        heads = b.op("Transpose", [b.op("Reshape", [node.input[0], to])], perm=[1, 2, 0, 3])
+        # a part already in the order its reader wanted is the Split's output itself
+        names = [t.output[0] if order == [0, 1, 2, 3] else b.name() for _, t, order in parts]
+        b.nodes.append(helper.make_node("Split", [heads, b.const([1] * len(parts), np.int64)], names, name=b.name(), axis=0))
+        for part, (_, t, order) in zip(names, parts):
+            if part != t.output[0]:
+                b.op("Transpose", [part], out=t.output[0], perm=order)
+        out_nodes.extend(b.nodes)
+    _set_nodes(model, out_nodes)
+    return len(plans)
+
+
+def _heads_plan(g: Graph, shapes, split):
+    """((N, H, D), [(Reshape, Transpose, perm from [1, H, N, D])] per part) for a Split of a [N, PC] or
+    [1, N, PC] tensor into P >= 2 equal parts along its last axis, each read only by a Reshape to one
+    [1 or -1, N, H, D] and that only by a Transpose keeping axis 0; else None."""
+    shape = shapes.get(split.input[0])
+    if not shape or None in shape or len(shape) not in (2, 3) or len(split.output) < 2 \
+            or (len(shape) == 3 and shape[0] != 1):
+        return None
+    axis, sizes = g.split_sizes(split, shape[-1])
+    if sizes is None or axis % len(shape) != len(shape) - 1 or len(set(sizes)) != 1:
+        return None
+    parts, target = [], None
+    for o in split.output:
+        r = g.only_consumer(o, "Reshape")
+        to = g.const(r.input[1]) if r is not None else None
+        t = g.only_consumer(r.output[0], "Transpose") if to is not None else None
+        order = _attr(t, "perm") if t is not None else None
+        if order is None or to.size != 4 or (target is not None and list(to) != target):
+            return None
+        target = [int(v) for v in to]
+        # batch 1 (or -1: the one left, as the part holds N * H * D values)
+        if target[0] not in (1, -1) or target[1] != shape[-2] or target[2] * target[3] != sizes[0] \
+                or min(target[1:]) < 1 or len(order) != 4 or order[0] != 0:
+            return None
+        parts.append((r, t, [HEADS_LAYOUT.index(a) for a in order]))
+    return tuple(target[1:]), parts
+
+

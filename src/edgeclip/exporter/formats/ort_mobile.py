@@ -159,15 +159,15 @@ def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dic
     """Fix the batch, fold what became constant (ONNX Runtime's basic level, which keeps
     DequantizeLinear), rewrite what only now has static shapes (the normalization of a baked head;
     the patch embedding as one Gemm, the token streams as matrices with each float linear layer one
-    Gemm, the residual stream kept centered so LayerNorms skip the mean, the attention and QuickGELU
-    scales folded into the Gemms: `kernels.onnx_flat`),
+    Gemm, the residual stream kept centered so LayerNorms skip the mean, the attention and GELU
+    scales folded into the layers beside them, Q, K and V cut into heads at once: `kernels.onnx_flat`),
     turn the integer weights' dequantization into Cast and Mul, and save `out` as the ORT-format
     conversion will leave it (so the analysis sees the saved graph). Returns (how many weights stay
     integer: the conversion must not fold those back, the rewrites, the saved model)."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
-    from ...kernels.onnx_flat import centered_stream, flatten_tokens, fold_scales, patches_as_gemm
+    from ...kernels.onnx_flat import centered_stream, flatten_tokens, fold_scales, heads_at_once, patches_as_gemm
     from ...kernels.onnx_mobile import gathers_to_plain, lower_for_mobile, to_weight_casts
 
     make_dim_param_fixed(graph.graph, "batch", batch)
@@ -178,6 +178,7 @@ def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dic
     rewrites.update({f"flat {k}": v for k, v in flatten_tokens(folded).items()})
     rewrites["LayerNorm without mean"] = centered_stream(folded)
     rewrites.update({f"folded {k}": v for k, v in fold_scales(folded).items()})
+    rewrites["heads at once"] = heads_at_once(folded)
     casts = gathers_to_plain(folded) + to_weight_casts(folded)
     final = _ort_pass(folded, KEEP_PLAIN + (["ConstantFolding"] if casts else []))
     onnx.save(final, str(out))
