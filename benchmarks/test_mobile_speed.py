@@ -1,10 +1,10 @@
 """The phone graphs (`--target ort-mobile`) against the ORT-format graphs the target wrote before
 them, on this CPU with ONNX Runtime's CPU EP: random ViT-B/32 and MobileCLIP-S1 (seed 0), FP32,
-batch 1, 2 threads.
+batch 1, 2 threads, then 1 thread.
 
     python -m pytest benchmarks/test_mobile_speed.py -q -p no:cacheprovider --benchmark-only
 
-(~6 minutes on 2 cores.)
+(~9 minutes on 2 cores.)
 
 Variants, exported side by side in one run:
 - `ort-today`: the server `onnx` target's graphs (fused attention, dynamic shapes) saved in ORT format
@@ -14,12 +14,16 @@ Variants, exported side by side in one run:
 - `mobile-coreml` (MobileCLIP-S1): `--mobile-ep coreml`, which keeps Erf (Core ML takes it; NNAPI
   does not, so the default rewrites GELU into six elementwise ops).
 - `mobile-16` (ViT-B/32): `--mobile-shapes 1x16`, the fixed length for short texts.
+- `mobile-cpu`: `--mobile-ep cpu`, the graphs for the CPU EP alone (its fused kernels, fixed shapes).
 
 Text is timed on one caption (its tokens up to the end token: the dynamic graph runs just those,
 the fixed graphs their whole length) and on a full 77-token row (the same work for every graph).
 Every variant interleaved (warm calls, then a block, the block's median per round; medians over
-rounds). Asserted, loosely (machines are noisy): the fixed-shape graphs are not slower than today's
-on the same work (image; text at its full length), at most 10 % for ViT-B/32.
+rounds). Asserted, loosely, on the same work (image; text at its full length): the CPU EP's
+fixed-shape graphs (`mobile-cpu`: today's kernels) are not slower than today's, within the noise of
+one run (two sessions of one graph measure up to 5 % apart here: MARGIN), and the accelerators' graphs
+(`mobile`) at most 12 % slower, at either thread count (their extra small nodes cost ONNX Runtime's
+thread pool more at 2 threads).
 """
 from __future__ import annotations
 
@@ -45,14 +49,17 @@ from edgeclip.runtime.tokenizer import trim  # noqa: E402
 
 ROUNDS = 15
 THREADS = 2
+MARGIN = 1.06  # two sessions of one graph, in one run
+PLAIN = 1.12  # the accelerators' plain-op graphs on the CPU EP
 CAPTION = "a photo of a dog playing in the snow."
-MODELS = {"ViT-B-32": {"mobile-16": {"mobile_shapes": "1x16"}},
-          "MobileCLIP-S1": {"mobile-coreml": {"mobile_eps": "coreml"}}}
+CPU = {"mobile-cpu": {"mobile_eps": "cpu"}}
+MODELS = {"ViT-B-32": {"mobile-16": {"mobile_shapes": "1x16"}, **CPU},
+          "MobileCLIP-S1": {"mobile-coreml": {"mobile_eps": "coreml"}, **CPU}}
 
 
-def _session(path):
+def _session(path, threads: int = THREADS):
     so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -127,5 +134,34 @@ def test_mobile_graphs_vs_todays_ort_format(benchmark, variants, request):
         "model": f"random:{name} (seed 0), FP32, batch 1", "threads": THREADS, "rounds": ROUNDS,
         "caption_tokens": caption_tokens, "timings": stats, "ratios": ratios,
     }, [f"ort-mobile graphs vs today's ORT format, {name}, CPU EP, batch 1, {THREADS} threads:"] + lines)
-    if name == "ViT-B-32":
-        assert ratios["mobile/image vs ort-today"] <= 1.10 and ratios["mobile/full vs ort-today"] <= 1.10, ratios
+    for case in ("image", "full"):
+        assert ratios[f"mobile-cpu/{case} vs ort-today"] <= MARGIN, ratios
+        assert ratios[f"mobile/{case} vs ort-today"] <= PLAIN, ratios
+
+
+def test_one_thread(benchmark, variants, request):
+    """Today's graphs, the accelerators' and the CPU EP's, on one thread: the same work (image, text at
+    its full length), where no thread pool splits the small ops."""
+    name, files, feeds, eot = variants
+    fns = {}
+    for v in ("ort-today", "mobile", "mobile-cpu"):
+        for g, (path, info) in files[v].items():
+            s = _session(path, threads=1)
+            trims = g == "text" and info["inputs"]["input_ids"]["shape"][1] == "length"
+            f = _feed(info, g, feeds["image" if g == "image" else "full"], eot, trims)
+            fns[f"{v}/{'image' if g == 'image' else 'full'}"] = (lambda s=s, f=f: s.run(None, f))
+    timer = Interleaved(fns, warm=2).warmup(2)
+    benchmark.group = f"mobile graphs {name}, 1 thread (interleaved)"
+    benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
+    stats = summary(timer)
+    ratios = {f"{v}/{c} vs ort-today": timer.paired_ratio(f"{v}/{c}", f"ort-today/{c}")
+              for v in ("mobile", "mobile-cpu") for c in ("image", "full")}
+    lines = [f"  {k:<22} {s['median_ms']:7.2f} ms" for k, s in stats.items()]
+    lines += [f"  {k}: {r:.3f} ({'faster' if r < 1 else 'slower'})" for k, r in ratios.items()]
+    report(request.config, f"mobile_speed_{name}_1thread", {
+        "model": f"random:{name} (seed 0), FP32, batch 1", "threads": 1, "rounds": ROUNDS,
+        "timings": stats, "ratios": ratios,
+    }, [f"ort-mobile graphs vs today's ORT format, {name}, CPU EP, batch 1, 1 thread:"] + lines)
+    for case in ("image", "full"):
+        assert ratios[f"mobile-cpu/{case} vs ort-today"] <= MARGIN, ratios
+        assert ratios[f"mobile/{case} vs ort-today"] <= PLAIN, ratios

@@ -22,13 +22,15 @@ TINY = {"model": "builtin:tiny", "labels": DIGITS}
 MOBILE = {(m, p): {"model": m, "target": "ort-mobile", "precision": p, **({"labels": DIGITS} if m == "builtin:tiny" else {})}
           for m in ("builtin:tiny", "random:ViT-B-32", "random:MobileCLIP-S1") for p in ("fp32", "int8")}
 SHAPES = {**TINY, "target": "ort-mobile", "mobile_shapes": "2x16"}
+CPU = {**TINY, "target": "ort-mobile", "mobile_eps": "cpu"}
 # every target's artifact of the built-in model (the same specs other modules export: shared once)
 TARGETS = {"onnx": {**TINY, "target": "onnx", "precision": "fp32"},
            "openvino": {**TINY, "target": "openvino", "precision": "fp32"},
            "coreml": {**TINY, "target": "coreml", "min_ios": 18},
            "tensorrt": {**TINY, "target": "tensorrt"},
            "ort-mobile": MOBILE["builtin:tiny", "fp32"]}
-SHARED_EXPORTS = {"mobile": list(MOBILE.values()), "shapes": [SHAPES], "targets": list(TARGETS.values())}
+SHARED_EXPORTS = {"mobile": list(MOBILE.values()), "shapes": [SHAPES], "targets": list(TARGETS.values()),
+                  "cpu": [CPU]}
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +124,41 @@ def test_fixed_shapes_through_the_runtime(shared_exports, targets):
         mob.encode_text(["one " * 30])
 
 
+def test_the_cpu_eps_graphs_keep_the_fused_kernels_with_fixed_shapes(shared_exports, targets, capsys):
+    """`--mobile-ep cpu`: the server graphs' fused CPU kernels (MultiHeadAttention, QuickGelu,
+    LayerNormalization) in fixed-shape ORT-format graphs, no accelerator analysis; the same features
+    as the server graphs, through the runtime and the conformance vectors."""
+    from edgeclip.cli import main
+
+    art = shared_exports.get(CPU)
+    section = art.manifest["ort-mobile"]
+    assert section["eps"] == ["cpu"] and section["usability"] == {"image": {}, "text": {}}
+    assert art.manifest["fusions"]["image"]["attention"] == art.manifest["fusions"]["text"]["attention"] == 3
+    for graph in ("image", "text"):
+        ops = _ort_ops(art.path / f"{graph}.ort")
+        assert {"com.microsoft:MultiHeadAttention", "com.microsoft:QuickGelu", "ai.onnx:LayerNormalization"} <= set(ops)
+        assert section["contrib_ops"][graph] == ["MultiHeadAttention", "QuickGelu"]
+    g = art.manifest["graphs"]
+    assert g["text"]["inputs"]["input_ids"] == {"dtype": "int32", "shape": [1, 77]}
+    assert g["image"]["inputs"]["pixel_values"]["shape"][0] == 1
+    mob, ref = Pipeline.load(art.path), Pipeline.load(targets["onnx"].path)
+    images = sorted(builtin.heldout_dir().glob("*/*.png"))[:3]
+    assert np.abs(mob.encode_image(images) - ref.encode_image(images)).max() <= 1e-4
+    texts = ["a photo of the number seven.", "two"]
+    assert np.abs(mob.encode_text(texts) - ref.encode_text(texts)).max() <= 1e-4
+    listed = (art.path / "required_operators.config").read_text()
+    assert "com.microsoft;1;" in listed and "MultiHeadAttention" in listed
+    assert main(["inspect", str(art.path)]) == 0
+    out = capsys.readouterr().out
+    assert "made for ONNX Runtime's CPU EP" in out and "usability analysis" not in out
+    assert main(["verify", str(art.path), "--vectors"]) == 0
+
+
 def test_mobile_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(InputError, match="mobile_eps"):
         edgeclip.export("builtin:tiny", target="ort-mobile", mobile_eps="nnapi,qnn", out=tmp_path / "a")
+    with pytest.raises(InputError, match="cpu alone"):
+        edgeclip.export("builtin:tiny", target="ort-mobile", mobile_eps="cpu,nnapi", out=tmp_path / "e")
     with pytest.raises(InputError, match="BATCH"):
         edgeclip.export("builtin:tiny", target="ort-mobile", mobile_shapes="one", out=tmp_path / "b")
     with pytest.raises(InputError, match="not causal"):

@@ -626,7 +626,8 @@ def _add_mobile_group(p) -> None:
                         "16 tokens, causal end-token towers only)")
     m.add_argument("--mobile-ep", metavar="EPS",
                    help="execution providers the graphs are made and checked for: a comma-separated subset of "
-                        "nnapi, coreml, xnnpack (default all three)")
+                        "nnapi, coreml, xnnpack (default all three), or cpu alone (ONNX Runtime's CPU EP: its "
+                        "fused kernels, with the fixed shapes)")
 
 
 def _mobile_options(args) -> dict:

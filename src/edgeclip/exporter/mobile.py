@@ -16,7 +16,10 @@ from pathlib import Path
 from ..errors import InputError
 
 MOBILE_EPS = ("nnapi", "coreml", "xnnpack")
-EP_NAMES = {"nnapi": "NNAPI (Android)", "coreml": "Core ML ML Program (iOS)", "xnnpack": "XNNPACK (CPU)"}
+# the CPU EP alone: it takes every op, so the graphs keep ONNX Runtime's fused CPU kernels
+CPU_EP = "cpu"
+EP_NAMES = {"nnapi": "NNAPI (Android)", "coreml": "Core ML ML Program (iOS)", "xnnpack": "XNNPACK (CPU)",
+            CPU_EP: "ONNX Runtime's CPU EP"}
 MAX_BATCH = 64
 # a graph whose share the analysis puts under this, or in more than one partition, is reported as not fit
 FIT_SHARE = 0.95
@@ -24,16 +27,22 @@ XNNPACK_OPS = Path(__file__).resolve().parent / "data" / "xnnpack_supported_ops.
 
 
 def parse_eps(value) -> tuple:
-    """`--mobile-ep`: a comma-separated subset of nnapi, coreml, xnnpack (None: all three)."""
+    """`--mobile-ep`: a comma-separated subset of nnapi, coreml, xnnpack (None: all three), or cpu
+    alone (the CPU EP only: fused CPU kernels, no accelerator constraints)."""
     if value is None:
         return MOBILE_EPS
     items = value.split(",") if isinstance(value, str) else list(value)
     eps = tuple(dict.fromkeys(str(e).strip().lower() for e in items if str(e).strip()))
-    bad = [e for e in eps if e not in MOBILE_EPS]
-    if bad or not eps:
+    bad = [e for e in eps if e not in MOBILE_EPS + (CPU_EP,)]
+    if bad or not eps or (CPU_EP in eps and len(eps) > 1):
         raise InputError(f"mobile_eps must name execution providers among {', '.join(MOBILE_EPS)} "
-                         f"(comma-separated), got {value!r}")
+                         f"(comma-separated), or {CPU_EP} alone, got {value!r}")
     return eps
+
+
+def accelerated(eps) -> bool:
+    """Whether the graphs are made for an accelerator EP (plain ops), not the CPU EP alone."""
+    return any(e in MOBILE_EPS for e in eps)
 
 
 def parse_shapes(value, spec) -> dict:
@@ -75,7 +84,7 @@ def usability(onnx_path: Path, eps: tuple) -> dict:
               "coreml": lambda: uc.check_coreml_partitions(model, True, "coreml_supported_mlprogram_ops.md"),
               "xnnpack": lambda: uc._check_ep_partitioning(model, XNNPACK_OPS, True)}
     out = {}
-    for ep in eps:
+    for ep in (e for e in eps if e in checks):
         info = checks[ep]()
         share = info.num_supported_nodes / max(info.num_nodes, 1)
         out[ep] = {"nodes": info.num_nodes, "supported": info.num_supported_nodes,

@@ -10,6 +10,10 @@ What differs from the server `onnx` target's graphs:
   or float32; Core ML's EP takes no DequantizeLinear); the default recipe is `w8a16`;
 - ONNX Runtime's usability analysis of each graph recorded per EP (`--mobile-ep`), beside the
   contrib ops, the reduced-operator build config, and the conformance vectors.
+
+`--mobile-ep cpu` is for apps that run the CPU EP alone: the server graphs' fused kernels
+(MultiHeadAttention, LayerNormalization, Gelu) with the same fixed shapes, int32 ids, vectors and
+build config, and no usability analysis (the CPU EP takes every op).
 """
 from __future__ import annotations
 
@@ -39,15 +43,19 @@ class OrtMobileTarget(OnnxFamilyTarget):
     lower_int8 = False
     options = ("mobile_shapes", "mobile_eps")
     default_recipe = "w8a16"
+    plain = True  # graphs for an accelerator EP (False: `--mobile-ep cpu`)
 
     def begin(self, model, spec, opts) -> ExportJob:
         from ..mobile import parse_eps, parse_shapes
 
+        from ..mobile import accelerated
+
         shapes, eps = parse_shapes(opts.mobile_shapes, spec), parse_eps(opts.mobile_eps)
+        self.plain = accelerated(eps)
         if opts.precision == "int8" and opts.recipe is None:
             opts = dataclasses.replace(opts, recipe=self.default_recipe)
-        # attention stays plain ops: the mobile EPs take no MultiHeadAttention
-        job = super().begin(model, spec, dataclasses.replace(opts, fuse=False))
+        # attention stays plain ops: the mobile EPs take no MultiHeadAttention (the CPU EP alone does)
+        job = super().begin(model, spec, dataclasses.replace(opts, fuse=False) if self.plain else opts)
         job.extra["ort-mobile"] = {"shapes": shapes, "eps": list(eps), "usability": {}, "rewrites": {},
                                    "contrib_ops": {}, "packages": MOBILE_PACKAGES}
         return job
@@ -56,6 +64,8 @@ class OrtMobileTarget(OnnxFamilyTarget):
         return False  # one fixed length; the runtime cuts or pads the ids to it
 
     def rewrite(self, m) -> None:
+        if not self.plain:
+            return super().rewrite(m)
         # no prefer_gemm: a patch embedding as a GEMM needs a rank-6 transpose, past Core ML's rank 5
         for tower in m.towers().values():
             tower.prefer_mask_pooling()
@@ -89,16 +99,26 @@ class OrtMobileTarget(OnnxFamilyTarget):
         graph = onnx.load(str(raw))
         raw.unlink()
         strip_metadata(graph)
-        section["rewrites"][name] = lower_for_mobile(graph, supported)
+        if self.plain:
+            section["rewrites"][name] = lower_for_mobile(graph, supported)
+        else:  # the CPU EP alone: its fused kernels, as the server graphs have them
+            from ...kernels.onnx_fusions import fuse
+            from ...kernels.onnx_mobile import REWRITES
+
+            # only the constant attention masks' Where -> Add, the form the attention fusion takes
+            section["rewrites"][name] = lower_for_mobile(graph, {f"ai.onnx:{op}" for op in REWRITES if op != "Where"})
+            if opts.fuse:
+                job.fusions[name] = fuse(graph)
         if opts.precision == "int8":
             graph = self.quantize(job, graph, name)
         onnx_path = w.staging / f".{name}.mobile.onnx"
-        casts, late, final = finish_graph(graph, section["shapes"]["batch"], onnx_path, supported)
+        casts, late, final = finish_graph(graph, section["shapes"]["batch"], onnx_path, supported, self.plain)
         for op, n in late.items():
             section["rewrites"][name][op] = section["rewrites"][name].get(op, 0) + n
         section["usability"][name] = usability(onnx_path, eps)
         section["contrib_ops"][name] = sorted({n.op_type for n in final.graph.node if n.domain == "com.microsoft"})
-        to_ort_format(onnx_path, w.path(f"{name}.ort"), keep_casts=casts)
+        to_ort_format(onnx_path, w.path(f"{name}.ort"), keep_casts=casts, plain=self.plain,
+                      disabled=() if self.plain else CPU_KEEP)
         onnx_path.unlink()
 
     def calibrate(self, job: ExportJob, m) -> None:
@@ -140,7 +160,8 @@ class OrtMobileTarget(OnnxFamilyTarget):
             lines.append(f"mobile     fixed shapes: batch {s['batch']}, text length {s['length']} (int32 ids); "
                          f"made for {', '.join(EP_NAMES.get(e, e) for e in o.get('eps', []))}")
         for g, report in (o.get("usability") or {}).items():
-            lines.append(f"mobile     {g}: {summary(report)} (ONNX Runtime's usability analysis)")
+            if report:
+                lines.append(f"mobile     {g}: {summary(report)} (ONNX Runtime's usability analysis)")
         if o.get("contrib_ops"):
             lines.append("mobile     contrib ops " + "; ".join(f"{g}: {', '.join(ops) or 'none'}"
                                                           for g, ops in o["contrib_ops"].items()))
@@ -153,9 +174,12 @@ class OrtMobileTarget(OnnxFamilyTarget):
 
 # ONNX Runtime's basic-level fusions that would put back ops the mobile EPs lack (LayerNormalization, Gelu)
 KEEP_PLAIN = ["LayerNormFusionL1", "GeluFusionL1", "MatMulAddFusion"]
+# the CPU EP's graphs keep the server graphs' MatMul + Add: with fixed shapes the fusion would turn each
+# [B, N, C] layer into Reshape, Gemm, Reshape, no faster on the CPU EP
+CPU_KEEP = ("MatMulAddFusion",)
 
 
-def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dict, object]:
+def finish_graph(graph, batch: int, out: Path, supported: set, plain: bool = True) -> tuple[int, dict, object]:
     """Fix the batch, fold what became constant (ONNX Runtime's basic level, which keeps
     DequantizeLinear), rewrite what only now has static shapes (the normalization of a baked head;
     the patch embedding as one Gemm, the token streams as matrices with each float linear layer one
@@ -163,7 +187,8 @@ def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dic
     scales folded into the layers beside them, Q, K and V cut into heads at once: `kernels.onnx_flat`),
     turn the integer weights' dequantization into Cast and Mul, and save `out` as the ORT-format
     conversion will leave it (so the analysis sees the saved graph). Returns (how many weights stay
-    integer: the conversion must not fold those back, the rewrites, the saved model)."""
+    integer: the conversion must not fold those back, the rewrites, the saved model). `plain`: False for
+    the CPU EP alone (its fused ops stay, and ONNX Runtime's basic fusions run; no plain-op rewrites)."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
@@ -172,6 +197,12 @@ def finish_graph(graph, batch: int, out: Path, supported: set) -> tuple[int, dic
 
     make_dim_param_fixed(graph.graph, "batch", batch)
     fix_output_shapes(graph)
+    if not plain:
+        folded = _ort_pass(graph, list(CPU_KEEP))
+        casts = to_weight_casts(folded)
+        final = _ort_pass(folded, list(CPU_KEEP) + (["ConstantFolding"] if casts else []))
+        onnx.save(final, str(out))
+        return casts, {}, final
     folded = _ort_pass(graph, KEEP_PLAIN)
     rewrites = lower_for_mobile(folded, supported)
     rewrites["patches as Gemm"] = patches_as_gemm(folded)
@@ -203,10 +234,11 @@ def _ort_pass(graph, disabled: list):
         return onnx.load(str(dst))
 
 
-def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False, plain: bool = True) -> None:
+def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False, plain: bool = True,
+                  disabled: tuple = ()) -> None:
     """Save `onnx_path` in ORT format. `plain`: without the basic-level fusions that would put back
     ops the mobile EPs lack (False: ONNX Runtime's defaults, how this target saved server graphs
-    before it wrote phone graphs)."""
+    before it wrote phone graphs); `disabled`: other optimizers to leave out."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -216,8 +248,8 @@ def to_ort_format(onnx_path: Path, ort_path: Path, keep_casts: bool = False, pla
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.log_severity_level = 3
     # integer weights behind Cast stay integer in the file (folding would store them as float32)
-    disabled = (KEEP_PLAIN if plain else []) + (["ConstantFolding"] if keep_casts else [])
-    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    off = (KEEP_PLAIN if plain else []) + (["ConstantFolding"] if keep_casts else []) + list(disabled)
+    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=off)
 
 
 def write_reduced_build_config(ort_files: list, out: Path) -> dict:
