@@ -46,9 +46,7 @@ class OrtMobileTarget(OnnxFamilyTarget):
     plain = True  # graphs for an accelerator EP (False: `--mobile-ep cpu`)
 
     def begin(self, model, spec, opts) -> ExportJob:
-        from ..mobile import parse_eps, parse_shapes
-
-        from ..mobile import accelerated
+        from ..mobile import accelerated, parse_eps, parse_shapes
 
         shapes, eps = parse_shapes(opts.mobile_shapes, spec), parse_eps(opts.mobile_eps)
         self.plain = accelerated(eps)
@@ -188,7 +186,8 @@ def finish_graph(graph, batch: int, out: Path, supported: set, plain: bool = Tru
     turn the integer weights' dequantization into Cast and Mul, and save `out` as the ORT-format
     conversion will leave it (so the analysis sees the saved graph). Returns (how many weights stay
     integer: the conversion must not fold those back, the rewrites, the saved model). `plain`: False for
-    the CPU EP alone (its fused ops stay, and ONNX Runtime's basic fusions run; no plain-op rewrites)."""
+    the CPU EP alone (its fused ops stay, ONNX Runtime's basic fusions but MatMulAddFusion run, and no
+    plain-op rewrite does)."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
