@@ -105,6 +105,20 @@ def _feed(info: dict, graph: str, feed: dict, eot, trims: bool) -> dict:
     return {"input_ids": trim(ids, eot) if trims else fit_feed(info["inputs"]["input_ids"], ids)}
 
 
+def _timed(benchmark, fns: dict, group: str):
+    """Every "variant/case" of `fns` interleaved, ROUNDS rounds: (timings, each variant's paired ratio
+    to ort-today on the same case, report lines)."""
+    timer = Interleaved(fns, warm=2).warmup(2)
+    benchmark.group = group
+    benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
+    stats = summary(timer)
+    ratios = {f"{k} vs ort-today": timer.paired_ratio(k, f"ort-today/{k.split('/')[1]}")
+              for k in fns if not k.startswith("ort-today/")}
+    lines = [f"  {k:<22} {s['median_ms']:7.2f} ms" for k, s in stats.items()]
+    lines += [f"  {k}: {r:.3f} ({'faster' if r < 1 else 'slower'})" for k, r in ratios.items()]
+    return stats, ratios, lines
+
+
 def test_mobile_graphs_vs_todays_ort_format(benchmark, variants, request):
     name, files, feeds, eot = variants
     trims = {v: files[v]["text"][1]["inputs"]["input_ids"]["shape"][1] == "length" for v in files}
@@ -121,14 +135,7 @@ def test_mobile_graphs_vs_todays_ort_format(benchmark, variants, request):
                     continue  # 77 tokens do not fit its 16
                 f = _feed(info, g, feed, eot, trims[v])
                 fns[f"{v}/{case}"] = (lambda s=s, f=f: s.run(None, f))
-    timer = Interleaved(fns, warm=2).warmup(2)
-    benchmark.group = f"mobile graphs {name} (interleaved)"
-    benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
-    stats = summary(timer)
-    ratios = {f"{v}/{c} vs ort-today": timer.paired_ratio(f"{v}/{c}", f"ort-today/{c}")
-              for v in files if v != "ort-today" for c in ("image", "caption", "full") if f"{v}/{c}" in fns}
-    lines = [f"  {k:<22} {s['median_ms']:7.2f} ms" for k, s in stats.items()]
-    lines += [f"  {k}: {r:.3f} ({'faster' if r < 1 else 'slower'})" for k, r in ratios.items()]
+    stats, ratios, lines = _timed(benchmark, fns, f"mobile graphs {name} (interleaved)")
     lines.append(f"  (the caption is {caption_tokens} tokens: today's graph runs those, the fixed graphs their length)")
     report(request.config, f"mobile_speed_{name}", {
         "model": f"random:{name} (seed 0), FP32, batch 1", "threads": THREADS, "rounds": ROUNDS,
@@ -150,14 +157,7 @@ def test_one_thread(benchmark, variants, request):
             trims = g == "text" and info["inputs"]["input_ids"]["shape"][1] == "length"
             f = _feed(info, g, feeds["image" if g == "image" else "full"], eot, trims)
             fns[f"{v}/{'image' if g == 'image' else 'full'}"] = (lambda s=s, f=f: s.run(None, f))
-    timer = Interleaved(fns, warm=2).warmup(2)
-    benchmark.group = f"mobile graphs {name}, 1 thread (interleaved)"
-    benchmark.pedantic(timer.round, rounds=ROUNDS, iterations=1)
-    stats = summary(timer)
-    ratios = {f"{v}/{c} vs ort-today": timer.paired_ratio(f"{v}/{c}", f"ort-today/{c}")
-              for v in ("mobile", "mobile-cpu") for c in ("image", "full")}
-    lines = [f"  {k:<22} {s['median_ms']:7.2f} ms" for k, s in stats.items()]
-    lines += [f"  {k}: {r:.3f} ({'faster' if r < 1 else 'slower'})" for k, r in ratios.items()]
+    stats, ratios, lines = _timed(benchmark, fns, f"mobile graphs {name}, 1 thread (interleaved)")
     report(request.config, f"mobile_speed_{name}_1thread", {
         "model": f"random:{name} (seed 0), FP32, batch 1", "threads": 1, "rounds": ROUNDS,
         "timings": stats, "ratios": ratios,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..onnxgraph import Graph
-from .onnx_mobile import _attr, _axes, _Builder, _set_nodes, _shapes
+from .onnx_mobile import _attr, _axes, _Builder, _other, _set_nodes, _shapes
 
 UNARY = {"Sigmoid", "Sqrt", "Relu", "Tanh", "Erf", "Neg", "Reciprocal", "Exp", "Abs", "Identity"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
@@ -519,13 +519,10 @@ def _q_scale(model, g: Graph, x: str, c: float) -> bool:
     if p.op_type != "Split":
         return False
     gemm = g.producer.get(p.input[0])
-    if not _plain_gemm(g, gemm) or len(g.consumers.get(p.input[0], [])) != 1 or _attr(p, "axis", 0) not in (-1, 1):
+    if not _plain_gemm(g, gemm) or len(g.consumers.get(p.input[0], [])) != 1:
         return False
-    width = g.const(gemm.input[1]).shape[0 if _attr(gemm, "transB", 0) else 1]
-    sizes = g.const(p.input[1]) if len(p.input) > 1 and p.input[1] else None
-    parts = len(p.output)
-    sizes = [width // parts] * parts if sizes is None else [int(v) for v in sizes]
-    if sum(sizes) != width:
+    axis, sizes = g.split_sizes(p, g.const(gemm.input[1]).shape[0 if _attr(gemm, "transB", 0) else 1])
+    if sizes is None or axis not in (-1, 1):
         return False
     k = list(p.output).index(t)
     start = sum(sizes[:k])
@@ -585,10 +582,6 @@ def _scale_layer(model, g: Graph, node, s: float, reads: str | None) -> None:
     _replace_init(model, node, 1, g.const(node.input[1]) * np.float32(s))
     if reads is None and len(node.input) > 2 and node.input[2]:
         _replace_init(model, node, 2, g.const(node.input[2]) * np.float32(s))
-
-
-def _other(node, tensor: str) -> str:
-    return node.input[1] if node.input[0] == tensor else node.input[0]
 
 
 HEADS_LAYOUT = (0, 2, 1, 3)  # [1, N, H, D] -> [1, H, N, D], how each part leaves the shared transpose
